@@ -1,0 +1,39 @@
+# The two commands of the README's quick start: `make demo` and `make test`.
+# Each creates .venv from PyPI on first use; nothing else needs to be installed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint typecheck docs pytest clean
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/python -m trio_fork demo
+
+test: lint typecheck docs pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
+
+docs: $(VENV)/.installed-test
+	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
+
+pytest: $(VENV)/.installed-test
+	$(BIN)/pytest
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@ $(VENV)/.installed-demo
+
+clean:
+	rm -rf $(VENV) docs/_build .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,17 @@
+"""trio_fork: fast, structured worker processes forked from template processes.
+
+A template is a small Python process that has already imported what your workers
+need. Forking it is much faster than starting an interpreter, and safe, because no
+event loop or thread ever runs in it.
+"""
+
+from __future__ import annotations
+
+from ._child import Child as Child
+from ._errors import BrokenTemplateError as BrokenTemplateError
+from ._errors import RemoteError as RemoteError
+from ._template import FileDescriptorLike as FileDescriptorLike
+from ._template import Template as Template
+from ._template import open_template as open_template
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,421 @@
+"""The template side: a small synchronous command server.
+
+Standard library only. A template is a plain Python process that never runs an event
+loop, so forking it is safe and cheap. It serves commands from its owner on a
+socketpair, one at a time and in order, and answers each one. ``FORK`` makes a new
+process that serves its own socket in the same way until ``RUN`` turns it into a
+child that runs a target. The template is the parent of what it forks: it reaps
+them and reports their exit statuses, and it is a child subreaper so that nothing
+forked below it is orphaned to an init that may never reap it.
+
+A template ends when its owner closes the channel (end of file) or sends SIGTERM:
+it kills and reaps everything below it, then exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from trio_fork._protocol import (
+    ARGS,
+    ERROR,
+    EVAL,
+    EXITED,
+    FDS,
+    FORK,
+    FORKED,
+    OK,
+    READY,
+    RECEIVE_SIZE,
+    REQUIRE,
+    RUN,
+    STARTED,
+    Frame,
+    FrameReader,
+    close_all,
+    describe_exception,
+    encode,
+    receive,
+    send_blocking,
+)
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_CO_COROUTINE = 0x80
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# The signal state of a fresh Python program, captured when the template starts and
+# given back to every child before it runs its target.
+_fresh_handlers: dict[int, Any] = {}
+_fresh_mask: set[int] = set()
+_shutting_down = False
+
+
+class _Terminate(BaseException):
+    """Raised by SIGTERM to interrupt whatever a template is doing and end it."""
+
+
+class _ChannelClosed(Exception):
+    """The owner's end of the channel is gone."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    if not _shutting_down:
+        raise _Terminate
+
+
+def _on_sigchld(signum: int, frame: object) -> None:
+    # Only here so that the wakeup fd is written; reaping happens in the serve loop.
+    pass
+
+
+def _capture_fresh_signal_state() -> None:
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        if handler is not None:
+            _fresh_handlers[sig] = handler
+    _fresh_mask.update(signal.pthread_sigmask(signal.SIG_BLOCK, ()))
+
+
+def _restore_fresh_signal_state() -> None:
+    signal.set_wakeup_fd(-1)
+    for sig, handler in _fresh_handlers.items():
+        if signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, _fresh_mask)
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _exit(code: int) -> NoReturn:
+    # Never run the template's atexit handlers or the destructors of inherited
+    # objects in a forked process: they belong to the template.
+    _flush_stdio()
+    os._exit(code)
+
+
+def _prctl(option: int, value: int) -> None:
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def _resolve(name: str) -> Callable[..., Any]:
+    module_name, sep, qualname = name.partition(":")
+    if not sep or not module_name or not qualname:
+        raise ValueError(f"target {name!r} is not of the form 'module:qualname'")
+    obj: Any = sys.modules.get(module_name) or importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"target {name!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _is_async(obj: Any) -> bool:
+    # inspect.iscoroutinefunction without importing inspect into every template.
+    code = getattr(getattr(obj, "__func__", obj), "__code__", None)
+    if code is None:
+        call = getattr(type(obj), "__call__", None)  # noqa: B004 (want the code object)
+        code = getattr(getattr(call, "__func__", call), "__code__", None)
+    return bool(code is not None and code.co_flags & _CO_COROUTINE)
+
+
+def _run_async(
+    target: Callable[..., Any], sock: socket.socket, args: list[Any], backend: str
+) -> None:
+    import anyio
+    from anyio.abc import UNIXSocketStream
+
+    async def main() -> None:
+        async with await UNIXSocketStream.from_socket(sock) as stream:
+            await target(stream, *args)
+
+    anyio.run(main, backend=backend)
+
+
+def _join_threads() -> None:
+    # What the interpreter does at exit: wait for the non-daemon threads.
+    threading = sys.modules.get("threading")
+    if threading is None:
+        return
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def _call(
+    target: Callable[..., Any], sock: socket.socket, args: list[Any], backend: str | None
+) -> int:
+    """Run a child's target as a program's main code would run; the exit code."""
+    try:
+        if backend is None:
+            target(sock, *args)
+        else:
+            _run_async(target, sock, args, backend)
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc)
+    except KeyboardInterrupt:
+        sys.excepthook(*sys.exc_info())
+        _flush_stdio()
+        # Like the interpreter: report death by SIGINT, not an exit code.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        code = 130
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    _join_threads()
+    return code
+
+
+def _list_children() -> set[int]:
+    children: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as file:
+                children.update(int(pid) for pid in file.read().split())
+        except OSError:
+            pass
+    return children
+
+
+class _Server:
+    """Serves one channel: a template's, or a new process's until it runs."""
+
+    def __init__(self, sock: socket.socket, queue: list[Any], buffer: memoryview) -> None:
+        self.sock = sock
+        self.queue = queue
+        self.buffer = buffer
+        self.reader = FrameReader()
+        self.pid = os.getpid()
+        self.children: set[int] = set()
+        self.wakeup: tuple[int, int] | None = None
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+
+    def reply(self, op: int, value: object = None, fds: list[int] | tuple[int, ...] = ()) -> None:
+        payload = b"" if value is None else pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        try:
+            send_blocking(self.sock, encode(op, payload, fds))
+        except OSError as exc:
+            raise _ChannelClosed from exc
+
+    def become_template(self) -> None:
+        """Get ready to fork: reap children promptly and adopt orphans below us."""
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        self.poller.register(read_end, select.POLLIN)
+        self.wakeup = (read_end, write_end)
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+    def serve(self) -> None:
+        """Serve commands until end of file, SIGTERM or a broken channel."""
+        try:
+            while True:
+                frame = self.reader.next_frame()
+                if frame is not None:
+                    self.handle(frame)
+                    continue
+                for fd, _ in self.poller.poll():
+                    if fd != self.sock.fileno():
+                        self.reap()
+                    elif not receive(self.sock, self.reader, self.buffer):
+                        return
+        except (_Terminate, _ChannelClosed, ConnectionError):
+            return
+
+    def handle(self, frame: Frame) -> None:
+        op = frame.op
+        try:
+            if frame.fds_lost:
+                raise OSError(
+                    "file descriptors were lost in transit: the kernel truncated the "
+                    "control message (is RLIMIT_NOFILE too low?)"
+                )
+            if op == FORK:
+                self.fork(frame.fds)
+                return
+            if op == RUN:
+                self.run(frame)
+            elif op == REQUIRE:
+                for name in pickle.loads(frame.payload):
+                    importlib.import_module(name)
+            elif op == EVAL:
+                self.eval(*pickle.loads(frame.payload))
+            elif op == ARGS:
+                self.queue.extend(pickle.loads(frame.payload))
+            elif op == FDS:
+                self.queue.extend(frame.fds)
+            else:
+                raise ValueError(f"unknown command {op}")
+        except (_Terminate, _ChannelClosed):
+            raise
+        except BaseException as exc:
+            close_all(frame.fds)
+            self.reply(ERROR, describe_exception(exc))
+            if op == RUN:
+                _exit(1)
+        else:
+            self.reply(OK)
+
+    def eval(self, code: str, args: list[Any]) -> None:
+        namespace = sys.modules["__main__"].__dict__
+        filename = f"<trio_fork eval {code[:40]!r}>"
+        missing = object()
+        saved = namespace.get("args", missing)
+        namespace["args"] = args
+        try:
+            exec(compile(code, filename, "exec"), namespace)
+        except BaseException:
+            import linecache
+
+            # So that the remote traceback shows the failing lines.
+            lines = code.splitlines(keepends=True)
+            linecache.cache[filename] = (len(code), None, lines, filename)
+            raise
+        finally:
+            if saved is missing:
+                namespace.pop("args", None)
+            else:
+                namespace["args"] = saved
+
+    def fork(self, fds: list[int]) -> None:
+        if len(fds) != 1:
+            raise ValueError("FORK takes exactly one socket")
+        if self.wakeup is None:
+            self.become_template()
+        _flush_stdio()
+        pid = os.fork()
+        fd = fds.pop()
+        if pid == 0:
+            self.after_fork_in_child(fd)
+        os.close(fd)
+        self.children.add(pid)
+        pidfd = os.pidfd_open(pid)
+        try:
+            self.reply(FORKED, pid, [pidfd])
+        finally:
+            os.close(pidfd)
+
+    def after_fork_in_child(self, fd: int) -> NoReturn:
+        code = 1
+        try:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != self.pid:
+                _exit(1)
+            signal.set_wakeup_fd(-1)
+            # Nothing of the template's machinery may leak into the new process.
+            self.sock.close()
+            if self.wakeup is not None:
+                close_all(list(self.wakeup))
+            self.reader.close()
+            server = _Server(socket.socket(fileno=fd), list(self.queue), self.buffer)
+            server.serve()
+            server.shutdown()
+            code = 0
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+        finally:
+            _exit(code)
+
+    def run(self, frame: Frame) -> NoReturn:
+        if self.reader.buffered:
+            raise ValueError("RUN must be the last command a process receives")
+        target_name, backend, args = pickle.loads(frame.payload)
+        target = _resolve(target_name)
+        run_backend = backend if _is_async(target) else None
+        args = [*self.queue, *args, *frame.fds]
+        frame.fds.clear()
+        _restore_fresh_signal_state()
+        self.reply(STARTED)
+        _exit(_call(target, self.sock, args, run_backend))
+
+    def reap(self) -> None:
+        assert self.wakeup is not None
+        try:
+            while os.read(self.wakeup[0], 512):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.children:
+                self.children.discard(pid)
+                self.reply(EXITED, (pid, os.waitstatus_to_exitcode(status)))
+
+    def shutdown(self) -> None:
+        """Kill and reap everything below this process."""
+        global _shutting_down
+        _shutting_down = True
+        self.reader.close()
+        if self.wakeup is None and not self.children:
+            return
+        killed: set[int] = set()
+        while True:
+            # Orphans below us are adopted as they appear, so look again each time.
+            for pid in (_list_children() | self.children) - killed:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                killed.add(pid)
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+
+
+def main(fd: int) -> None:
+    """Run a template started by ``open_template``, serving the socket ``fd``."""
+    global _shutting_down
+    _capture_fresh_signal_state()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGCHLD, _on_sigchld)
+    signal.siginterrupt(signal.SIGCHLD, False)
+    server = _Server(socket.socket(fileno=fd), [], memoryview(bytearray(RECEIVE_SIZE)))
+    try:
+        server.become_template()
+        server.reply(READY, (os.getpid(), tuple(sys.version_info[:3])))
+        server.serve()
+    except (_Terminate, _ChannelClosed):
+        pass
+    server.shutdown()
+    _flush_stdio()
