@@ -1,0 +1,71 @@
+"""Parent-side helpers for the tests."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from typing import Any
+
+from anyio.abc import ByteReceiveStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+_LENGTH = struct.Struct("<I")
+
+
+async def receive(stream: ByteReceiveStream) -> Any:
+    """One message sent by ``tests.targets.send``."""
+    buffered = BufferedByteReceiveStream(stream)
+    (length,) = _LENGTH.unpack(await buffered.receive_exactly(_LENGTH.size))
+    data = await buffered.receive_exactly(length)
+    assert not buffered.buffer, "a second message arrived with the first"
+    return pickle.loads(data)
+
+
+def fd_identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def process_exists(pid: int) -> bool:
+    """Whether ``pid`` names a process that has not been reaped (zombies count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return bool(file.read())
+    except FileNotFoundError:
+        return False
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is running (not a zombie, not gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            stat = file.read()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def descendants(root: int | None = None) -> dict[int, str]:
+    """Every process below ``root`` (default: this one), zombies included: pid -> state."""
+    root = os.getpid() if root is None else root
+    parents: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                stat = file.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)] = (int(fields[1]), f"{stat[: stat.rindex(')') + 1]} {fields[0]}")
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, description) in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = description
+                frontier.append(pid)
+    return found

@@ -1,0 +1,198 @@
+"""Targets that the tests run in children. Standard library only.
+
+Messages to the parent are length-prefixed pickles (see :func:`send`); the parent
+reads them with ``tests.helpers.receive``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+_LENGTH = struct.Struct("<I")
+
+
+def send(sock: socket.socket, obj: object) -> None:
+    data = pickle.dumps(obj)
+    sock.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def fd_identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def describe(arg: Any) -> Any:
+    """What the parent can compare: descriptors become their file identity."""
+    if isinstance(arg, int) and not isinstance(arg, bool) and arg > 2:
+        try:
+            return ("fd", fd_identity(arg))
+        except OSError:
+            pass
+    return arg
+
+
+def report_args(sock: socket.socket, *args: Any) -> None:
+    send(sock, [describe(arg) for arg in args])
+
+
+def report_raw_args(sock: socket.socket, *args: Any) -> None:
+    send(sock, args)
+
+
+def echo(sock: socket.socket) -> None:
+    while data := sock.recv(65536):
+        sock.sendall(data)
+
+
+def nothing(sock: socket.socket, *args: Any) -> None:
+    pass
+
+
+def one_byte(sock: socket.socket) -> None:
+    sock.send(b"x")
+
+
+def sleep_forever(sock: socket.socket, *args: Any) -> None:
+    send(sock, os.getpid())
+    while True:
+        time.sleep(3600)
+
+
+def wait_for_eof(sock: socket.socket) -> None:
+    while sock.recv(4096):
+        pass
+
+
+def exit_with(sock: socket.socket, code: Any) -> None:
+    raise SystemExit(code)
+
+
+def os_exit(sock: socket.socket, code: int) -> None:
+    os._exit(code)
+
+
+def raise_value_error(sock: socket.socket, message: str) -> None:
+    raise ValueError(message)
+
+
+def segfault(sock: socket.socket) -> None:
+    ctypes.string_at(0)
+
+
+def kill_self(sock: socket.socket, sig: int) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(10)
+
+
+def print_and_exit(sock: socket.socket, out: str, err: str) -> None:
+    print(out)
+    print(err, file=sys.stderr)
+
+
+def report_length(sock: socket.socket, data: bytes) -> None:
+    send(sock, (len(data), data[:4], data[-4:]))
+
+
+def _open_fds() -> dict[int, str]:
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the descriptor that listdir used
+    return fds
+
+
+def report_environment(sock: socket.socket, *queued: Any) -> None:
+    main = sys.modules["__main__"]
+    send(
+        sock,
+        {
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "cwd": os.getcwd(),
+            "env": dict(os.environ),
+            "modules": sorted(sys.modules),
+            "main": {k: v for k, v in vars(main).items() if k.isupper()},
+            "main_has_args": "args" in vars(main),
+            "path": list(sys.path),
+            "stdin": os.readlink("/proc/self/fd/0"),
+            "fds": _open_fds(),
+            "sock": sock.fileno(),
+            "blocking": sock.getblocking(),
+        },
+    )
+
+
+def report_signals(sock: socket.socket) -> None:
+    names = ["SIGINT", "SIGTERM", "SIGCHLD", "SIGPIPE", "SIGUSR1", "SIGHUP"]
+    handlers = {}
+    for name in names:
+        handler = signal.getsignal(getattr(signal, name))
+        handlers[name] = handler if handler in (signal.SIG_DFL, signal.SIG_IGN) else repr(handler)
+    send(
+        sock,
+        {
+            "handlers": handlers,
+            "default_int": signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+            "wakeup_fd": signal.set_wakeup_fd(-1),
+            "mask": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+        },
+    )
+
+
+def write_to_fds(sock: socket.socket, *fds: int) -> None:
+    for index, fd in enumerate(fds):
+        os.write(fd, f"written by child to fd #{index}".encode())
+        os.close(fd)
+
+
+def receive_fd_and_write(sock: socket.socket) -> None:
+    message, fds, _, _ = socket.recv_fds(sock, 16, 4)
+    for fd in fds:
+        os.write(fd, message)
+        os.close(fd)
+    send(sock, len(fds))
+
+
+def send_back_a_pipe(sock: socket.socket) -> None:
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"through a pipe from the child")
+    os.close(write_end)
+    socket.send_fds(sock, [b"p"], [read_end])
+
+
+def report_inherited_object(sock: socket.socket) -> None:
+    main = sys.modules["__main__"]
+    send(sock, getattr(main, "SENTINEL_PATH", None))
+
+
+async def async_echo(stream: Any, *args: Any) -> None:
+    import sniffio
+
+    await stream.send(pickle.dumps((type(stream).__name__, sniffio.current_async_library(), args)))
+    while True:
+        try:
+            data = await stream.receive()
+        except Exception:
+            return
+        await stream.send(data)
+
+
+async def async_fail(stream: Any) -> None:
+    raise RuntimeError("async target failed")
+
+
+def not_callable_target() -> None:
+    pass
+
+
+NOT_CALLABLE = 42
