@@ -59,6 +59,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fresh_handlers: dict[int, Any] = {}
 _fresh_mask: set[int] = set()
 _shutting_down = False
+_evals = 0
 
 
 class _Terminate(BaseException):
@@ -165,6 +166,21 @@ def _join_threads() -> None:
             thread.join()
 
 
+def _print_exception(exc: BaseException) -> None:
+    # As the interpreter would for a program's main code: from the target down.
+    traceback = exc.__traceback__
+    if traceback is not None and traceback.tb_frame.f_code is _call.__code__:
+        exc = exc.with_traceback(traceback.tb_next)
+    if sys.excepthook is sys.__excepthook__:
+        # The default hook's printer reads sources from disk; this one also finds
+        # code defined with eval().
+        import traceback as tb
+
+        tb.print_exception(type(exc), exc, exc.__traceback__)
+    else:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+
+
 def _exit_code(exc: SystemExit) -> int:
     if exc.code is None:
         return 0
@@ -186,15 +202,15 @@ def _call(
         code = 0
     except SystemExit as exc:
         code = _exit_code(exc)
-    except KeyboardInterrupt:
-        sys.excepthook(*sys.exc_info())
+    except KeyboardInterrupt as exc:
+        _print_exception(exc)
         _flush_stdio()
         # Like the interpreter: report death by SIGINT, not an exit code.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         code = 130
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
+    except BaseException as exc:
+        _print_exception(exc)
         code = 1
     _join_threads()
     return code
@@ -291,20 +307,19 @@ class _Server:
             self.reply(OK)
 
     def eval(self, code: str, args: list[Any]) -> None:
+        global _evals
+        _evals += 1
+        filename = f"<trio_fork eval #{_evals}>"
+        import linecache
+
+        # Registered so that tracebacks, here and in children, show the source.
+        linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
         namespace = sys.modules["__main__"].__dict__
-        filename = f"<trio_fork eval {code[:40]!r}>"
         missing = object()
         saved = namespace.get("args", missing)
         namespace["args"] = args
         try:
             exec(compile(code, filename, "exec"), namespace)
-        except BaseException:
-            import linecache
-
-            # So that the remote traceback shows the failing lines.
-            lines = code.splitlines(keepends=True)
-            linecache.cache[filename] = (len(code), None, lines, filename)
-            raise
         finally:
             if saved is missing:
                 namespace.pop("args", None)
