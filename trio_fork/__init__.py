@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from ._child import Child as Child
 from ._errors import BrokenTemplateError as BrokenTemplateError
+from ._errors import BrokenWorkerError as BrokenWorkerError
 from ._errors import RemoteError as RemoteError
+from ._rpc import RPC as RPC
+from ._rpc import Call as Call
+from ._rpc import open_rpc as open_rpc
+from ._serializers import JSON as JSON
+from ._serializers import PICKLE as PICKLE
+from ._serializers import Serializer as Serializer
 from ._template import FileDescriptorLike as FileDescriptorLike
 from ._template import Template as Template
 from ._template import open_template as open_template

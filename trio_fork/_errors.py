@@ -39,3 +39,13 @@ class BrokenTemplateError(Exception):
     Raised by every pending and later operation on that template, and by
     :meth:`Child.wait` when the exit status of a child died with its template.
     """
+
+
+@final
+class BrokenWorkerError(Exception):
+    """An RPC worker died before it answered a call.
+
+    Raised by the calls it was running or had queued (the message says which), and by
+    later calls on an :class:`RPC` whose worker is gone. A :class:`Pool` replaces the
+    worker, and sends calls that provably never started to another one.
+    """

@@ -1,0 +1,449 @@
+"""The worker side of RPC: a child that serves calls to one function over its socket.
+
+Standard library only, so that templates can load it without anything heavy. The
+sync backend serves one call at a time in the main thread. The async backend runs an
+event loop (through anyio, imported only then: never in a template) and serves every
+call in a task of its own, so that calls run concurrently and can be cancelled.
+
+Either way the worker answers every call exactly once: with its result, its error,
+or ``CANCELLED`` when the parent asked to cancel it and it was stopped (or dropped
+before it started). That is what lets the parent always know the worker's state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import pickle
+import signal
+import socket
+import sys
+import types
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from trio_fork._rpc_wire import (
+    CALL,
+    CANCEL,
+    CANCELLED,
+    ERROR,
+    EVENT,
+    FAILED,
+    READY,
+    RESULT,
+    FrameDecoder,
+    describe,
+    encode,
+    send_blocking,
+)
+
+_CO_COROUTINE = 0x80
+# The most buffers handed to one sendmsg (the kernel's limit is 1024).
+_MAX_BUFFERS = 512
+# Queued outgoing bytes above which an async worker's emit() waits for the parent.
+_HIGH_WATER = 1024 * 1024
+
+
+def serve(sock: socket.socket, options: dict[str, Any]) -> None:
+    """The target of every RPC worker: set up, report ready, serve until end of file.
+
+    ``options`` holds ``function``, ``init``, ``init_args``, ``serializer``,
+    ``events`` (pass an ``emit`` function first), ``exceptions`` (send raised
+    exceptions pickled, besides their description) and ``backend`` (the anyio
+    backend for an async function).
+    """
+    # The parent owns Ctrl+C: it decides whether a call is cancelled or the worker
+    # killed, so a terminal's SIGINT to the whole process group must not reach here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        function = _resolve(options["function"], "function")
+        init = None if options["init"] is None else _resolve(options["init"], "init")
+        concurrent = _is_async(function)
+        if init is not None and _is_async(init) and not concurrent:
+            raise TypeError(
+                f"init {options['init']!r} is async, but the function is not: an async "
+                "init needs an async function (whose worker runs an event loop)"
+            )
+    except BaseException as exc:
+        _fail(sock, exc)
+        return
+    if concurrent:
+        import anyio
+
+        worker = _AsyncWorker(sock, function, options)
+        anyio.run(worker.main, init, options["init_args"], backend=options["backend"])
+    else:
+        _SyncWorker(sock, function, options).main(init, options["init_args"])
+
+
+def apply(function: Callable[..., Any], *args: Any) -> Any:
+    """The function of ``run_sync`` workers: call the function that came with the call."""
+    return function(*args)
+
+
+def adopt_main(spec_name: str | None, path: str | None) -> None:
+    """Load the parent's main module here as ``__mp_main__`` and make it ``__main__``.
+
+    This is what :mod:`multiprocessing` does in its forkserver: functions and classes
+    defined in the parent's ``__main__`` are pickled by reference to ``__main__``, and
+    now resolve here, in the template, and in every worker forked from it. The
+    module's own ``if __name__ == "__main__":`` block does not run.
+    """
+    if spec_name is not None:
+        import importlib.util
+
+        spec = importlib.util.find_spec(spec_name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "get_code"):
+            raise ImportError(f"cannot find the main module {spec_name!r}")
+        code = spec.loader.get_code(spec_name)
+        if code is None:
+            raise ImportError(f"the main module {spec_name!r} has no code")
+        filename = spec.origin
+    else:
+        assert path is not None
+        with open(path, "rb") as file:
+            code = compile(file.read(), path, "exec")
+        filename = path
+    module = types.ModuleType("__mp_main__")
+    module.__file__ = filename
+    previous = sys.modules["__main__"]
+    # Registered before running, so that the module can refer to itself while it
+    # loads (dataclasses look their module up in sys.modules, for instance).
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+    try:
+        exec(code, module.__dict__)
+    except BaseException:
+        sys.modules["__main__"] = previous
+        del sys.modules["__mp_main__"]
+        raise
+
+
+def _resolve(reference: object, what: str) -> Callable[..., Any]:
+    if isinstance(reference, str):
+        module_name, _, qualname = reference.partition(":")
+        obj: Any = sys.modules.get(module_name) or importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    else:
+        obj = reference
+    if not callable(obj):
+        raise TypeError(f"{what} {reference!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _is_async(obj: Any) -> bool:
+    # inspect.iscoroutinefunction, without importing inspect into every template.
+    code = getattr(getattr(obj, "__func__", obj), "__code__", None)
+    if code is None:
+        call = getattr(type(obj), "__call__", None)  # noqa: B004 (want the code object)
+        code = getattr(getattr(call, "__func__", call), "__code__", None)
+    return bool(code is not None and code.co_flags & _CO_COROUTINE)
+
+
+def _fail(sock: socket.socket, exc: BaseException) -> None:
+    sock.setblocking(True)
+    try:
+        send_blocking(sock, encode(FAILED, 0, pickle.dumps(describe(exc))))
+    except OSError:
+        pass
+
+
+def _ready(concurrent: bool) -> list[bytes]:
+    return encode(READY, 0, pickle.dumps({"pid": os.getpid(), "concurrent": concurrent}))
+
+
+def _user_frames(exc: BaseException) -> int:
+    """How many outer traceback frames belong to this module, not to the user's code."""
+    count = 0
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_globals is globals():
+        count += 1
+        tb = tb.tb_next
+    return count
+
+
+class _Calls:
+    """What both backends share: turning payloads into calls, and outcomes into frames."""
+
+    def __init__(self, function: Callable[..., Any], options: dict[str, Any]) -> None:
+        self.function = function
+        self.serializer = options["serializer"]
+        self.events: bool = options["events"]
+        self.exceptions: bool = options["exceptions"]
+
+    def arguments(self, payload: bytes) -> tuple[Any, ...]:
+        args = self.serializer.loads(payload)
+        if not isinstance(args, (list, tuple)):
+            raise TypeError(f"the arguments arrived as {type(args).__name__}, not a sequence")
+        return tuple(args)
+
+    def result(self, call_id: int, value: Any) -> list[bytes]:
+        try:
+            payload = self.serializer.dumps(value)
+        except BaseException as exc:
+            return self.error(call_id, exc, "the worker could not serialize the result")
+        return encode(RESULT, call_id, payload)
+
+    def error(self, call_id: int, exc: BaseException, context: str | None = None) -> list[bytes]:
+        name, message, text = describe(exc, _user_frames(exc))
+        original = b""
+        if context is not None:
+            message = f"{context}: {message}"
+        elif self.exceptions:
+            try:
+                original = pickle.dumps(exc, pickle.HIGHEST_PROTOCOL)
+            except BaseException:
+                pass  # the parent falls back to the description
+        return encode(ERROR, call_id, pickle.dumps((name, message, text, original)))
+
+
+class _SyncWorker(_Calls):
+    def __init__(
+        self, sock: socket.socket, function: Callable[..., Any], options: dict[str, Any]
+    ) -> None:
+        super().__init__(function, options)
+        self.sock = sock
+        self.decoder = FrameDecoder()
+        self.queue: deque[tuple[int, bytes]] = deque()
+
+    def main(self, init: Callable[..., Any] | None, init_args: tuple[Any, ...]) -> None:
+        sock = self.sock
+        sock.setblocking(True)
+        try:
+            if init is not None:
+                init(*init_args)
+        except BaseException as exc:
+            _fail(sock, exc)
+            return
+        try:
+            send_blocking(sock, _ready(False))
+            while self.receive():
+                if self.queue:
+                    call_id, payload = self.queue.popleft()
+                    send_blocking(sock, self.run(call_id, payload))
+        except (ConnectionError, BrokenPipeError):
+            pass  # the parent is gone
+
+    def receive(self) -> bool:
+        """Take in what has arrived (waiting if there is nothing to do); False at EOF."""
+        # With calls queued, only look: cancellations of queued calls must be seen
+        # before those calls start, but a running worker must not wait for input.
+        flags = socket.MSG_DONTWAIT if self.queue else 0
+        try:
+            if self.decoder.receive(self.sock, flags) == 0:
+                return False
+        except BlockingIOError:
+            return True
+        while (frame := self.decoder.next_frame()) is not None:
+            kind, call_id, payload = frame
+            if kind == CALL:
+                self.queue.append((call_id, payload))
+            elif kind == CANCEL:
+                self.drop(call_id)
+        return True
+
+    def drop(self, call_id: int) -> None:
+        for index, (queued_id, _) in enumerate(self.queue):
+            if queued_id == call_id:
+                del self.queue[index]
+                send_blocking(self.sock, encode(CANCELLED, call_id))
+                return
+        # Otherwise it has been answered already: the parent takes that answer.
+
+    def run(self, call_id: int, payload: bytes) -> list[bytes]:
+        try:
+            args = self.arguments(payload)
+        except BaseException as exc:
+            return self.error(call_id, exc, "the worker could not deserialize the arguments")
+        emit = None
+        if self.events:
+            emit = _SyncEmitter(self, call_id)
+            args = (emit, *args)
+        try:
+            value = self.function(*args)
+        except BaseException as exc:
+            return self.error(call_id, exc)
+        finally:
+            if emit is not None:
+                emit.finished = True
+        return self.result(call_id, value)
+
+
+class _SyncEmitter:
+    """``emit`` for a sync worker's call: sends an event, blocking until it is sent."""
+
+    def __init__(self, worker: _SyncWorker, call_id: int) -> None:
+        self.worker = worker
+        self.call_id = call_id
+        self.finished = False
+
+    def __call__(self, event: Any) -> None:
+        if self.finished:
+            raise RuntimeError("emit() was called after its call had finished")
+        payload = self.worker.serializer.dumps(event)
+        send_blocking(self.worker.sock, encode(EVENT, self.call_id, payload))
+
+
+class _AsyncWorker(_Calls):
+    def __init__(
+        self, sock: socket.socket, function: Callable[..., Any], options: dict[str, Any]
+    ) -> None:
+        super().__init__(function, options)
+        self.sock = sock
+        self.running: dict[int, Any] = {}
+        self.outbox: deque[memoryview] = deque()
+        self.outbox_size = 0
+        self.writer_blocked = False
+        import anyio
+
+        self.anyio = anyio
+        self.wake_writer = anyio.Event()
+        self.drained: Any = None
+
+    async def main(self, init: Callable[..., Any] | None, init_args: tuple[Any, ...]) -> None:
+        anyio = self.anyio
+        try:
+            if init is not None:
+                if _is_async(init):
+                    await init(*init_args)
+                else:
+                    init(*init_args)
+        except BaseException as exc:
+            _fail(self.sock, exc)
+            return
+        self.sock.setblocking(False)
+        self.send(_ready(True))
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self.write)
+            try:
+                await self.read(task_group)
+            finally:
+                # End of file: the parent is done with us (or gone). Calls still
+                # running have nobody to answer to.
+                task_group.cancel_scope.cancel()
+
+    async def read(self, task_group: Any) -> None:
+        anyio = self.anyio
+        decoder = FrameDecoder()
+        sock = self.sock
+        while True:
+            try:
+                if decoder.receive(sock) == 0:
+                    return
+            except BlockingIOError:
+                await anyio.wait_readable(sock)
+                continue
+            except ConnectionError:
+                return
+            while (frame := decoder.next_frame()) is not None:
+                kind, call_id, payload = frame
+                if kind == CALL:
+                    scope = anyio.CancelScope()
+                    self.running[call_id] = scope
+                    task_group.start_soon(self.run, call_id, payload, scope)
+                elif kind == CANCEL:
+                    scope = self.running.get(call_id)
+                    if scope is not None:
+                        scope.cancel()
+            # Let the calls just started run before reading more.
+            await anyio.lowlevel.checkpoint()
+
+    async def run(self, call_id: int, payload: bytes, scope: Any) -> None:
+        frame: list[bytes] | None = None
+        with scope:
+            if not scope.cancel_called:
+                frame = await self.outcome(call_id, payload)
+        del self.running[call_id]
+        self.send(frame if frame is not None else encode(CANCELLED, call_id))
+
+    async def outcome(self, call_id: int, payload: bytes) -> list[bytes]:
+        try:
+            args = self.arguments(payload)
+        except BaseException as exc:
+            return self.error(call_id, exc, "the worker could not deserialize the arguments")
+        emit = None
+        if self.events:
+            emit = _AsyncEmitter(self, call_id)
+            args = (emit, *args)
+        try:
+            value = await self.function(*args)
+        except self.anyio.get_cancelled_exc_class():
+            raise
+        except BaseException as exc:
+            return self.error(call_id, exc)
+        finally:
+            if emit is not None:
+                emit.finished = True
+        return self.result(call_id, value)
+
+    def send(self, buffers: list[bytes]) -> None:
+        for buffer in buffers:
+            self.outbox.append(memoryview(buffer))
+            self.outbox_size += len(buffer)
+        if not self.writer_blocked:
+            self.flush()
+
+    def flush(self) -> None:
+        outbox = self.outbox
+        while outbox:
+            try:
+                sent = self.sock.sendmsg(itertools.islice(outbox, _MAX_BUFFERS))
+            except BlockingIOError:
+                self.writer_blocked = True
+                self.wake_writer.set()
+                return
+            except OSError:
+                # The parent is gone; the reader sees end of file next.
+                outbox.clear()
+                self.outbox_size = 0
+                break
+            self.outbox_size -= sent
+            while sent:
+                if sent >= len(outbox[0]):
+                    sent -= len(outbox.popleft())
+                else:
+                    outbox[0] = outbox[0][sent:]
+                    sent = 0
+        self.writer_blocked = False
+        if self.drained is not None:
+            self.drained.set()
+            self.drained = None
+
+    async def wait_drained(self) -> None:
+        if self.drained is None:
+            self.drained = self.anyio.Event()
+        await self.drained.wait()
+
+    async def write(self) -> None:
+        anyio = self.anyio
+        while True:
+            await self.wake_writer.wait()
+            self.wake_writer = anyio.Event()
+            while self.writer_blocked:
+                await anyio.wait_writable(self.sock)
+                self.flush()
+
+
+class _AsyncEmitter:
+    """``emit`` for an async worker's call: ``await emit(event)`` sends an event.
+
+    It waits only when a megabyte of output is queued, so that a fast emitter cannot
+    fill the worker's memory while the parent falls behind.
+    """
+
+    def __init__(self, worker: _AsyncWorker, call_id: int) -> None:
+        self.worker = worker
+        self.call_id = call_id
+        self.finished = False
+
+    async def __call__(self, event: Any) -> None:
+        if self.finished:
+            raise RuntimeError("emit() was called after its call had finished")
+        worker = self.worker
+        worker.send(encode(EVENT, self.call_id, worker.serializer.dumps(event)))
+        if worker.outbox_size > _HIGH_WATER:
+            await worker.wait_drained()
+        else:
+            await worker.anyio.lowlevel.checkpoint()
