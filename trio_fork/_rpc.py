@@ -23,7 +23,7 @@ from anyio.abc import SocketAttribute
 
 from . import _rpc_worker
 from ._errors import BrokenWorkerError
-from ._rpc_connection import LOST, Connection, Request, unwrap_error
+from ._rpc_connection import LOST, Connection, Request, unwrap_error, wait_until
 from ._rpc_wire import CANCELLED, ERROR, RESULT
 from ._serializers import PICKLE, Serializer, check_serializer
 
@@ -147,7 +147,7 @@ async def wait_for(request: Request, withdraw: Withdraw | None = None) -> None:
     completed.
     """
     try:
-        await request.done.wait()
+        await wait_until(request, lambda: request.done)
     except anyio.get_cancelled_exc_class():
         with anyio.CancelScope(shield=True):
             await abort(request, withdraw, kill=request.kill_on_cancel)
@@ -162,20 +162,19 @@ async def wait_for(request: Request, withdraw: Withdraw | None = None) -> None:
 
 async def abort(request: Request, withdraw: Withdraw | None, *, kill: bool) -> None:
     """Stop a request and wait until the worker's state is known again."""
-    if request.done.is_set():
+    if request.done:
         return
+    request.cancelling = True
     connection = request.connection
     if connection is None:
         if withdraw is not None and withdraw(request):
             request.finish(CANCELLED, None)
             return
-        await request.done.wait()
-        return
-    if kill and connection.is_running(request):
+    elif kill and connection.is_running(request):
         connection.kill()
     else:
         connection.cancel(request)
-    await request.done.wait()
+    await wait_until(request, lambda: request.done)
 
 
 def outcome(request: Request, serializer: Serializer, originals: bool = False) -> Any:
@@ -228,15 +227,12 @@ class Call:
     async def __anext__(self) -> Any:
         request = self._request
         assert request.events is not None
-        while not request.events:
-            if request.done.is_set():
-                raise StopAsyncIteration
-            request.wakeup = anyio.Event()
-            await request.wakeup.wait()
+        events = request.events
+        await wait_until(request, lambda: bool(events) or request.done)
         await anyio.lowlevel.checkpoint()
-        if not request.events:  # pragma: no cover - only this task takes events
+        if not events:
             raise StopAsyncIteration
-        return self._serializer.loads(request.events.popleft())
+        return self._serializer.loads(events.popleft())
 
     async def result(self) -> Any:
         """Wait for the call to finish; its result.
@@ -391,7 +387,7 @@ async def open_rpc(
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(connection.run)
             try:
-                await connection.ready.wait()
+                await connection.wait_ready()
                 if connection.failure is not None:
                     raise connection.failure
                 if connection.lost is not None:

@@ -2,8 +2,9 @@
 
 Standard library only, so that templates can load it without anything heavy. The
 sync backend serves one call at a time in the main thread. The async backend runs an
-event loop (through anyio, imported only then: never in a template) and serves every
-call in a task of its own, so that calls run concurrently and can be cancelled.
+event loop (the parent's, trio or asyncio, imported only then: never in a template)
+and serves every call in a task of its own, so that calls run concurrently and can be
+cancelled.
 
 Either way the worker answers every call exactly once: with its result, its error,
 or ``CANCELLED`` when the parent asked to cancel it and it was stopped (or dropped
@@ -12,6 +13,7 @@ before it started). That is what lets the parent always know the worker's state.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import os
@@ -42,6 +44,9 @@ from trio_fork._rpc_wire import (
 _CO_COROUTINE = 0x80
 # The most buffers handed to one sendmsg (the kernel's limit is 1024).
 _MAX_BUFFERS = 512
+# Frames held back for a batch before they are sent anyway, so that the other side
+# starts on the first ones while this side is still producing the rest.
+_BATCH = 32
 # Queued outgoing bytes above which an async worker's emit() waits for the parent.
 _HIGH_WATER = 1024 * 1024
 
@@ -70,10 +75,8 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
         _fail(sock, exc)
         return
     if concurrent:
-        import anyio
-
-        worker = _AsyncWorker(sock, function, options)
-        anyio.run(worker.main, init, options["init_args"], backend=options["backend"])
+        driver = _TrioWorker if options["backend"] == "trio" else _AsyncioWorker
+        driver(sock, function, options).run(init, options["init_args"])
     else:
         _SyncWorker(sock, function, options).main(init, options["init_args"])
 
@@ -287,6 +290,16 @@ class _SyncEmitter:
 
 
 class _AsyncWorker(_Calls):
+    """What the two event-loop drivers share: running calls and queueing replies.
+
+    The drivers use their event loop directly rather than through anyio: a worker
+    starts a task per call, and anyio's task groups cost several times what the
+    loops' own tasks do. The user's function still runs on the parent's backend, so
+    it may use anyio, or that backend, as it likes.
+    """
+
+    cancelled_class: type[BaseException]
+
     def __init__(
         self, sock: socket.socket, function: Callable[..., Any], options: dict[str, Any]
     ) -> None:
@@ -295,15 +308,14 @@ class _AsyncWorker(_Calls):
         self.running: dict[int, Any] = {}
         self.outbox: deque[memoryview] = deque()
         self.outbox_size = 0
-        self.writer_blocked = False
-        import anyio
-
-        self.anyio = anyio
-        self.wake_writer = anyio.Event()
+        self.writer_busy = False
         self.drained: Any = None
 
-    async def main(self, init: Callable[..., Any] | None, init_args: tuple[Any, ...]) -> None:
-        anyio = self.anyio
+    def run(self, init: Callable[..., Any] | None, init_args: tuple[Any, ...]) -> None:
+        raise NotImplementedError
+
+    async def start(self, init: Callable[..., Any] | None, init_args: tuple[Any, ...]) -> bool:
+        """Run ``init`` and report ready; False if the worker cannot serve."""
         try:
             if init is not None:
                 if _is_async(init):
@@ -312,53 +324,13 @@ class _AsyncWorker(_Calls):
                     init(*init_args)
         except BaseException as exc:
             _fail(self.sock, exc)
-            return
+            return False
         self.sock.setblocking(False)
         self.send(_ready(True))
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self.write)
-            try:
-                await self.read(task_group)
-            finally:
-                # End of file: the parent is done with us (or gone). Calls still
-                # running have nobody to answer to.
-                task_group.cancel_scope.cancel()
-
-    async def read(self, task_group: Any) -> None:
-        anyio = self.anyio
-        decoder = FrameDecoder()
-        sock = self.sock
-        while True:
-            try:
-                if decoder.receive(sock) == 0:
-                    return
-            except BlockingIOError:
-                await anyio.wait_readable(sock)
-                continue
-            except ConnectionError:
-                return
-            while (frame := decoder.next_frame()) is not None:
-                kind, call_id, payload = frame
-                if kind == CALL:
-                    scope = anyio.CancelScope()
-                    self.running[call_id] = scope
-                    task_group.start_soon(self.run, call_id, payload, scope)
-                elif kind == CANCEL:
-                    scope = self.running.get(call_id)
-                    if scope is not None:
-                        scope.cancel()
-            # Let the calls just started run before reading more.
-            await anyio.lowlevel.checkpoint()
-
-    async def run(self, call_id: int, payload: bytes, scope: Any) -> None:
-        frame: list[bytes] | None = None
-        with scope:
-            if not scope.cancel_called:
-                frame = await self.outcome(call_id, payload)
-        del self.running[call_id]
-        self.send(frame if frame is not None else encode(CANCELLED, call_id))
+        return True
 
     async def outcome(self, call_id: int, payload: bytes) -> list[bytes]:
+        """Run one call; the frame that answers it. Only cancellation escapes."""
         try:
             args = self.arguments(payload)
         except BaseException as exc:
@@ -369,7 +341,7 @@ class _AsyncWorker(_Calls):
             args = (emit, *args)
         try:
             value = await self.function(*args)
-        except self.anyio.get_cancelled_exc_class():
+        except self.cancelled_class:
             raise
         except BaseException as exc:
             return self.error(call_id, exc)
@@ -378,22 +350,38 @@ class _AsyncWorker(_Calls):
                 emit.finished = True
         return self.result(call_id, value)
 
-    def send(self, buffers: list[bytes]) -> None:
+    def answer(self, call_id: int, frame: list[bytes] | None) -> None:
+        """Send a call's answer (None: it was cancelled) and forget the call."""
+        del self.running[call_id]
+        self.send(frame if frame is not None else encode(CANCELLED, call_id), now=not self.running)
+
+    def send(self, buffers: list[bytes], *, now: bool = True) -> None:
+        """Queue a frame; send it at once if ``now``, else with the others of this batch.
+
+        A reply goes out at once when it is the worker's only one; when many calls
+        finish together, their replies go out in one ``sendmsg`` after them: one
+        system call (and one wake-up of the parent) per batch instead of per reply.
+        """
         for buffer in buffers:
             self.outbox.append(memoryview(buffer))
             self.outbox_size += len(buffer)
-        if not self.writer_blocked:
-            self.flush()
+        if self.writer_busy:
+            if len(self.outbox) >= _BATCH and self.flush():
+                self.writer_busy = False
+            return
+        if now and self.flush():
+            return
+        self.writer_busy = True
+        self.flush_later()
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Send what the socket takes; whether the queue is now empty."""
         outbox = self.outbox
         while outbox:
             try:
                 sent = self.sock.sendmsg(itertools.islice(outbox, _MAX_BUFFERS))
             except BlockingIOError:
-                self.writer_blocked = True
-                self.wake_writer.set()
-                return
+                return False
             except OSError:
                 # The parent is gone; the reader sees end of file next.
                 outbox.clear()
@@ -406,24 +394,184 @@ class _AsyncWorker(_Calls):
                 else:
                     outbox[0] = outbox[0][sent:]
                     sent = 0
-        self.writer_blocked = False
         if self.drained is not None:
             self.drained.set()
             self.drained = None
+        return True
+
+    def flush_later(self) -> None:
+        """Make sure the queue is flushed once the calls now running have had a turn."""
+        raise NotImplementedError
+
+    async def wait_drained(self) -> None:
+        raise NotImplementedError
+
+    async def checkpoint(self) -> None:
+        raise NotImplementedError
+
+
+class _TrioWorker(_AsyncWorker):
+    def __init__(
+        self, sock: socket.socket, function: Callable[..., Any], options: dict[str, Any]
+    ) -> None:
+        super().__init__(sock, function, options)
+        import trio
+
+        self.trio = trio
+        self.cancelled_class = trio.Cancelled
+        self.wake_writer = trio.Event()
+
+    def run(self, init: Callable[..., Any] | None, init_args: tuple[Any, ...]) -> None:
+        self.trio.run(self.main, init, init_args)
+
+    async def main(self, init: Callable[..., Any] | None, init_args: tuple[Any, ...]) -> None:
+        if not await self.start(init, init_args):
+            return
+        async with self.trio.open_nursery() as nursery:
+            nursery.start_soon(self.write)
+            await self.read(nursery)
+            # End of file: the parent is done with us (or gone). Calls still running
+            # have nobody to answer to.
+            nursery.cancel_scope.cancel()
+
+    async def read(self, nursery: Any) -> None:
+        trio = self.trio
+        decoder = FrameDecoder()
+        sock = self.sock
+        while True:
+            try:
+                if decoder.receive(sock) == 0:
+                    return
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except ConnectionError:
+                return
+            while (frame := decoder.next_frame()) is not None:
+                kind, call_id, payload = frame
+                if kind == CALL:
+                    scope = trio.CancelScope()
+                    self.running[call_id] = scope
+                    nursery.start_soon(self.serve_call, call_id, payload, scope)
+                elif kind == CANCEL:
+                    scope = self.running.get(call_id)
+                    if scope is not None:
+                        scope.cancel()
+            # Let the calls just started run before reading more.
+            await trio.lowlevel.checkpoint()
+
+    async def serve_call(self, call_id: int, payload: bytes, scope: Any) -> None:
+        frame = None
+        with scope:
+            if not scope.cancel_called:
+                frame = await self.outcome(call_id, payload)
+        self.answer(call_id, frame)
+
+    def flush_later(self) -> None:
+        self.wake_writer.set()
+
+    async def write(self) -> None:
+        trio = self.trio
+        while True:
+            await self.wake_writer.wait()
+            self.wake_writer = trio.Event()
+            while not self.flush():
+                await trio.lowlevel.wait_writable(self.sock)
+            self.writer_busy = False
 
     async def wait_drained(self) -> None:
         if self.drained is None:
-            self.drained = self.anyio.Event()
+            self.drained = self.trio.Event()
         await self.drained.wait()
 
-    async def write(self) -> None:
-        anyio = self.anyio
-        while True:
-            await self.wake_writer.wait()
-            self.wake_writer = anyio.Event()
-            while self.writer_blocked:
-                await anyio.wait_writable(self.sock)
-                self.flush()
+    async def checkpoint(self) -> None:
+        await self.trio.lowlevel.checkpoint()
+
+
+class _AsyncioWorker(_AsyncWorker):
+    """Reads in a reader callback and answers in each call task's done callback."""
+
+    def __init__(
+        self, sock: socket.socket, function: Callable[..., Any], options: dict[str, Any]
+    ) -> None:
+        super().__init__(sock, function, options)
+        import asyncio
+
+        self.asyncio = asyncio
+        self.cancelled_class = asyncio.CancelledError
+        self.decoder = FrameDecoder()
+        self.stopping = False
+
+    def run(self, init: Callable[..., Any] | None, init_args: tuple[Any, ...]) -> None:
+        self.asyncio.run(self.main(init, init_args))
+
+    async def main(self, init: Callable[..., Any] | None, init_args: tuple[Any, ...]) -> None:
+        asyncio = self.asyncio
+        self.loop = loop = asyncio.get_running_loop()
+        if not await self.start(init, init_args):
+            return
+        self.end_of_file = loop.create_future()
+        loop.add_reader(self.sock, self.on_readable)
+        try:
+            await self.end_of_file
+        finally:
+            # The parent is done with us (or gone). Calls still running have nobody
+            # to answer to.
+            self.stopping = True
+            loop.remove_reader(self.sock)
+            loop.remove_writer(self.sock)
+            tasks = list(self.running.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def on_readable(self) -> None:
+        try:
+            received = self.decoder.receive(self.sock)
+        except BlockingIOError:
+            return
+        except ConnectionError:
+            received = 0
+        if not received:
+            self.loop.remove_reader(self.sock)
+            if not self.end_of_file.done():
+                self.end_of_file.set_result(None)
+            return
+        while (frame := self.decoder.next_frame()) is not None:
+            kind, call_id, payload = frame
+            if kind == CALL:
+                task = self.loop.create_task(self.outcome(call_id, payload))
+                self.running[call_id] = task
+                task.add_done_callback(functools.partial(self.on_done, call_id))
+            elif kind == CANCEL:
+                task = self.running.get(call_id)
+                if task is not None:
+                    task.cancel()
+
+    def on_done(self, call_id: int, task: Any) -> None:
+        if self.stopping:
+            return
+        # A task cancelled before its first step never ran its coroutine, so the
+        # answer is sent from here rather than from the task.
+        self.answer(call_id, None if task.cancelled() else task.result())
+
+    def flush_later(self) -> None:
+        self.loop.call_soon(self.flush_or_wait)
+
+    def flush_or_wait(self) -> None:
+        if self.flush():
+            self.writer_busy = False
+            self.loop.remove_writer(self.sock)
+        else:
+            self.loop.add_writer(self.sock, self.flush_or_wait)
+
+    async def wait_drained(self) -> None:
+        if self.drained is None:
+            self.drained = self.asyncio.Event()
+        await self.drained.wait()
+
+    async def checkpoint(self) -> None:
+        await self.asyncio.sleep(0)
 
 
 class _AsyncEmitter:
@@ -442,8 +590,8 @@ class _AsyncEmitter:
         if self.finished:
             raise RuntimeError("emit() was called after its call had finished")
         worker = self.worker
-        worker.send(encode(EVENT, self.call_id, worker.serializer.dumps(event)))
+        worker.send(encode(EVENT, self.call_id, worker.serializer.dumps(event)), now=False)
         if worker.outbox_size > _HIGH_WATER:
             await worker.wait_drained()
         else:
-            await worker.anyio.lowlevel.checkpoint()
+            await worker.checkpoint()
