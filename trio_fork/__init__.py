@@ -11,6 +11,9 @@ from ._child import Child as Child
 from ._errors import BrokenTemplateError as BrokenTemplateError
 from ._errors import BrokenWorkerError as BrokenWorkerError
 from ._errors import RemoteError as RemoteError
+from ._pool import Pool as Pool
+from ._pool import PoolStatistics as PoolStatistics
+from ._pool import open_pool as open_pool
 from ._rpc import RPC as RPC
 from ._rpc import Call as Call
 from ._rpc import open_rpc as open_rpc

@@ -99,6 +99,11 @@ def worker_options(
     return options
 
 
+def pickle_options(options: dict[str, Any]) -> bytes:
+    """The options as the worker takes them (see ``_rpc_worker._Unpickler``)."""
+    return pickle.dumps(options, pickle.HIGHEST_PROTOCOL)
+
+
 def is_async_function(function: str | Callable[..., Any]) -> bool:
     """Whether ``function`` is known here to be async (a string is resolved only there)."""
     return not isinstance(function, str) and inspect.iscoroutinefunction(function)
@@ -184,7 +189,8 @@ def outcome(request: Request, serializer: Serializer, originals: bool = False) -
     if request.kind == ERROR:
         raise unwrap_error(request.value, originals)
     if request.kind == LOST:
-        error: BrokenWorkerError = request.value
+        # BrokenWorkerError, or why no worker could take the call.
+        error: BaseException = request.value
         raise error
     raise RuntimeError("the call was cancelled")  # pragma: no cover - callers re-raise first
 
@@ -381,7 +387,7 @@ async def open_rpc(
         exceptions=False,
     )
     await prepare_template(template, is_async_function(function))
-    async with template.spawn(_rpc_worker.serve, options) as child:
+    async with template.spawn(_rpc_worker.serve, pickle_options(options)) as child:
         connection = Connection(child, child.stream.extra(SocketAttribute.raw_socket))
         body_error: BaseException | None = None
         async with anyio.create_task_group() as task_group:

@@ -141,13 +141,15 @@ class Connection:
     ``on_finished`` is called (synchronously) each time a request's outcome becomes
     known, which is how a pool keeps count of each worker's load. ``requeue`` is
     offered each request that provably never started when the worker dies; if it
-    returns True it has taken the request back.
+    returns True it has taken the request back. ``on_lost`` is called once the
+    worker is gone and every request it held is settled.
     """
 
     child: Child
     _sock: socket.socket
     on_finished: Callable[[Connection, Request], None] | None = None
     requeue: Callable[[Request], bool] | None = None
+    on_lost: Callable[[Connection], None] | None = None
     concurrent: bool = False
     failure: BaseException | None = None
     lost: BrokenWorkerError | None = None
@@ -449,6 +451,8 @@ class Connection:
         if self._idle is not None:
             self._idle.set()
             self._idle = None
+        if self.on_lost is not None:
+            self.on_lost(self)
 
 
 def _describe_status(status: int | None) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import io
 import itertools
 import os
 import pickle
@@ -51,18 +52,19 @@ _BATCH = 32
 _HIGH_WATER = 1024 * 1024
 
 
-def serve(sock: socket.socket, options: dict[str, Any]) -> None:
+def serve(sock: socket.socket, pickled_options: bytes) -> None:
     """The target of every RPC worker: set up, report ready, serve until end of file.
 
-    ``options`` holds ``function``, ``init``, ``init_args``, ``serializer``,
+    The options hold ``function``, ``init``, ``init_args``, ``serializer``,
     ``events`` (pass an ``emit`` function first), ``exceptions`` (send raised
-    exceptions pickled, besides their description) and ``backend`` (the anyio
-    backend for an async function).
+    exceptions pickled, besides their description) and ``backend`` (the parent's
+    event loop, for an async function).
     """
     # The parent owns Ctrl+C: it decides whether a call is cancelled or the worker
     # killed, so a terminal's SIGINT to the whole process group must not reach here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        options = _Unpickler(io.BytesIO(pickled_options)).load()
         function = _resolve(options["function"], "function")
         init = None if options["init"] is None else _resolve(options["init"], "init")
         concurrent = _is_async(function)
@@ -121,6 +123,25 @@ def adopt_main(spec_name: str | None, path: str | None) -> None:
         sys.modules["__main__"] = previous
         del sys.modules["__mp_main__"]
         raise
+
+
+class _Unpickler(pickle.Unpickler):
+    """Finds classes and functions in modules already loaded, without importing more.
+
+    :mod:`pickle` looks names up with ``__import__``, which imports a module's
+    top-level package even when the module itself is loaded. This worker's own
+    modules are loaded without their package (which would bring trio and anyio
+    into every worker), so they are taken from :data:`sys.modules` directly.
+    """
+
+    def find_class(self, module_name: str, name: str) -> Any:
+        module = sys.modules.get(module_name)
+        if module is None:
+            return super().find_class(module_name, name)
+        obj: Any = module
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
 
 
 def _resolve(reference: object, what: str) -> Callable[..., Any]:

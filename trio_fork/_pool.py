@@ -1,0 +1,384 @@
+"""A load-balanced pool of RPC workers forked from one template: ``open_pool``, ``Pool``.
+
+The trio_fork counterpart of AnyEvent::Fork::Pool. :mod:`._pool_state` decides; this
+module does what it decides: it runs each worker in a task of the pool's task group
+(a ``spawn`` block and the worker's connection), sends calls, closes workers, and
+wakes up when a timer of the policy comes due.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, final
+
+import anyio
+import attrs
+from anyio.abc import SocketAttribute
+
+from . import _rpc_worker
+from ._errors import BrokenWorkerError
+from ._pool_state import Actions, Limits, PoolState, Slot
+from ._rpc import (
+    Call,
+    is_async_function,
+    make_request,
+    open_call,
+    outcome,
+    pickle_options,
+    prepare_template,
+    require_event_loop,
+    wait_for,
+    worker_options,
+)
+from ._rpc_connection import LOST, Connection, Request
+from ._serializers import PICKLE, Serializer
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from ._template import Template
+
+
+@final
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of a :class:`Pool`, from :meth:`Pool.statistics`.
+
+    Attributes:
+        workers: Worker processes, in any state.
+        starting_workers: Workers forked but not yet ready.
+        idle_workers: Ready workers without calls.
+        busy_workers: Ready workers with at least one call.
+        closing_workers: Workers told to exit (idle too long, retired, or replaced).
+        queued_calls: Calls waiting in this process for a worker.
+        running_calls: Calls sent to workers and not yet answered.
+    """
+
+    workers: int
+    starting_workers: int
+    idle_workers: int
+    busy_workers: int
+    closing_workers: int
+    queued_calls: int
+    running_calls: int
+
+
+@final
+@attrs.define(eq=False, init=False)
+class Pool:
+    """Workers forked from one template, serving calls to one function.
+
+    Made by :func:`open_pool`. Calls can be made from any number of tasks; each goes
+    to the least loaded worker, or waits for one.
+    """
+
+    _state: PoolState
+    _template: Template
+    _pickled_options: bytes
+    _serializer: Serializer
+    _task_group: TaskGroup
+    _timer_wake: anyio.Event
+    _timer_deadline: float
+    _opening: set[Slot]
+    _opened: anyio.Event
+    _open_error: BaseException | None
+    _all_gone: anyio.Event
+    _event_loop_imported: bool
+
+    @classmethod
+    def _create(
+        cls,
+        template: Template,
+        function: str | Callable[..., Any],
+        limits: Limits,
+        options: dict[str, Any],
+    ) -> Pool:
+        self = cls.__new__(cls)
+        self._state = PoolState(limits)
+        self._template = template
+        self._pickled_options = pickle_options(options)
+        self._serializer = options["serializer"]
+        self._timer_wake = anyio.Event()
+        self._timer_deadline = math.inf
+        self._opening = set()
+        self._opened = anyio.Event()
+        self._open_error = None
+        self._all_gone = anyio.Event()
+        self._event_loop_imported = is_async_function(function)
+        return self
+
+    def __repr__(self) -> str:
+        stats = self.statistics()
+        return f"<trio_fork.Pool {stats.workers} workers, {stats.running_calls} calls running>"
+
+    def statistics(self) -> PoolStatistics:
+        """How many workers there are in each state, and how many calls."""
+        return PoolStatistics(**self._state.statistics())
+
+    async def call(self, *args: Any, kill_on_cancel: bool = False) -> Any:
+        """Call the function with ``args`` in a worker; what it returns.
+
+        Cancellation works as for :meth:`RPC.call`; a call still waiting for a
+        worker is simply taken back. With ``kill_on_cancel``, the worker running a
+        cancelled call is killed and replaced, and calls it had queued but not
+        started go to other workers.
+
+        Raises:
+            RemoteError: The function raised; the remote traceback is attached.
+            BrokenWorkerError: The worker died while running the call. A worker that
+                dies is replaced; the pool stays usable.
+            anyio.ClosedResourceError: The pool is closed.
+        """
+        request = make_request(self._serializer, args, kill_on_cancel, listen=False)
+        self._submit(request)
+        await wait_for(request, self._withdraw)
+        return outcome(request, self._serializer)
+
+    @asynccontextmanager
+    async def open_call(self, *args: Any, kill_on_cancel: bool = False) -> AsyncIterator[Call]:
+        """Start a call, and receive its events while it runs (see :meth:`RPC.open_call`)."""
+        request = make_request(self._serializer, args, kill_on_cancel, listen=True)
+        self._submit(request)
+        async with open_call(request, self._serializer, self._withdraw) as call:
+            yield call
+
+    def _submit(self, request: Request) -> None:
+        if self._state.closing:
+            raise anyio.ClosedResourceError("the pool is closed")
+        self._apply(self._state.submit(request, anyio.current_time()))
+
+    def _withdraw(self, request: Request) -> bool:
+        return self._state.withdraw(request)
+
+    def _renew(self) -> None:
+        """Replace every worker, for calls that need what the template gained since."""
+        self._apply(self._state.renew(anyio.current_time()))
+
+    def _apply(self, actions: Actions) -> None:
+        """Do what the policy decided: the only place where its decisions meet I/O."""
+        for slot in actions.start:
+            self._task_group.start_soon(self._run_worker, slot)
+        for slot, request in actions.send:
+            assert slot.connection is not None
+            slot.connection.send(request)
+        for slot in actions.close:
+            assert slot.connection is not None
+            slot.connection.close_write()
+        for request, error in actions.fail:
+            request.finish(LOST, error)
+        if not self._state.slots and self._state.closing:
+            self._all_gone.set()
+        deadline = self._state.next_deadline()
+        if deadline < self._timer_deadline:
+            self._timer_wake.set()
+
+    async def _run_timer(self) -> None:
+        while True:
+            self._timer_deadline = deadline = self._state.next_deadline()
+            with anyio.CancelScope(deadline=deadline):
+                await self._timer_wake.wait()
+            self._timer_wake = anyio.Event()
+            self._apply(self._state.tick(anyio.current_time()))
+
+    async def _open(self) -> None:
+        """Start the ``idle`` workers and wait until they are ready."""
+        actions = self._state.open(anyio.current_time())
+        self._opening.update(actions.start)
+        if not self._opening:
+            self._opened.set()
+        self._apply(actions)
+        await self._opened.wait()
+        if self._open_error is not None:
+            raise self._open_error
+
+    async def _close(self) -> None:
+        """Let the calls already made finish, then end the workers."""
+        self._apply(self._state.close(anyio.current_time()))
+        await self._all_gone.wait()
+
+    def _abandon(self) -> None:
+        """The pool is going away at once: calls still queued fail."""
+        state = self._state
+        state.closing = True
+        while state.queue:
+            request = state.queue.popleft()
+            request.finish(LOST, anyio.ClosedResourceError("the pool was closed"))
+
+    async def _run_worker(self, slot: Slot) -> None:
+        error: BaseException | None = None
+        try:
+            async with self._template.spawn(_rpc_worker.serve, self._pickled_options) as child:
+                connection = Connection(child, child.stream.extra(SocketAttribute.raw_socket))
+                slot.connection = connection
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(connection.run)
+                    await connection.wait_ready()
+                    if connection.failure is not None:
+                        error = connection.failure
+                    elif connection.lost is not None:
+                        error = BrokenWorkerError(f"{connection.lost} before it was ready")
+                    if error is not None:
+                        task_group.cancel_scope.cancel()
+                    else:
+                        if connection.concurrent and not self._event_loop_imported:
+                            # Learnt only now (the function was named by a string):
+                            # later workers start faster if the template has it.
+                            self._event_loop_imported = True
+                            await require_event_loop(self._template)
+                        self._serve(slot, connection)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            error = exc
+        if error is not None:
+            self._failed(slot, error)
+
+    def _serve(self, slot: Slot, connection: Connection) -> None:
+        """The worker is ready: hook its connection up to the policy."""
+
+        def finished(connection: Connection, request: Request) -> None:
+            if connection.lost is not None:
+                # Its loss is reported once, below, when every request is settled.
+                slot.assigned -= 1
+                return
+            self._apply(self._state.call_finished(slot, anyio.current_time()))
+
+        def lost(connection: Connection) -> None:
+            self._apply(self._state.worker_gone(slot, anyio.current_time()))
+
+        connection.on_finished = finished
+        connection.requeue = self._state.requeue
+        connection.on_lost = lost
+        self._opened_one(slot, None)
+        self._apply(self._state.worker_ready(slot, anyio.current_time()))
+
+    def _failed(self, slot: Slot, error: BaseException) -> None:
+        self._opened_one(slot, error)
+        self._apply(self._state.worker_failed(slot, error, anyio.current_time()))
+
+    def _opened_one(self, slot: Slot, error: BaseException | None) -> None:
+        if slot in self._opening:
+            self._opening.discard(slot)
+            if error is not None and self._open_error is None:
+                self._open_error = error
+            if not self._opening:
+                self._opened.set()
+
+
+@asynccontextmanager
+async def open_pool(
+    template: Template,
+    function: str | Callable[..., Any],
+    *,
+    max: int | None = None,
+    idle: int = 0,
+    load: int = 2,
+    start: float = 0.1,
+    stop: float = 10.0,
+    retire: int | None = None,
+    init: str | Callable[..., Any] | None = None,
+    init_args: Iterable[Any] = (),
+    serializer: Serializer | object = PICKLE,
+    events: bool = False,
+) -> AsyncIterator[Pool]:
+    """A pool of workers forked from ``template``, serving calls to ``function``.
+
+    Workers are RPC workers, as from :func:`open_rpc`, started and stopped as load
+    demands. Leaving the block lets the calls already made finish, then ends the
+    workers; leaving it by an exception or cancellation kills them.
+
+    Args:
+        template: The template to fork workers from.
+        function: As for :func:`open_rpc`.
+        max: The most workers at once (default: the number of CPUs).
+        idle: Workers kept even without calls; the block starts with this many ready.
+        load: Calls sent to one worker at a time. Beyond that, calls wait here for
+            a worker. With a sync function, more than one lets a worker start its
+            next call without waiting for this process.
+        start: Seconds between starting one worker and the next when calls wait
+            (the first is started at once).
+        stop: Seconds a worker beyond ``idle`` may go without calls before it is
+            closed (``math.inf``: never).
+        retire: Calls after which a worker is replaced (default: never).
+        init, init_args, serializer, events: As for :func:`open_rpc`.
+
+    Raises:
+        RemoteError: The function or ``init`` could not be found in the first
+            workers, or ``init`` raised.
+    """
+    limits = _limits(max, idle, load, start, stop, retire)
+    options = worker_options(
+        function,
+        init=init,
+        init_args=init_args,
+        serializer=serializer,
+        events=events,
+        exceptions=False,
+    )
+    await prepare_template(template, is_async_function(function))
+    async with run_pool(template, function, limits, options) as pool:
+        yield pool
+
+
+@asynccontextmanager
+async def run_pool(
+    template: Template,
+    function: str | Callable[..., Any],
+    limits: Limits,
+    options: dict[str, Any],
+) -> AsyncIterator[Pool]:
+    """The lifetime of a pool whose template is ready and options checked."""
+    pool = Pool._create(template, function, limits, options)
+    body_error: BaseException | None = None
+    timer = anyio.CancelScope()
+    async with anyio.create_task_group() as task_group:
+        pool._task_group = task_group
+        task_group.start_soon(_run_in, timer, pool._run_timer)
+        try:
+            await pool._open()
+            yield pool
+            await pool._close()
+        except BaseException as exc:
+            # Raised again below, outside the task group, so that it reaches the
+            # caller as itself rather than inside an exception group.
+            body_error = exc
+            pool._abandon()
+            task_group.cancel_scope.cancel()
+        timer.cancel()
+    if body_error is not None:
+        raise body_error
+
+
+async def _run_in(scope: anyio.CancelScope, function: Callable[[], Awaitable[object]]) -> None:
+    with scope:
+        await function()
+
+
+def _limits(
+    max: int | None, idle: int, load: int, start: float, stop: float, retire: int | None
+) -> Limits:
+    if max is None:
+        max = os.cpu_count() or 1
+    _check_int("max", max, 1)
+    _check_int("idle", idle, 0)
+    _check_int("load", load, 1)
+    if retire is not None:
+        _check_int("retire", retire, 1)
+    if idle > max:
+        raise ValueError(f"idle ({idle}) cannot exceed max ({max})")
+    for name, value in (("start", start), ("stop", stop)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+        if not value >= 0:
+            raise ValueError(f"{name} must be a non-negative number of seconds, not {value!r}")
+    return Limits(max, idle, load, float(start), float(stop), retire)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, not {value}")

@@ -1,0 +1,299 @@
+"""The pool's bookkeeping: which worker gets which call, and when workers come and go.
+
+Sans-I/O, in the manner of httpcore's connection pool: every change of state is a
+synchronous method that returns the :class:`Actions` it calls for (workers to start,
+calls to send, workers to close, calls to fail), and the I/O layer performs them.
+Nothing here awaits, so no state change can be cut in half by a cancellation.
+
+The policy is AnyEvent::Fork::Pool's. A call goes to the least loaded ready worker
+that has fewer than ``load`` calls; when there is none it waits in the queue, and a
+new worker is started if fewer than ``max`` exist, at most one every ``start``
+seconds (the first one at once). At least ``idle`` workers are kept (starting or
+without calls); a worker beyond those that has had no call for ``stop`` seconds is
+closed, and so is a worker that has been given ``retire`` calls, once they are done.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import TYPE_CHECKING
+
+import attrs
+
+if TYPE_CHECKING:
+    from ._rpc_connection import Connection, Request
+
+STARTING = "starting"
+READY = "ready"
+CLOSING = "closing"
+GONE = "gone"
+
+
+@attrs.define(eq=False)
+class Slot:
+    """One worker, as the pool sees it."""
+
+    number: int
+    generation: int
+    status: str = STARTING
+    connection: Connection | None = None
+    assigned: int = 0
+    """Calls sent and not yet answered."""
+    given: int = 0
+    """Calls sent over the worker's life, for ``retire``."""
+    idle_since: float = 0.0
+    last_used: float = -math.inf
+
+
+@attrs.define(eq=False)
+class Actions:
+    start: list[Slot] = attrs.field(factory=list)
+    send: list[tuple[Slot, Request]] = attrs.field(factory=list)
+    close: list[Slot] = attrs.field(factory=list)
+    fail: list[tuple[Request, BaseException]] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class Limits:
+    max: int | None
+    idle: int
+    load: int
+    start: float
+    stop: float
+    retire: int | None
+
+
+@attrs.define(eq=False)
+class PoolState:
+    limits: Limits
+    slots: list[Slot] = attrs.field(factory=list)
+    queue: deque[Request] = attrs.field(factory=deque)
+    closing: bool = False
+    generation: int = 0
+    last_start: float = -math.inf
+    start_failed: bool = False
+    """The last start failed: no more starts until a call asks for one."""
+    _numbers: int = 0
+
+    # Events.
+
+    def open(self, now: float) -> Actions:
+        """Start the ``idle`` workers at once, whatever ``start`` says."""
+        actions = Actions()
+        for _ in range(self._room(self.limits.idle)):
+            self._start(actions, now)
+        return actions
+
+    def submit(self, request: Request, now: float) -> Actions:
+        self.queue.append(request)
+        self.start_failed = False
+        return self._schedule(now)
+
+    def withdraw(self, request: Request) -> bool:
+        """Take back a call that was never sent; False if it is not queued."""
+        try:
+            self.queue.remove(request)
+        except ValueError:
+            return False
+        return True
+
+    def requeue(self, request: Request) -> bool:
+        """A call that provably never started on a worker that died: send it again."""
+        request.connection = None
+        request.id = 0
+        self.queue.appendleft(request)
+        return True
+
+    def worker_ready(self, slot: Slot, now: float) -> Actions:
+        slot.status = READY
+        slot.idle_since = now
+        self.start_failed = False
+        return self._schedule(now)
+
+    def worker_failed(self, slot: Slot, error: BaseException, now: float) -> Actions:
+        """A worker could not start: the calls nobody else can serve fail with its error."""
+        slot.status = GONE
+        self.slots.remove(slot)
+        self.start_failed = True
+        actions = Actions()
+        if not any(other.status in (STARTING, READY) for other in self.slots):
+            while self.queue:
+                actions.fail.append((self.queue.popleft(), error))
+        return self._schedule(now, actions)
+
+    def call_finished(self, slot: Slot, now: float) -> Actions:
+        slot.assigned -= 1
+        if slot.assigned == 0:
+            slot.idle_since = now
+        return self._schedule(now)
+
+    def worker_gone(self, slot: Slot, now: float) -> Actions:
+        slot.status = GONE
+        if slot in self.slots:
+            self.slots.remove(slot)
+        return self._schedule(now)
+
+    def tick(self, now: float) -> Actions:
+        return self._schedule(now)
+
+    def renew(self, now: float) -> Actions:
+        """Replace every worker: current ones get no new calls and close when idle."""
+        self.generation += 1
+        return self._schedule(now)
+
+    def close(self, now: float) -> Actions:
+        """Workers close as soon as they and the queue have no calls left."""
+        self.closing = True
+        return self._schedule(now)
+
+    # Queries.
+
+    def next_deadline(self) -> float:
+        """When :meth:`tick` next has something to do (``inf``: nothing planned)."""
+        deadline = math.inf
+        limits = self.limits
+        if self.queue and self._wanted_for_queue() and self._room(1):
+            deadline = self.last_start + limits.start
+        if limits.stop < math.inf:
+            idle = [slot for slot in self.slots if self._idle(slot)]
+            if len(idle) > limits.idle:
+                deadline = min(deadline, min(slot.idle_since for slot in idle) + limits.stop)
+        return deadline
+
+    def statistics(self) -> dict[str, int]:
+        counts = {STARTING: 0, READY: 0, CLOSING: 0}
+        busy = running = 0
+        for slot in self.slots:
+            counts[slot.status] += 1
+            running += slot.assigned
+            busy += slot.status == READY and slot.assigned > 0
+        return {
+            "workers": len(self.slots),
+            "starting_workers": counts[STARTING],
+            "idle_workers": counts[READY] - busy,
+            "busy_workers": busy,
+            "closing_workers": counts[CLOSING],
+            "queued_calls": len(self.queue),
+            "running_calls": running,
+        }
+
+    # Policy.
+
+    def _schedule(self, now: float, actions: Actions | None = None) -> Actions:
+        if actions is None:
+            actions = Actions()
+        self._assign(actions, now)
+        self._retire_and_stop(actions, now)
+        self._grow(actions, now)
+        return actions
+
+    def _assign(self, actions: Actions, now: float) -> None:
+        queue = self.queue
+        while queue:
+            best: Slot | None = None
+            for slot in self.slots:
+                if not self._accepts(slot):
+                    continue
+                # Least loaded first; among equals the one used last, so that the
+                # others stay idle long enough to be stopped.
+                if (
+                    best is None
+                    or slot.assigned < best.assigned
+                    or (slot.assigned == best.assigned and slot.last_used > best.last_used)
+                ):
+                    best = slot
+            if best is None:
+                return
+            request = queue.popleft()
+            best.assigned += 1
+            best.given += 1
+            best.last_used = now
+            actions.send.append((best, request))
+
+    def _accepts(self, slot: Slot) -> bool:
+        retire = self.limits.retire
+        return (
+            slot.status == READY
+            and slot.generation == self.generation
+            and slot.assigned < self.limits.load
+            and (retire is None or slot.given < retire)
+        )
+
+    def _retire_and_stop(self, actions: Actions, now: float) -> None:
+        limits = self.limits
+        idle: list[Slot] = []
+        for slot in self.slots:
+            if slot.status != READY or slot.assigned:
+                continue
+            if (
+                (self.closing and not self.queue)
+                or slot.generation != self.generation
+                or (limits.retire is not None and slot.given >= limits.retire)
+            ):
+                self._close(slot, actions)
+            else:
+                idle.append(slot)
+        excess = len(idle) - limits.idle
+        if excess <= 0 or limits.stop == math.inf:
+            return
+        # The longest idle go first.
+        idle.sort(key=lambda slot: slot.idle_since)
+        for slot in idle[:excess]:
+            if slot.idle_since + limits.stop <= now:
+                self._close(slot, actions)
+
+    def _grow(self, actions: Actions, now: float) -> None:
+        limits = self.limits
+        wanted = self._wanted_for_queue()
+        # A closing pool still serves the calls it took, but keeps no spare workers.
+        if not (self.start_failed or self.closing):
+            available = sum(
+                1
+                for slot in self.slots
+                if slot.generation == self.generation
+                and (slot.status == STARTING or self._idle(slot))
+            )
+            wanted = max(wanted, limits.idle - available)
+        wanted = self._room(wanted)
+        if wanted <= 0:
+            return
+        if limits.start > 0:
+            serving = any(slot.status in (STARTING, READY) for slot in self.slots)
+            if serving and now < self.last_start + limits.start:
+                return
+            wanted = 1
+        for _ in range(wanted):
+            self._start(actions, now)
+
+    def _wanted_for_queue(self) -> int:
+        """Workers to start so that every queued call has a place."""
+        load = self.limits.load
+        coming = sum(
+            load
+            for slot in self.slots
+            if slot.status == STARTING and slot.generation == self.generation
+        )
+        missing = len(self.queue) - coming
+        return -(-missing // load) if missing > 0 else 0
+
+    def _room(self, wanted: int) -> int:
+        """How many of ``wanted`` new workers ``max`` allows."""
+        if self.limits.max is None:
+            return max(wanted, 0)
+        alive = sum(1 for slot in self.slots if slot.status != CLOSING)
+        return max(0, min(wanted, self.limits.max - alive))
+
+    def _idle(self, slot: Slot) -> bool:
+        return slot.status == READY and slot.assigned == 0
+
+    def _start(self, actions: Actions, now: float) -> None:
+        self._numbers += 1
+        slot = Slot(self._numbers, self.generation)
+        self.slots.append(slot)
+        self.last_start = now
+        actions.start.append(slot)
+
+    def _close(self, slot: Slot, actions: Actions) -> None:
+        slot.status = CLOSING
+        actions.close.append(slot)
