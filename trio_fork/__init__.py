@@ -17,6 +17,13 @@ from ._pool import open_pool as open_pool
 from ._rpc import RPC as RPC
 from ._rpc import Call as Call
 from ._rpc import open_rpc as open_rpc
+from ._run_sync import WorkerContext as WorkerContext
+from ._run_sync import WorkerContextStatistics as WorkerContextStatistics
+from ._run_sync import configure_default_context as configure_default_context
+from ._run_sync import current_default_worker_limiter as current_default_worker_limiter
+from ._run_sync import default_context_statistics as default_context_statistics
+from ._run_sync import open_worker_context as open_worker_context
+from ._run_sync import run_sync as run_sync
 from ._serializers import JSON as JSON
 from ._serializers import PICKLE as PICKLE
 from ._serializers import Serializer as Serializer

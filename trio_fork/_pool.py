@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, final
 
 import anyio
 import attrs
+import sniffio
 from anyio.abc import SocketAttribute
 
 from . import _rpc_worker
@@ -87,6 +88,7 @@ class Pool:
     _open_error: BaseException | None
     _all_gone: anyio.Event
     _event_loop_imported: bool
+    _now: Callable[[], float]
 
     @classmethod
     def _create(
@@ -108,6 +110,7 @@ class Pool:
         self._open_error = None
         self._all_gone = anyio.Event()
         self._event_loop_imported = is_async_function(function)
+        self._now = event_loop_clock()
         return self
 
     def __repr__(self) -> str:
@@ -148,14 +151,14 @@ class Pool:
     def _submit(self, request: Request) -> None:
         if self._state.closing:
             raise anyio.ClosedResourceError("the pool is closed")
-        self._apply(self._state.submit(request, anyio.current_time()))
+        self._apply(self._state.submit(request, self._now()))
 
     def _withdraw(self, request: Request) -> bool:
         return self._state.withdraw(request)
 
     def _renew(self) -> None:
         """Replace every worker, for calls that need what the template gained since."""
-        self._apply(self._state.renew(anyio.current_time()))
+        self._apply(self._state.renew(self._now()))
 
     def _apply(self, actions: Actions) -> None:
         """Do what the policy decided: the only place where its decisions meet I/O."""
@@ -171,9 +174,11 @@ class Pool:
             request.finish(LOST, error)
         if not self._state.slots and self._state.closing:
             self._all_gone.set()
-        deadline = self._state.next_deadline()
-        if deadline < self._timer_deadline:
-            self._timer_wake.set()
+        # A finite timer deadline is the earliest one known; later changes can only
+        # move deadlines later, except for a start the policy put off (flagged).
+        if actions.timer or self._timer_deadline == math.inf:
+            if self._state.next_deadline() < self._timer_deadline:
+                self._timer_wake.set()
 
     async def _run_timer(self) -> None:
         while True:
@@ -181,11 +186,11 @@ class Pool:
             with anyio.CancelScope(deadline=deadline):
                 await self._timer_wake.wait()
             self._timer_wake = anyio.Event()
-            self._apply(self._state.tick(anyio.current_time()))
+            self._apply(self._state.tick(self._now()))
 
     async def _open(self) -> None:
         """Start the ``idle`` workers and wait until they are ready."""
-        actions = self._state.open(anyio.current_time())
+        actions = self._state.open(self._now())
         self._opening.update(actions.start)
         if not self._opening:
             self._opened.set()
@@ -196,7 +201,7 @@ class Pool:
 
     async def _close(self) -> None:
         """Let the calls already made finish, then end the workers."""
-        self._apply(self._state.close(anyio.current_time()))
+        self._apply(self._state.close(self._now()))
         await self._all_gone.wait()
 
     def _abandon(self) -> None:
@@ -244,20 +249,20 @@ class Pool:
                 # Its loss is reported once, below, when every request is settled.
                 slot.assigned -= 1
                 return
-            self._apply(self._state.call_finished(slot, anyio.current_time()))
+            self._apply(self._state.call_finished(slot, self._now()))
 
         def lost(connection: Connection) -> None:
-            self._apply(self._state.worker_gone(slot, anyio.current_time()))
+            self._apply(self._state.worker_gone(slot, self._now()))
 
         connection.on_finished = finished
         connection.requeue = self._state.requeue
         connection.on_lost = lost
         self._opened_one(slot, None)
-        self._apply(self._state.worker_ready(slot, anyio.current_time()))
+        self._apply(self._state.worker_ready(slot, self._now()))
 
     def _failed(self, slot: Slot, error: BaseException) -> None:
         self._opened_one(slot, error)
-        self._apply(self._state.worker_failed(slot, error, anyio.current_time()))
+        self._apply(self._state.worker_failed(slot, error, self._now()))
 
     def _opened_one(self, slot: Slot, error: BaseException | None) -> None:
         if slot in self._opening:
@@ -355,6 +360,21 @@ async def run_pool(
 async def _run_in(scope: anyio.CancelScope, function: Callable[[], Awaitable[object]]) -> None:
     with scope:
         await function()
+
+
+def event_loop_clock() -> Callable[[], float]:
+    """The running event loop's clock, as a plain function.
+
+    The clock of :func:`anyio.current_time` (which deadlines use), without looking
+    up the backend on every call: the pool reads it for every call it handles.
+    """
+    if sniffio.current_async_library() == "trio":
+        import trio
+
+        return trio.current_time
+    import asyncio
+
+    return asyncio.get_running_loop().time
 
 
 def _limits(

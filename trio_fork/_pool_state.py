@@ -52,6 +52,8 @@ class Actions:
     send: list[tuple[Slot, Request]] = attrs.field(factory=list)
     close: list[Slot] = attrs.field(factory=list)
     fail: list[tuple[Request, BaseException]] = attrs.field(factory=list)
+    timer: bool = False
+    """Starts are being paced: :meth:`PoolState.next_deadline` may have moved earlier."""
 
 
 @attrs.frozen
@@ -86,8 +88,15 @@ class PoolState:
         return actions
 
     def submit(self, request: Request, now: float) -> Actions:
-        self.queue.append(request)
         self.start_failed = False
+        self.queue.append(request)
+        if len(self.queue) == 1 and self.limits.idle == 0:
+            # The common case, kept short: a worker is free. Nothing else changes
+            # (retiring happens when calls finish, and no spare workers are kept).
+            actions = Actions()
+            self._assign(actions, now)
+            if actions.send:
+                return actions
         return self._schedule(now)
 
     def withdraw(self, request: Request) -> bool:
@@ -126,7 +135,17 @@ class PoolState:
         slot.assigned -= 1
         if slot.assigned == 0:
             slot.idle_since = now
-        return self._schedule(now)
+        retire = self.limits.retire
+        if (
+            self.queue
+            or self.closing
+            or slot.generation != self.generation
+            or (retire is not None and slot.given >= retire)
+        ):
+            return self._schedule(now)
+        # The common case, kept short: nobody waits and this worker carries on.
+        # (Stopping idle workers is the timer's job.)
+        return Actions()
 
     def worker_gone(self, slot: Slot, now: float) -> Actions:
         slot.status = GONE
@@ -259,6 +278,8 @@ class PoolState:
         if wanted <= 0:
             return
         if limits.start > 0:
+            # Paced: the next start (if still wanted then) is due at a new time.
+            actions.timer = True
             serving = any(slot.status in (STARTING, READY) for slot in self.slots)
             if serving and now < self.last_start + limits.start:
                 return

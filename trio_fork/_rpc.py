@@ -84,8 +84,8 @@ def worker_options(
     if isinstance(init_args, (str, bytes)):
         raise TypeError(f"init_args: expected a sequence of arguments, got {init_args!r}")
     options = {
-        "function": _reference(function, "function"),
-        "init": None if init is None else _reference(init, "init"),
+        "function": check_reference(function, "function"),
+        "init": None if init is None else check_reference(init, "init"),
         "init_args": tuple(init_args),
         "serializer": check_serializer(serializer),
         "events": bool(events),
@@ -109,7 +109,7 @@ def is_async_function(function: str | Callable[..., Any]) -> bool:
     return not isinstance(function, str) and inspect.iscoroutinefunction(function)
 
 
-def _reference(obj: object, what: str) -> str | Callable[..., Any]:
+def check_reference(obj: object, what: str) -> str | Callable[..., Any]:
     if isinstance(obj, str):
         module_name, sep, qualname = obj.partition(":")
         if not (sep and module_name and qualname):

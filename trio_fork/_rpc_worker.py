@@ -57,8 +57,9 @@ def serve(sock: socket.socket, pickled_options: bytes) -> None:
 
     The options hold ``function``, ``init``, ``init_args``, ``serializer``,
     ``events`` (pass an ``emit`` function first), ``exceptions`` (send raised
-    exceptions pickled, besides their description) and ``backend`` (the parent's
-    event loop, for an async function).
+    exceptions pickled, besides their description), ``backend`` (the parent's
+    event loop, for an async function) and, for a sync function, ``retire`` (called
+    after each call; the worker exits when it returns true).
     """
     # The parent owns Ctrl+C: it decides whether a call is cancelled or the worker
     # killed, so a terminal's SIGINT to the whole process group must not reach here.
@@ -231,6 +232,8 @@ class _SyncWorker(_Calls):
         self.sock = sock
         self.decoder = FrameDecoder()
         self.queue: deque[tuple[int, bytes]] = deque()
+        retire = options.get("retire")
+        self.retire = None if retire is None else _resolve(retire, "retire")
 
     def main(self, init: Callable[..., Any] | None, init_args: tuple[Any, ...]) -> None:
         sock = self.sock
@@ -247,8 +250,20 @@ class _SyncWorker(_Calls):
                 if self.queue:
                     call_id, payload = self.queue.popleft()
                     send_blocking(sock, self.run(call_id, payload))
+                    if self.retire is not None and self.should_retire():
+                        # Calls queued behind this one never started; the parent
+                        # sees the exit and sends them to another worker.
+                        return
         except (ConnectionError, BrokenPipeError):
             pass  # the parent is gone
+
+    def should_retire(self) -> bool:
+        assert self.retire is not None
+        try:
+            return bool(self.retire())
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            return True
 
     def receive(self) -> bool:
         """Take in what has arrived (waiting if there is nothing to do); False at EOF."""
