@@ -126,7 +126,7 @@ def check_reference(obj: object, what: str) -> str | Callable[..., Any]:
             f"{what} {obj!r} cannot be found by name in another process ({exc}): pass a "
             "function defined at the top level of a module, or a 'module:qualname' string"
         ) from exc
-    return obj  # type: ignore[return-value]
+    return obj
 
 
 def make_request(
@@ -225,7 +225,7 @@ class Call:
     @property
     def done(self) -> bool:
         """Whether the call has finished (its events may still be waiting to be read)."""
-        return self._request.done.is_set()
+        return self._request.done
 
     def __aiter__(self) -> Call:
         return self

@@ -13,7 +13,6 @@ before it started). That is what lets the parent always know the worker's state.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import io
 import itertools
@@ -525,7 +524,12 @@ class _TrioWorker(_AsyncWorker):
 
 
 class _AsyncioWorker(_AsyncWorker):
-    """Reads in a reader callback and answers in each call task's done callback."""
+    """Reads in a reader callback, runs each call in an asyncio task of its own.
+
+    A call is cancelled through an anyio cancel scope, not ``Task.cancel()``: anyio
+    honours the shields of the function's own cancel scopes only for cancellations
+    it delivers itself.
+    """
 
     def __init__(
         self, sock: socket.socket, function: Callable[..., Any], options: dict[str, Any]
@@ -533,10 +537,14 @@ class _AsyncioWorker(_AsyncWorker):
         super().__init__(sock, function, options)
         import asyncio
 
+        import anyio
+
         self.asyncio = asyncio
+        self.anyio = anyio
         self.cancelled_class = asyncio.CancelledError
         self.decoder = FrameDecoder()
-        self.stopping = False
+        self.tasks: set[Any] = set()
+        self.cancelled_early: set[int] = set()
 
     def run(self, init: Callable[..., Any] | None, init_args: tuple[Any, ...]) -> None:
         self.asyncio.run(self.main(init, init_args))
@@ -553,10 +561,9 @@ class _AsyncioWorker(_AsyncWorker):
         finally:
             # The parent is done with us (or gone). Calls still running have nobody
             # to answer to.
-            self.stopping = True
             loop.remove_reader(self.sock)
             loop.remove_writer(self.sock)
-            tasks = list(self.running.values())
+            tasks = list(self.tasks)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -576,20 +583,26 @@ class _AsyncioWorker(_AsyncWorker):
         while (frame := self.decoder.next_frame()) is not None:
             kind, call_id, payload = frame
             if kind == CALL:
-                task = self.loop.create_task(self.outcome(call_id, payload))
-                self.running[call_id] = task
-                task.add_done_callback(functools.partial(self.on_done, call_id))
-            elif kind == CANCEL:
-                task = self.running.get(call_id)
-                if task is not None:
-                    task.cancel()
+                self.running[call_id] = None
+                task = self.loop.create_task(self.serve_call(call_id, payload))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            elif kind == CANCEL and call_id in self.running:
+                scope = self.running[call_id]
+                if scope is None:
+                    self.cancelled_early.add(call_id)
+                else:
+                    scope.cancel()
 
-    def on_done(self, call_id: int, task: Any) -> None:
-        if self.stopping:
-            return
-        # A task cancelled before its first step never ran its coroutine, so the
-        # answer is sent from here rather than from the task.
-        self.answer(call_id, None if task.cancelled() else task.result())
+    async def serve_call(self, call_id: int, payload: bytes) -> None:
+        frame = None
+        if call_id in self.cancelled_early:
+            self.cancelled_early.discard(call_id)
+        else:
+            with self.anyio.CancelScope() as scope:
+                self.running[call_id] = scope
+                frame = await self.outcome(call_id, payload)
+        self.answer(call_id, frame)
 
     def flush_later(self) -> None:
         self.loop.call_soon(self.flush_or_wait)

@@ -33,7 +33,6 @@ from . import _rpc_worker
 from ._errors import RemoteError
 from ._pool import run_pool
 from ._pool_state import Limits
-from ._rpc_connection import Request, wait_until
 from ._rpc import (
     abort,
     check_reference,
@@ -43,6 +42,7 @@ from ._rpc import (
     wait_for,
     worker_options,
 )
+from ._rpc_connection import Request, wait_until
 from ._serializers import PICKLE
 from ._template import open_template
 
@@ -91,8 +91,7 @@ class WorkerContext:
     def __repr__(self) -> str:
         stats = self.statistics()
         return (
-            f"<trio_fork.WorkerContext {stats.idle_workers} idle, "
-            f"{stats.running_workers} running>"
+            f"<trio_fork.WorkerContext {stats.idle_workers} idle, {stats.running_workers} running>"
         )
 
     async def run_sync(
@@ -370,9 +369,11 @@ def _settings(
         if not isinstance(name, str) or not name:
             raise TypeError(f"preload: module names are non-empty strings, not {name!r}")
     if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)):
-        raise TypeError(f"idle_timeout must be a number of seconds, not {type(idle_timeout).__name__}")
+        raise TypeError(
+            f"idle_timeout must be a number of seconds, not {type(idle_timeout).__name__}"
+        )
     if not idle_timeout >= 0:
-        raise ValueError(f"idle_timeout must be a non-negative number of seconds, not {idle_timeout!r}")
+        raise ValueError(f"idle_timeout must be a non-negative number of seconds: {idle_timeout!r}")
     calls: int | None = None
     check: Callable[[], object] | str | None = None
     if isinstance(retire, bool):
@@ -386,9 +387,7 @@ def _settings(
     for name, value in (("init", init), ("retire", check)):
         if value is not None:
             check_reference(value, name)
-    limits = Limits(
-        max=None, idle=0, load=1, start=0.0, stop=float(idle_timeout), retire=calls
-    )
+    limits = Limits(max=None, idle=0, load=1, start=0.0, stop=float(idle_timeout), retire=calls)
     return _Settings(modules, limits, init, check)
 
 

@@ -106,14 +106,13 @@ def check_serializer(serializer: object) -> Serializer:
     """``serializer`` as something that can be sent to a worker, or a clear error."""
     if type(serializer) is type(sys):
         name = getattr(serializer, "__name__", None)
-        if not (callable(getattr(serializer, "dumps", None)) and callable(
-            getattr(serializer, "loads", None)
-        )) or not isinstance(name, str):
+        methods = [getattr(serializer, method, None) for method in ("dumps", "loads")]
+        if not all(callable(method) for method in methods) or not isinstance(name, str):
             raise TypeError(f"serializer: module {name!r} has no dumps() and loads()")
         return ModuleSerializer(name)
     if not isinstance(serializer, Serializer):
         raise TypeError(
-            f"serializer: {serializer!r} has no dumps() and loads() methods (see trio_fork.Serializer)"
+            f"serializer: {serializer!r} has no dumps() and loads() (see trio_fork.Serializer)"
         )
     try:
         pickle.dumps(serializer, pickle.HIGHEST_PROTOCOL)

@@ -1,0 +1,208 @@
+"""Functions that RPC workers, pools and run_sync run in the tests. Standard library only.
+
+Some record what happened in the worker in a journal: a file named by the test, one
+line per entry, so that the test can tell what ran, and in which order, after the
+fact (or while it runs).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+INITIALISED: list[Any] = []
+
+
+def journal(path: str, entry: str) -> None:
+    with open(path, "a") as file:
+        file.write(f"{entry}\n")
+
+
+def read_journal(path: str) -> list[str]:
+    try:
+        with open(path) as file:
+            return file.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def echo(*args: Any) -> tuple[Any, ...]:
+    return args
+
+
+def identity(value: Any) -> Any:
+    return value
+
+
+def length(data: bytes) -> int:
+    return len(data)
+
+
+def make_bytes(size: int) -> bytes:
+    return bytes(range(256)) * (size // 256)
+
+
+def getpid(*args: Any) -> int:
+    return os.getpid()
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+class UnpicklableError(Exception):
+    def __init__(self, message: str, lock: Any) -> None:
+        super().__init__(message)
+        self.lock = lock
+
+
+def fail_unpicklably(message: str) -> None:
+    raise UnpicklableError(message, threading.Lock())
+
+
+def return_unpicklable() -> Any:
+    return threading.Lock()
+
+
+def exit_now(code: int) -> None:
+    os._exit(code)
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_then_return(seconds: float, value: Any) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def record(path: str, entry: str, seconds: float = 0.0) -> str:
+    """Journal ``start entry``, sleep, journal ``end entry``."""
+    journal(path, f"start {entry}")
+    time.sleep(seconds)
+    journal(path, f"end {entry}")
+    return entry
+
+
+def wait_for_file(path: str, entry: str) -> str:
+    """Journal that the call started, then wait until ``path + '.go'`` exists."""
+    journal(path, f"start {entry}")
+    while not os.path.exists(path + ".go"):
+        time.sleep(0.005)
+    journal(path, f"end {entry}")
+    return entry
+
+
+def initialise(*args: Any) -> None:
+    INITIALISED.append(args)
+
+
+def initialised() -> list[Any]:
+    return INITIALISED
+
+
+def init_journal(path: str) -> None:
+    journal(path, f"init {os.getpid()}")
+
+
+def broken_init() -> None:
+    raise RuntimeError("init failed on purpose")
+
+
+def progress(emit: Any, count: int) -> str:
+    for index in range(count):
+        emit({"step": index})
+    return "done"
+
+
+def emit_late(emit: Any) -> Any:
+    return emit
+
+
+def modules_loaded(*names: str) -> list[bool]:
+    return [name in sys.modules for name in names]
+
+
+def retire_when_asked() -> bool:
+    return os.path.exists(os.environ.get("TRIO_FORK_TEST_RETIRE", "/nonexistent"))
+
+
+# Async functions: the worker runs them on the parent's event loop.
+
+_arrived = 0
+
+
+async def async_add(a: Any, b: Any) -> Any:
+    import anyio
+
+    await anyio.sleep(0)
+    return a + b
+
+
+async def async_fail(message: str) -> None:
+    import anyio
+
+    await anyio.sleep(0)
+    raise KeyError(message)
+
+
+async def gather_at_barrier(count: int) -> str:
+    """Return only once ``count`` calls are inside this function at the same time."""
+    import anyio
+
+    global _arrived
+    _arrived += 1
+    while _arrived < count:
+        await anyio.sleep(0.005)
+    return "all here"
+
+
+async def async_record(path: str, entry: str) -> str:
+    """Journal ``start``, wait forever; journal ``cancelled`` when cancelled."""
+    import anyio
+
+    journal(path, f"start {entry}")
+    try:
+        await anyio.sleep_forever()
+    finally:
+        journal(path, f"cancelled {entry}")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def async_shielded(path: str, seconds: float) -> str:
+    """Shield itself from cancellation, so that it completes anyway."""
+    import anyio
+
+    journal(path, "start")
+    with anyio.CancelScope(shield=True):
+        await anyio.sleep(seconds)
+    journal(path, "end")
+    return "completed"
+
+
+async def async_progress(emit: Any, count: int) -> str:
+    for index in range(count):
+        await emit(index)
+    return "async done"
+
+
+async def async_init(path: str) -> None:
+    import anyio
+
+    await anyio.sleep(0)
+    journal(path, "async init")
+
+
+async def current_backend() -> str:
+    import sniffio
+
+    return sniffio.current_async_library()
