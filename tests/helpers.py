@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from typing import Any
 
+import anyio
 from anyio.abc import ByteReceiveStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -69,3 +71,10 @@ def descendants(root: int | None = None) -> dict[int, str]:
                 found[pid] = description
                 frontier.append(pid)
     return found
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (30 s at most) until ``condition()``, which looks at another process's doing."""
+    with anyio.fail_after(30):
+        while not condition():  # noqa: ASYNC110 (nothing here could set an Event)
+            await anyio.sleep(0.005)

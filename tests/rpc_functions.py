@@ -139,19 +139,20 @@ def retire_when_asked() -> bool:
 # Async functions: the worker runs them on the parent's event loop.
 
 _arrived = 0
+_all_arrived: Any = None
 
 
 async def async_add(a: Any, b: Any) -> Any:
-    import anyio
+    import anyio.lowlevel
 
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     return a + b
 
 
 async def async_fail(message: str) -> None:
-    import anyio
+    import anyio.lowlevel
 
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     raise KeyError(message)
 
 
@@ -159,10 +160,13 @@ async def gather_at_barrier(count: int) -> str:
     """Return only once ``count`` calls are inside this function at the same time."""
     import anyio
 
-    global _arrived
+    global _arrived, _all_arrived
+    if _all_arrived is None:
+        _all_arrived = anyio.Event()
     _arrived += 1
-    while _arrived < count:
-        await anyio.sleep(0.005)
+    if _arrived == count:
+        _all_arrived.set()
+    await _all_arrived.wait()
     return "all here"
 
 
@@ -196,9 +200,9 @@ async def async_progress(emit: Any, count: int) -> str:
 
 
 async def async_init(path: str) -> None:
-    import anyio
+    import anyio.lowlevel
 
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     journal(path, "async init")
 
 

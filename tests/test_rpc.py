@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import trio_fork
 from tests import rpc_functions as f
-from tests.helpers import descendants, process_exists
+from tests.helpers import descendants, process_exists, until
 
 pytestmark = pytest.mark.anyio
 
@@ -285,7 +286,7 @@ async def test_cancelling_a_running_sync_call_lets_it_finish(
         result = None
         with anyio.move_on_after(0.05) as scope:
             result = await rpc.call(path, "a", 0.3)
-            await anyio.sleep(0)  # the cancellation takes effect here
+            await anyio.lowlevel.checkpoint()  # the cancellation takes effect here
         assert scope.cancelled_caught
         assert result == "a"
         assert f.read_journal(path) == ["start a", "end a"]
@@ -308,8 +309,7 @@ async def test_a_cancelled_queued_sync_call_never_runs(
 
         async with anyio.create_task_group() as group:
             group.start_soon(rpc.call, path, "first")
-            while f.read_journal(path) != ["start first"]:
-                await anyio.sleep(0.005)
+            await until(lambda: f.read_journal(path) == ["start first"])
             scope = anyio.CancelScope()
             group.start_soon(queued, scope)
             await anyio.sleep(0.05)
@@ -370,8 +370,7 @@ async def test_leaving_open_call_early_cancels_the_call(
     async with trio_fork.open_rpc(template, f.async_record) as rpc:
         with pytest.raises(RuntimeError, match="leaving"):
             async with rpc.open_call(path, "a"):
-                while not f.read_journal(path):
-                    await anyio.sleep(0.005)
+                await until(lambda: f.read_journal(path))
                 raise RuntimeError("leaving")
         assert f.read_journal(path) == ["start a", "cancelled a"]
 
@@ -406,8 +405,7 @@ async def test_a_worker_killed_from_outside(template: trio_fork.Template, tmp_pa
                     failures.append(exc)
 
             group.start_soon(call, "running")
-            while not f.read_journal(path):
-                await anyio.sleep(0.005)
+            await until(lambda: f.read_journal(path))
             group.start_soon(call, "queued")
             await anyio.sleep(0.05)
             os.kill(rpc.pid, signal.SIGTERM)
@@ -432,8 +430,7 @@ async def test_leaving_the_block_waits_for_calls_in_flight(
                 results.append(await rpc.call(path, "late", 0.2))
 
             group.start_soon(call)
-            while not f.read_journal(path):
-                await anyio.sleep(0.005)
+            await until(lambda: f.read_journal(path))
     assert results == ["late"]
     with pytest.raises(anyio.ClosedResourceError):
         await rpc.call(path, "closed")
@@ -455,8 +452,7 @@ async def test_leaving_the_block_by_an_error_kills_the_worker(
                         failures.append(exc)
 
                 group.start_soon(call)
-                while not f.read_journal(path):
-                    await anyio.sleep(0.005)
+                await until(lambda: f.read_journal(path))
                 raise KeyError("leaving")
     assert not process_exists(rpc.pid)
     assert len(failures) == 1
