@@ -280,7 +280,7 @@ async def open_pool(
     *,
     max: int | None = None,
     idle: int = 0,
-    load: int = 2,
+    load: int = 1,
     start: float = 0.1,
     stop: float = 10.0,
     retire: int | None = None,
@@ -300,9 +300,10 @@ async def open_pool(
         function: As for :func:`open_rpc`.
         max: The most workers at once (default: the number of CPUs).
         idle: Workers kept even without calls; the block starts with this many ready.
-        load: Calls sent to one worker at a time. Beyond that, calls wait here for
-            a worker. With a sync function, more than one lets a worker start its
-            next call without waiting for this process.
+        load: Calls sent to one worker at a time; beyond that, calls wait here for
+            a worker. For a sync function, more than one lets a worker start its
+            next call without waiting for this process, but a call queued in a
+            worker can only be cancelled once the worker gets to it.
         start: Seconds between starting one worker and the next when calls wait
             (the first is started at once).
         stop: Seconds a worker beyond ``idle`` may go without calls before it is

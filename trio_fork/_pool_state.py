@@ -75,7 +75,7 @@ class PoolState:
     generation: int = 0
     last_start: float = -math.inf
     start_failed: bool = False
-    """The last start failed: no more starts until a call asks for one."""
+    """The last start failed: no more starts until a new call asks for one."""
     _numbers: int = 0
 
     # Events.
@@ -121,12 +121,19 @@ class PoolState:
         return self._schedule(now)
 
     def worker_failed(self, slot: Slot, error: BaseException, now: float) -> Actions:
-        """A worker could not start: the calls nobody else can serve fail with its error."""
+        """A worker could not start: the calls nobody else can serve fail with its error.
+
+        No worker is started in its place until a new call asks for one, so that a
+        broken ``init`` cannot make the pool fork in a loop.
+        """
         slot.status = GONE
         self.slots.remove(slot)
         self.start_failed = True
         actions = Actions()
-        if not any(other.status in (STARTING, READY) for other in self.slots):
+        if not any(
+            other.status in (STARTING, READY) and other.generation == self.generation
+            for other in self.slots
+        ):
             while self.queue:
                 actions.fail.append((self.queue.popleft(), error))
         return self._schedule(now, actions)
@@ -172,7 +179,7 @@ class PoolState:
         """When :meth:`tick` next has something to do (``inf``: nothing planned)."""
         deadline = math.inf
         limits = self.limits
-        if self.queue and self._wanted_for_queue() and self._room(1):
+        if self.queue and not self.start_failed and self._wanted_for_queue() and self._room(1):
             deadline = self.last_start + limits.start
         if limits.stop < math.inf:
             idle = [slot for slot in self.slots if self._idle(slot)]
@@ -263,10 +270,12 @@ class PoolState:
                 self._close(slot, actions)
 
     def _grow(self, actions: Actions, now: float) -> None:
+        if self.start_failed:
+            return
         limits = self.limits
         wanted = self._wanted_for_queue()
         # A closing pool still serves the calls it took, but keeps no spare workers.
-        if not (self.start_failed or self.closing):
+        if not self.closing:
             available = sum(
                 1
                 for slot in self.slots
