@@ -102,6 +102,14 @@ def wait_for_file(path: str, entry: str) -> str:
     return entry
 
 
+def meet(path: str, count: int) -> int:
+    """Return only once ``count`` calls (in any processes) have come here; the pid."""
+    journal(path, str(os.getpid()))
+    while len(read_journal(path)) < count:
+        time.sleep(0.005)
+    return os.getpid()
+
+
 def initialise(*args: Any) -> None:
     INITIALISED.append(args)
 

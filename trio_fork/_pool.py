@@ -21,7 +21,7 @@ from anyio.abc import SocketAttribute
 
 from . import _rpc_worker
 from ._errors import BrokenWorkerError
-from ._pool_state import Actions, Limits, PoolState, Slot
+from ._pool_state import STARTING, Actions, Limits, PoolState, Slot
 from ._rpc import (
     Call,
     is_async_function,
@@ -165,8 +165,14 @@ class Pool:
         for slot in actions.start:
             self._task_group.start_soon(self._run_worker, slot)
         for slot, request in actions.send:
-            assert slot.connection is not None
-            slot.connection.send(request)
+            connection = slot.connection
+            assert connection is not None
+            if connection.load == 0 and connection.gone_while_idle():
+                # The call goes back to the queue, for a worker that is alive.
+                self._state.requeue(request)
+                self._apply(self._state.worker_gone(slot, self._now()))
+                continue
+            connection.send(request)
         for slot in actions.close:
             assert slot.connection is not None
             slot.connection.close_write()
@@ -237,6 +243,11 @@ class Pool:
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:
+            if slot.status != STARTING:
+                # It served, and its loss has been dealt with; the spawn block only
+                # found, on the way out, what the connection found first (say, the
+                # template died with the worker's exit status).
+                return
             error = exc
         if error is not None:
             self._failed(slot, error)

@@ -325,7 +325,7 @@ class RPC:
             TypeError: The arguments cannot be serialized.
         """
         request = make_request(self._serializer, args, kill_on_cancel, listen=False)
-        self._connection.send(request)
+        self._send(request)
         await wait_for(request)
         return outcome(request, self._serializer)
 
@@ -338,9 +338,15 @@ class RPC:
         cancelled :meth:`call` would be stopped.
         """
         request = make_request(self._serializer, args, kill_on_cancel, listen=True)
-        self._connection.send(request)
+        self._send(request)
         async with open_call(request, self._serializer, None) as call:
             yield call
+
+    def _send(self, request: Request) -> None:
+        connection = self._connection
+        if connection.load == 0 and connection.gone_while_idle() and connection.lost is None:
+            raise BrokenWorkerError(f"worker {self.pid} died while it had no call")
+        connection.send(request)
 
 
 @asynccontextmanager

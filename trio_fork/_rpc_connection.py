@@ -202,6 +202,24 @@ class Connection:
         self._write(encode(CALL, request.id, request.payload), now=len(self._requests) == 1)
         request.wake()
 
+    def gone_while_idle(self) -> bool:
+        """Whether this idle worker has closed its end: it died, but its exit is not
+        reported yet.
+
+        Checked before a call goes to an idle worker. Nobody reads an idle worker's
+        socket, so a death is otherwise noticed only when the exit is reported, and
+        a call sent in between would fail although it never ran.
+        """
+        if self.lost is not None:
+            return True
+        try:
+            data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return not data
+
     def cancel(self, request: Request) -> None:
         """Ask the worker to cancel a call; its answer arrives as usual."""
         if not request.cancel_sent and not request.done and self.lost is None:
