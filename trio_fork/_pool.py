@@ -265,9 +265,13 @@ class Pool:
         def lost(connection: Connection) -> None:
             self._apply(self._state.worker_gone(slot, self._now()))
 
+        def retiring(connection: Connection) -> None:
+            self._apply(self._state.worker_retiring(slot, self._now()))
+
         connection.on_finished = finished
         connection.requeue = self._state.requeue
         connection.on_lost = lost
+        connection.on_retiring = retiring
         self._opened_one(slot, None)
         self._apply(self._state.worker_ready(slot, self._now()))
 

@@ -160,6 +160,11 @@ class PoolState:
             self.slots.remove(slot)
         return self._schedule(now)
 
+    def worker_retiring(self, slot: Slot, now: float) -> Actions:
+        """The worker will exit after its current call: it takes no more."""
+        slot.status = CLOSING
+        return self._schedule(now)
+
     def tick(self, now: float) -> Actions:
         return self._schedule(now)
 

@@ -38,6 +38,7 @@ from ._rpc_wire import (
     FAILED,
     READY,
     RESULT,
+    RETIRING,
     FrameDecoder,
     encode,
 )
@@ -142,7 +143,8 @@ class Connection:
     known, which is how a pool keeps count of each worker's load. ``requeue`` is
     offered each request that provably never started when the worker dies; if it
     returns True it has taken the request back. ``on_lost`` is called once the
-    worker is gone and every request it held is settled.
+    worker is gone and every request it held is settled; ``on_retiring`` when the
+    worker says it will exit after its current call.
     """
 
     child: Child
@@ -150,6 +152,7 @@ class Connection:
     on_finished: Callable[[Connection, Request], None] | None = None
     requeue: Callable[[Request], bool] | None = None
     on_lost: Callable[[Connection], None] | None = None
+    on_retiring: Callable[[Connection], None] | None = None
     concurrent: bool = False
     failure: BaseException | None = None
     lost: BrokenWorkerError | None = None
@@ -433,6 +436,10 @@ class Connection:
         elif kind == FAILED:
             self.failure = RemoteError(*pickle.loads(payload))
             self._set_ready()
+        elif kind == RETIRING:
+            self.closing = True
+            if self.on_retiring is not None:
+                self.on_retiring(self)
 
     def _set_ready(self) -> None:
         self._ready = True

@@ -38,6 +38,8 @@ ERROR = 19
 EVENT = 20
 CANCELLED = 21
 """A call was cancelled, or dropped before it started, at the parent's request."""
+RETIRING = 22
+"""The worker exits once this frame and the reply after it are sent: no more calls."""
 
 
 def encode(kind: int, call_id: int, payload: bytes = b"") -> list[bytes]:

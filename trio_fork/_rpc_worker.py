@@ -35,6 +35,7 @@ from trio_fork._rpc_wire import (
     FAILED,
     READY,
     RESULT,
+    RETIRING,
     FrameDecoder,
     describe,
     encode,
@@ -88,6 +89,10 @@ def apply(function: Callable[..., Any], *args: Any) -> Any:
     return function(*args)
 
 
+LOADING_MAIN = False
+"""True in a template while it loads the parent's main module (see ``adopt_main``)."""
+
+
 def adopt_main(spec_name: str | None, path: str | None) -> None:
     """Load the parent's main module here as ``__mp_main__`` and make it ``__main__``.
 
@@ -117,12 +122,16 @@ def adopt_main(spec_name: str | None, path: str | None) -> None:
     # Registered before running, so that the module can refer to itself while it
     # loads (dataclasses look their module up in sys.modules, for instance).
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+    global LOADING_MAIN
+    LOADING_MAIN = True
     try:
         exec(code, module.__dict__)
     except BaseException:
         sys.modules["__main__"] = previous
         del sys.modules["__mp_main__"]
         raise
+    finally:
+        LOADING_MAIN = False
 
 
 class _Unpickler(pickle.Unpickler):
@@ -248,11 +257,14 @@ class _SyncWorker(_Calls):
             while self.receive():
                 if self.queue:
                     call_id, payload = self.queue.popleft()
-                    send_blocking(sock, self.run(call_id, payload))
+                    reply = self.run(call_id, payload)
                     if self.retire is not None and self.should_retire():
-                        # Calls queued behind this one never started; the parent
-                        # sees the exit and sends them to another worker.
+                        # Said before the reply, so that the parent sends nothing
+                        # more. Calls queued behind this one never started; the
+                        # parent sees the exit and sends them to another worker.
+                        send_blocking(sock, [*encode(RETIRING, 0), *reply])
                         return
+                    send_blocking(sock, reply)
         except (ConnectionError, BrokenPipeError):
             pass  # the parent is gone
 

@@ -337,6 +337,14 @@ async def _hold_default(run: _Run, default: _Default, settings: _Settings) -> No
 
 @asynccontextmanager
 async def _open_context(settings: _Settings) -> AsyncIterator[WorkerContext]:
+    if _rpc_worker.LOADING_MAIN:
+        # The program's top-level code is running in a template, which is loading
+        # it for its workers: going on would start templates without end.
+        raise RuntimeError(
+            "trio_fork workers were requested while a worker template was loading "
+            "this program's main module: put the code that runs the program under "
+            "'if __name__ == \"__main__\":'"
+        )
     options = worker_options(
         _rpc_worker.apply,
         init=settings.init,

@@ -1,0 +1,259 @@
+"""run_sync and worker contexts: trio_parallel's semantics, on both backends."""
+
+from __future__ import annotations
+
+import functools
+import operator
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import trio_fork
+from tests import rpc_functions as f
+from tests.helpers import process_exists, until
+
+pytestmark = pytest.mark.anyio
+
+
+def cube(value: int) -> int:
+    """Defined in this test module: the worker imports the module to find it."""
+    return value**3
+
+
+async def test_results_and_builtins() -> None:
+    assert await trio_fork.run_sync(operator.add, 40, 2) == 42
+    assert await trio_fork.run_sync(f.echo, 1, "two", [3]) == (1, "two", [3])
+    assert await trio_fork.run_sync(len, b"four") == 4
+    assert await trio_fork.run_sync(cube, 3) == 27
+
+
+async def test_errors_are_raised_as_themselves_with_the_remote_traceback() -> None:
+    with pytest.raises(ValueError, match="a distinctive message") as info:
+        await trio_fork.run_sync(f.fail, "a distinctive message")
+    cause = info.value.__cause__
+    assert isinstance(cause, trio_fork.RemoteError)
+    assert cause.type_name == "ValueError"
+    assert "raise ValueError(message)" in cause.remote_traceback
+    # An exception that cannot be pickled comes back as its description.
+    with pytest.raises(trio_fork.RemoteError) as remote:
+        await trio_fork.run_sync(f.fail_unpicklably, "locked")
+    assert remote.value.type_name == "tests.rpc_functions.UnpicklableError"
+    assert remote.value.message == "locked"
+
+
+async def test_bad_functions_and_arguments() -> None:
+    with pytest.raises(TypeError, match="cannot be sent to a worker"):
+        await trio_fork.run_sync(lambda: None)
+    with pytest.raises(TypeError, match="fn must be callable"):
+        await trio_fork.run_sync(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cannot be serialized"):
+        await trio_fork.run_sync(f.echo, threading.Lock())
+    with pytest.raises(trio_fork.RemoteError, match="could not serialize the result"):
+        await trio_fork.run_sync(f.return_unpicklable)
+    assert await trio_fork.run_sync(operator.neg, 1) == -1
+
+
+async def test_entry_is_a_checkpoint(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal")
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await trio_fork.run_sync(f.record, path, "never")
+    assert scope.cancelled_caught
+    assert f.read_journal(path) == []
+
+
+async def test_without_kill_on_cancel_the_call_completes(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal")
+    await trio_fork.run_sync(operator.pos, 0)  # the default context is up
+    result = None
+    with anyio.move_on_after(0.05) as scope:
+        result = await trio_fork.run_sync(f.record, path, "a", 0.3)
+        await anyio.lowlevel.checkpoint()  # the cancellation takes effect here
+    assert scope.cancelled_caught
+    assert result == "a"
+    assert f.read_journal(path) == ["start a", "end a"]
+
+
+async def test_kill_on_cancel_kills_the_worker(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal")
+    with anyio.move_on_after(0.3) as scope:
+        await trio_fork.run_sync(f.meet, path, 2, kill_on_cancel=True)
+    assert scope.cancelled_caught
+    (pid,) = f.read_journal(path)
+    assert not process_exists(int(pid))
+    assert await trio_fork.run_sync(operator.pos, 7) == 7
+
+
+async def test_a_worker_that_dies_is_replaced() -> None:
+    with pytest.raises(trio_fork.BrokenWorkerError, match="exited with status 9"):
+        await trio_fork.run_sync(f.exit_now, 9)
+    assert await trio_fork.run_sync(operator.pos, 1) == 1
+
+
+async def test_the_default_limiter_and_a_limiter_of_our_own(tmp_path: Path) -> None:
+    assert trio_fork.current_default_worker_limiter().total_tokens == (os.cpu_count() or 1)
+    assert trio_fork.current_default_worker_limiter() is trio_fork.current_default_worker_limiter()
+    path = str(tmp_path / "journal")
+    limiter = anyio.CapacityLimiter(1)
+    async with anyio.create_task_group() as group:
+        for index in range(3):
+            group.start_soon(
+                functools.partial(trio_fork.run_sync, limiter=limiter),
+                f.record,
+                path,
+                str(index),
+                0.02,
+            )
+    entries = f.read_journal(path)
+    # One at a time: every start is followed by its own end.
+    assert [entry.split()[0] for entry in entries] == ["start", "end"] * 3
+    assert [entry.split()[1] for entry in entries[::2]] == [
+        entry.split()[1] for entry in entries[1::2]
+    ]
+
+
+async def test_workers_are_reused_and_counted(tmp_path: Path) -> None:
+    assert trio_fork.default_context_statistics() == trio_fork.WorkerContextStatistics(0, 0)
+    first = await trio_fork.run_sync(f.getpid)
+    assert await trio_fork.run_sync(f.getpid) == first
+    assert trio_fork.default_context_statistics() == trio_fork.WorkerContextStatistics(1, 0)
+    path = str(tmp_path / "journal")
+    async with anyio.create_task_group() as group:
+        group.start_soon(trio_fork.run_sync, f.meet, path, 2)
+        await until(lambda: len(f.read_journal(path)) == 1)
+        assert trio_fork.default_context_statistics().running_workers == 1
+        f.journal(path, "release")
+
+
+async def test_worker_contexts_are_isolated_and_configurable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "journal")
+    flag = tmp_path / "retire now"
+    monkeypatch.setenv("TRIO_FORK_TEST_RETIRE", str(flag))
+    default_pid = await trio_fork.run_sync(f.getpid)
+    async with trio_fork.open_worker_context(
+        preload=["decimal"],
+        init=functools.partial(f.init_journal, path),
+        retire=f.retire_when_asked,
+    ) as context:
+        pid = await context.run_sync(f.getpid)
+        assert pid != default_pid
+        assert await context.run_sync(f.modules_loaded, "decimal") == [True]
+        assert f.read_journal(path) == [f"init {pid}"]
+        flag.touch()
+        # This call makes the worker retire when it is done.
+        assert await context.run_sync(f.getpid) == pid
+        flag.unlink()
+        replacement = await context.run_sync(f.getpid)
+        assert replacement != pid
+        assert f.read_journal(path) == [f"init {pid}", f"init {replacement}"]
+        assert context.statistics() == trio_fork.WorkerContextStatistics(1, 0)
+    assert not process_exists(replacement)
+
+
+async def test_retire_after_a_number_of_calls_and_idle_timeout() -> None:
+    async with trio_fork.open_worker_context(retire=2, idle_timeout=0.05) as context:
+        pids = [await context.run_sync(f.getpid) for _ in range(4)]
+        assert pids[0] == pids[1] != pids[2] == pids[3]
+        await until(lambda: context.statistics() == trio_fork.WorkerContextStatistics(0, 0))
+
+
+async def test_bad_context_settings() -> None:
+    for kwargs, error, message in [
+        ({"preload": "json"}, TypeError, "1-tuple"),
+        ({"preload": [1]}, TypeError, "module names"),
+        ({"idle_timeout": -1}, ValueError, "non-negative"),
+        ({"idle_timeout": "1"}, TypeError, "number of seconds"),
+        ({"retire": 0}, ValueError, "at least 1 call"),
+        ({"retire": True}, TypeError, "not a bool"),
+        ({"init": lambda: None}, TypeError, "cannot be found by name"),
+    ]:
+        with pytest.raises(error, match=message):
+            async with trio_fork.open_worker_context(**kwargs):  # type: ignore[arg-type]
+                pass
+    with pytest.raises(trio_fork.RemoteError, match="no_such_module_anywhere"):
+        async with trio_fork.open_worker_context(preload=["no_such_module_anywhere"]):
+            pass
+
+
+@pytest.fixture
+def default_settings() -> Iterator[None]:
+    yield
+    trio_fork.configure_default_context()
+
+
+@pytest.mark.usefixtures("default_settings")
+async def test_configure_the_default_context() -> None:
+    trio_fork.configure_default_context(preload=["decimal"])
+    assert await trio_fork.run_sync(f.modules_loaded, "decimal") == [True]
+    with pytest.raises(RuntimeError, match="already exists"):
+        trio_fork.configure_default_context()
+
+
+_SCRIPT = """
+import dataclasses, sys
+
+import anyio
+import trio_fork
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+def double(point):
+    return Point(point.x * 2, point.y * 2)
+
+
+async def main():
+    print(await trio_fork.run_sync(double, Point(1, 2)))
+    print(await trio_fork.run_sync(abs, -3))
+
+{run}
+"""
+
+
+def run_script(tmp_path: Path, run: str, backend: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT.format(run=run))
+    return subprocess.run(
+        [sys.executable, str(script), backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+
+
+def test_functions_and_classes_defined_in_main(tmp_path: Path, anyio_backend: str) -> None:
+    result = run_script(
+        tmp_path,
+        textwrap.dedent(
+            """
+            if __name__ == "__main__":
+                anyio.run(main, backend=sys.argv[1])
+            """
+        ),
+        anyio_backend,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["Point(x=2, y=4)", "3"]
+
+
+def test_a_main_module_that_runs_the_program_when_loaded(tmp_path: Path) -> None:
+    result = run_script(tmp_path, "anyio.run(main, backend=sys.argv[1])", "trio")
+    assert result.returncode == 1
+    assert 'if __name__ == "__main__":' in result.stderr
+    assert "RemoteError" in result.stderr
