@@ -165,14 +165,8 @@ class Pool:
         for slot in actions.start:
             self._task_group.start_soon(self._run_worker, slot)
         for slot, request in actions.send:
-            connection = slot.connection
-            assert connection is not None
-            if connection.load == 0 and connection.gone_while_idle():
-                # The call goes back to the queue, for a worker that is alive.
-                self._state.requeue(request)
-                self._apply(self._state.worker_gone(slot, self._now()))
-                continue
-            connection.send(request)
+            assert slot.connection is not None
+            slot.connection.send(request)
         for slot in actions.close:
             assert slot.connection is not None
             slot.connection.close_write()

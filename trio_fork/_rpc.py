@@ -343,10 +343,7 @@ class RPC:
             yield call
 
     def _send(self, request: Request) -> None:
-        connection = self._connection
-        if connection.load == 0 and connection.gone_while_idle() and connection.lost is None:
-            raise BrokenWorkerError(f"worker {self.pid} died while it had no call")
-        connection.send(request)
+        self._connection.send(request)
 
 
 @asynccontextmanager

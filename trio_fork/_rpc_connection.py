@@ -166,6 +166,7 @@ class Connection:
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     _decoder: FrameDecoder = attrs.field(factory=FrameDecoder)
     _reading: bool = False
+    _nothing_since_send: bool = False
     _followers: dict[Request, None] = attrs.field(factory=dict)
     _end_of_file: anyio.Event = attrs.field(factory=anyio.Event)
     _outbox: deque[memoryview] = attrs.field(factory=deque)
@@ -202,26 +203,9 @@ class Connection:
         request.connection = self
         request.started = True
         self._requests[request.id] = request
+        self._nothing_since_send = True
         self._write(encode(CALL, request.id, request.payload), now=len(self._requests) == 1)
         request.wake()
-
-    def gone_while_idle(self) -> bool:
-        """Whether this idle worker has closed its end: it died, but its exit is not
-        reported yet.
-
-        Checked before a call goes to an idle worker. Nobody reads an idle worker's
-        socket, so a death is otherwise noticed only when the exit is reported, and
-        a call sent in between would fail although it never ran.
-        """
-        if self.lost is not None:
-            return True
-        try:
-            data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-        return not data
 
     def cancel(self, request: Request) -> None:
         """Ask the worker to cancel a call; its answer arrives as usual."""
@@ -379,8 +363,13 @@ class Connection:
         decoder = self._decoder
         sock = self._sock
         handled = 0
+        # A lone call just sent has no reply yet: do not ask the socket for one.
+        skip_receive = self._nothing_since_send and len(self._requests) == 1
         while not condition() and request.connection is self:
             try:
+                if skip_receive:
+                    skip_receive = False
+                    raise BlockingIOError
                 received = decoder.receive(sock)
             except BlockingIOError:
                 handled = 0
@@ -395,6 +384,7 @@ class Connection:
                 self.readable = False
                 self._end_of_file.set()
                 return
+            self._nothing_since_send = False
             while (frame := decoder.next_frame()) is not None:
                 self._dispatch(*frame)
                 handled += 1

@@ -52,6 +52,9 @@ def encode(kind: int, call_id: int, payload: bytes = b"") -> list[bytes]:
 
 def send_blocking(sock: socket.socket, buffers: list[bytes]) -> None:
     """Send whole buffers on a blocking socket."""
+    if len(buffers) == 1:
+        sock.sendall(buffers[0])
+        return
     pending = [memoryview(buffer) for buffer in buffers]
     while pending:
         sent = sock.sendmsg(pending)

@@ -208,6 +208,8 @@ class _Calls:
 
     def arguments(self, payload: bytes) -> tuple[Any, ...]:
         args = self.serializer.loads(payload)
+        if type(args) is tuple:
+            return args
         if not isinstance(args, (list, tuple)):
             raise TypeError(f"the arguments arrived as {type(args).__name__}, not a sequence")
         return tuple(args)

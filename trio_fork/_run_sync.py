@@ -16,10 +16,12 @@ from the ``sys.path`` the template was given.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import pickle
 import sys
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, final
@@ -28,6 +30,7 @@ import anyio
 import anyio.lowlevel
 import attrs
 import sniffio
+import trio
 
 from . import _rpc_worker
 from ._errors import RemoteError
@@ -108,13 +111,28 @@ class WorkerContext:
             await self._load_main_for(fn, args)
         if limiter is None:
             limiter = current_default_worker_limiter()
-        async with limiter:
-            self._pool._submit(request)
-            if kill_on_cancel:
-                await wait_for(request, self._pool._withdraw)
-            else:
-                await _wait_shielded(request)
+        if isinstance(limiter, anyio.CapacityLimiter):
+            # The same as "async with limiter", without its schedule point when a
+            # token is free: the wait for the result yields anyway.
+            try:
+                limiter.acquire_nowait()
+            except anyio.WouldBlock:
+                await limiter.acquire()
+            try:
+                await self._run(request, kill_on_cancel)
+            finally:
+                limiter.release()
+        else:
+            async with limiter:
+                await self._run(request, kill_on_cancel)
         return outcome(request, PICKLE, originals=True)  # type: ignore[no-any-return]
+
+    async def _run(self, request: Request, kill_on_cancel: bool) -> None:
+        self._pool._submit(request)
+        if kill_on_cancel:
+            await wait_for(request, self._pool._withdraw)
+        else:
+            await _wait_shielded(request)
 
     def statistics(self) -> WorkerContextStatistics:
         """How many workers are idle and how many are running calls."""
@@ -281,14 +299,20 @@ class _Run:
 
 
 _default_settings: _Settings | None = None
-_RUN: anyio.lowlevel.RunVar[_Run | None] = anyio.lowlevel.RunVar("trio_fork run state", None)
+# Keyed like anyio's RunVar (by trio token or asyncio loop), without its cost on
+# every call.
+_runs: weakref.WeakKeyDictionary[object, _Run] = weakref.WeakKeyDictionary()
 
 
 def _this_run() -> _Run:
-    run = _RUN.get()
+    key: object
+    if sniffio.current_async_library() == "trio":
+        key = trio.lowlevel.current_trio_token()
+    else:
+        key = asyncio.get_running_loop()
+    run = _runs.get(key)
     if run is None:
-        run = _Run()
-        _RUN.set(run)
+        run = _runs[key] = _Run()
     return run
 
 
@@ -298,12 +322,8 @@ async def _default_context(run: _Run) -> WorkerContext:
         run.default = default = _Default()
         settings = _default_settings or _settings((), _DEFAULT_IDLE_TIMEOUT, None, None)
         if sniffio.current_async_library() == "trio":
-            import trio
-
             trio.lowlevel.spawn_system_task(_hold_default, run, default, settings)
         else:
-            import asyncio
-
             default.owner = asyncio.get_running_loop().create_task(
                 _hold_default(run, default, settings), name="trio_fork default worker context"
             )
@@ -422,6 +442,11 @@ async def _wait_shielded(request: Request) -> None:
 def _request(fn: Callable[..., Any], args: tuple[Any, ...], kill_on_cancel: bool) -> Request:
     if not callable(fn):
         raise TypeError(f"run_sync: fn must be callable, not {type(fn).__name__}")
+    try:
+        # PICKLE's own dumps(), without the indirection: this is every call's path.
+        return Request(pickle.dumps((fn, *args), pickle.HIGHEST_PROTOCOL), kill_on_cancel)
+    except Exception:
+        pass
     try:
         return make_request(PICKLE, (fn, *args), kill_on_cancel, listen=False)
     except TypeError as exc:
