@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -78,3 +79,19 @@ async def until(condition: Callable[[], bool]) -> None:
     with anyio.fail_after(30):
         while not condition():  # noqa: ASYNC110 (nothing here could set an Event)
             await anyio.sleep(0.005)
+
+
+@asynccontextmanager
+async def cancelled_when(condition: Callable[[], bool]) -> AsyncIterator[anyio.CancelScope]:
+    """A cancel scope that is cancelled once ``condition()`` holds, whatever its body does."""
+    async with anyio.create_task_group() as group:
+        scope = anyio.CancelScope()
+
+        async def watch() -> None:
+            await until(condition)
+            scope.cancel()
+
+        group.start_soon(watch)
+        with scope:
+            yield scope
+        group.cancel_scope.cancel()

@@ -18,7 +18,7 @@ import pytest
 
 import trio_fork
 from tests import rpc_functions as f
-from tests.helpers import process_exists, until
+from tests.helpers import cancelled_when, process_exists, until
 
 pytestmark = pytest.mark.anyio
 
@@ -74,7 +74,7 @@ async def test_without_kill_on_cancel_the_call_completes(tmp_path: Path) -> None
     path = str(tmp_path / "journal")
     await trio_fork.run_sync(operator.pos, 0)  # the default context is up
     result = None
-    with anyio.move_on_after(0.05) as scope:
+    async with cancelled_when(lambda: f.read_journal(path) == ["start a"]) as scope:
         result = await trio_fork.run_sync(f.record, path, "a", 0.3)
         await anyio.lowlevel.checkpoint()  # the cancellation takes effect here
     assert scope.cancelled_caught
@@ -84,7 +84,7 @@ async def test_without_kill_on_cancel_the_call_completes(tmp_path: Path) -> None
 
 async def test_kill_on_cancel_kills_the_worker(tmp_path: Path) -> None:
     path = str(tmp_path / "journal")
-    with anyio.move_on_after(0.3) as scope:
+    async with cancelled_when(lambda: bool(f.read_journal(path))) as scope:
         await trio_fork.run_sync(f.meet, path, 2, kill_on_cancel=True)
     assert scope.cancelled_caught
     (pid,) = f.read_journal(path)

@@ -56,6 +56,10 @@ class Actions:
     """Starts are being paced: :meth:`PoolState.next_deadline` may have moved earlier."""
 
 
+NOTHING = Actions()
+"""No actions: returned, never changed, when there is nothing to do."""
+
+
 @attrs.frozen
 class Limits:
     max: int | None
@@ -152,7 +156,7 @@ class PoolState:
             return self._schedule(now)
         # The common case, kept short: nobody waits and this worker carries on.
         # (Stopping idle workers is the timer's job.)
-        return Actions()
+        return NOTHING
 
     def worker_gone(self, slot: Slot, now: float) -> Actions:
         slot.status = GONE

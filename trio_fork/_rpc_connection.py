@@ -21,12 +21,13 @@ import pickle
 import signal
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 import attrs
+import sniffio
 
 from ._errors import BrokenTemplateError, BrokenWorkerError, RemoteError
 from ._rpc_wire import (
@@ -175,10 +176,22 @@ class Connection:
     _wake_writer: anyio.Event = attrs.field(factory=anyio.Event)
     _write_closed: bool = False
     _idle: anyio.Event | None = None
+    _wait_readable: Callable[[socket.socket], Awaitable[None]] = attrs.field(init=False)
+    _closed_error: type[Exception] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._sock.setblocking(False)
         self._ready_waiter.connection = self
+        # The backend's own wait, looked up once: anyio's looks the backend up on
+        # every call, and every call of ours waits.
+        if sniffio.current_async_library() == "trio":
+            import trio
+
+            self._wait_readable = trio.lowlevel.wait_readable
+            self._closed_error = trio.ClosedResourceError
+        else:
+            self._wait_readable = anyio.wait_readable
+            self._closed_error = anyio.ClosedResourceError
 
     @property
     def pid(self) -> int:
@@ -374,8 +387,8 @@ class Connection:
             except BlockingIOError:
                 handled = 0
                 try:
-                    await anyio.wait_readable(sock)
-                except anyio.ClosedResourceError:
+                    await self._wait_readable(sock)
+                except self._closed_error:
                     return
                 continue
             except OSError:
