@@ -17,10 +17,10 @@ import attrs
 import sniffio
 from anyio.abc import UNIXSocketStream
 
-from ._channel import Channel, ExitSlot, kill_pidfd, receive_frame, remote_error, send_frame
+from ._channel import Channel, ExitSlot, kill_pidfd, receive_frame, remote_error
 from ._child import Child
 from ._errors import BrokenTemplateError
-from ._protocol import ARGS, ERROR, EVAL, FDS, FORK, REQUIRE, RUN, STARTED, close_all
+from ._protocol import ARGS, ERROR, EVAL, FDS, FORK, PID, REQUIRE, STARTED, close_all
 
 if TYPE_CHECKING:
     from ._channel import Reply
@@ -235,40 +235,45 @@ class Template:
         except BaseException:
             close_all(owned)
             raise
-        forked: Reply | None = None
+        # One command does it all: the template forks and the child runs at once. The
+        # child confirms on its own socket, with its pid and a pidfd of itself.
+        seq, slot = self._channel.spawn(payload, [theirs.detach(), *owned])
         try:
-            forked = self._channel.command(FORK, fds=[theirs.detach()])
             ours.setblocking(False)
             try:
-                sending, owned = owned, []
-                await send_frame(ours, RUN, payload, sending)
                 started = await receive_frame(ours)
             except OSError:
-                # The process is gone or was never made: the FORK reply or the exit
-                # status says why.
-                started = None
-            pid, pidfd, slot = await self._channel.forked(forked)
+                started = None  # the slot says what became of the child
         except BaseException:
             ours.close()
-            close_all(owned)
-            if forked is not None:
-                self._channel.abandon(forked)
+            self._channel.kill(seq)
             raise
-        if started is not None and started.op == STARTED:
+        if started is not None and started.op == STARTED and not started.fds_lost:
+            (pid,) = PID.unpack(started.payload)
+            pidfd = started.fds[0]
             try:
                 stream = await UNIXSocketStream.from_socket(ours)
             except BaseException:
                 ours.close()
-                await _reap(pid, pidfd, slot)
+                await _reap(pidfd, slot)
                 raise
             return Child._create(pid, stream, pidfd, slot)
         ours.close()
-        code = await _reap(pid, pidfd, slot)
+        if started is not None:
+            close_all(started.fds)
+        # It will not run: wait until it is gone (or was never made) before saying why.
+        self._channel.kill(seq)
+        with anyio.CancelScope(shield=True):
+            await slot.event.wait()
+        if slot.error is not None:
+            raise slot.error
         if started is not None and started.op == ERROR:
             raise remote_error(started)
+        if slot.code is None:
+            self._channel.check()
         raise BrokenTemplateError(
-            f"process {pid} forked from {self._channel.name} ended "
-            f"({'status' if code is None else code}) before it could run {name}"
+            f"a process forked from {self._channel.name} ended with status {slot.code} "
+            f"before it could run {name}"
         )
 
     @asynccontextmanager
@@ -341,15 +346,14 @@ class Template:
             )
 
 
-async def _reap(pid: int, pidfd: int, slot: ExitSlot) -> int | None:
-    """Make sure a process that will not run is gone; its exit status if known."""
+async def _reap(pidfd: int, slot: ExitSlot) -> None:
+    """Kill a child that will not be handed out, and wait until it is gone."""
     with anyio.CancelScope(shield=True):
         kill_pidfd(pidfd)
         await slot.event.wait()
         if slot.code is None:
             await anyio.wait_readable(pidfd)
         os.close(pidfd)
-    return slot.code
 
 
 @asynccontextmanager
@@ -394,7 +398,7 @@ async def open_template(
         process.wait()
         raise
     template = Template._create(channel, process.pid, pidfd, None, process)
-    ready = channel.expect()
+    ready = channel.expect_ready()
     async with template._serving():
         await template._handshake(ready, executable)
         if modules:
