@@ -13,6 +13,8 @@ async def main() -> None:
     async with trio_fork.open_template(preload=["workers", "anyio", "trio"]) as template:
         async with template.spawn(workers.shout) as child:
             for word in ["hello", "structured", "concurrency"]:
+                # Request and reply in lock step: each reply is one short send,
+                # which arrives in one piece. Longer messages need framing.
                 await child.stream.send(word.encode())
                 print((await child.stream.receive()).decode())
             await child.stream.send_eof()  # ends the child's "async for"
