@@ -111,14 +111,20 @@ class Child:
             self._pidfd = None
 
     async def _abort(self, deliver_cancel: Callable[[Child], Awaitable[object]] | None) -> None:
-        """End the child early and wait, shielded, until it is reaped."""
+        """End the child early and wait, shielded, until it is reaped.
+
+        The stream stays open until then, so ``deliver_cancel`` may ask the child to
+        stop with a message as well as with a signal.
+        """
         with anyio.CancelScope(shield=True):
-            await self.stream.aclose()
-            if deliver_cancel is None:
-                self.kill()
-                await self._wait_quietly()
-            else:
-                await self._deliver(deliver_cancel)
+            try:
+                if deliver_cancel is None:
+                    self.kill()
+                    await self._wait_quietly()
+                else:
+                    await self._deliver(deliver_cancel)
+            finally:
+                await self.stream.aclose()
 
     async def _deliver(self, deliver_cancel: Callable[[Child], Awaitable[object]]) -> None:
         failures: list[BaseException] = []

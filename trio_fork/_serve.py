@@ -220,6 +220,14 @@ def _print_exception(exc: BaseException) -> None:
         sys.excepthook(type(exc), exc, exc.__traceback__)
 
 
+def _from_caller(exc: BaseException) -> BaseException:
+    # A remote traceback starts where the user's code (or the import) does.
+    traceback = exc.__traceback__
+    while traceback is not None and traceback.tb_frame.f_code.co_filename == __file__:
+        traceback = traceback.tb_next
+    return exc.with_traceback(traceback)
+
+
 def _exit_code(exc: SystemExit) -> int:
     if exc.code is None:
         return 0
@@ -369,7 +377,7 @@ class _Server:
         except BaseException as exc:
             close_all(frame.fds)
             _settle()
-            self.reply(ERROR, SEQ.pack(seq) + pickle.dumps(describe_exception(exc)))
+            self.reply(ERROR, SEQ.pack(seq) + pickle.dumps(describe_exception(_from_caller(exc))))
         else:
             _settle()
             self.reply(OK, SEQ.pack(seq))

@@ -47,8 +47,8 @@ def _bootstrap():
 _bootstrap()
 """
 
-_MIN_VERSION = (3, 10)
 _CLOSE_TIMEOUT = 5.0
+_PYTHON_VERSION = tuple(sys.version_info[:2])
 
 
 class _HasFileno(Protocol):
@@ -82,6 +82,9 @@ class Template:
     _pidfd: int
     _exit: ExitSlot | None
     _process: subprocess.Popen[bytes] | None
+    # Whether the template's __main__ is this program's, so that functions defined in
+    # this program's __main__ can be found there by name.
+    _shares_main: bool
 
     @classmethod
     def _create(
@@ -98,6 +101,7 @@ class Template:
         self._pidfd = pidfd
         self._exit = exit
         self._process = process
+        self._shares_main = False
         channel.name = f"template {pid}"
         return self
 
@@ -218,6 +222,7 @@ class Template:
             channel.close()
             raise
         template = Template._create(channel, pid, pidfd, slot, None)
+        template._shares_main = self._shares_main
         async with template._serving():
             yield template
 
@@ -295,6 +300,12 @@ class Template:
         fds: Iterable[FileDescriptorLike],
     ) -> Child:
         name = _target_name(target)
+        if not isinstance(target, str) and name.startswith("__main__:") and not self._shares_main:
+            raise TypeError(
+                f"target {target!r} is defined in this program's __main__, which the "
+                f"template does not have: move it to a module, or define it in the template "
+                f"with eval() and pass the string {name!r}"
+            )
         payload = _pickle((name, sniffio.current_async_library(), list(args)), "spawn", args)
         self._channel.check()
         owned = _dup_fds(fds, "spawn fds")
@@ -407,10 +418,14 @@ class Template:
                 "before it was ready (its stderr may say why)"
             ) from None
         _, version = pickle.loads(frame.payload)
-        if tuple(version) < _MIN_VERSION:
+        if tuple(version[:2]) != _PYTHON_VERSION:
+            # It imports from our sys.path, compiled extensions included.
+            theirs = ".".join(map(str, version[:2]))
+            ours = ".".join(map(str, _PYTHON_VERSION))
             raise BrokenTemplateError(
-                f"the template runs Python {'.'.join(map(str, version))}; trio_fork needs "
-                f"{'.'.join(map(str, _MIN_VERSION))} or later"
+                f"the template ({python}) runs Python {theirs} but this process runs "
+                f"{ours}: a template imports from this process's sys.path, so it must "
+                "run the same Python version"
             )
 
 
@@ -449,9 +464,9 @@ async def open_template(
 
     Args:
         preload: Modules to import in the template before it is handed out.
-        python: The interpreter to run (default: :data:`sys.executable`); Python
-            3.10 or later, and the same version as this one, since the template
-            gets this process's ``sys.path``.
+        python: The interpreter to run (default: :data:`sys.executable`). It must
+            run this process's Python version (major.minor), since the template
+            imports from this process's ``sys.path``.
         env: The template's environment, as in :mod:`subprocess` (default: this
             process's).
         cwd: The template's working directory, as in :mod:`subprocess`.
@@ -463,8 +478,8 @@ async def open_template(
         TypeError: ``preload`` is a string rather than a sequence of module names.
         OSError: The interpreter could not be started (for instance
             :exc:`FileNotFoundError` for a missing interpreter or ``cwd``).
-        BrokenTemplateError: The template exited before it was ready, or runs a
-            Python older than 3.10.
+        BrokenTemplateError: The template exited before it was ready, or runs
+            another Python version.
         RemoteError: A preloaded module failed to import.
     """
     modules = _module_names(preload, "preload")
