@@ -67,6 +67,7 @@ _NO_SEQ = SEQ.pack(0)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _SIGKILL = int(signal.SIGKILL)
+_SIGTERM = int(signal.SIGTERM)
 _CO_COROUTINE = 0x80
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -434,7 +435,9 @@ class _Server:
     def in_new_process(self, fds: list[int], payload: bytes | None) -> NoReturn:
         code = 1
         try:
-            _prctl(_PR_SET_PDEATHSIG, _SIGKILL)
+            # A child dies with its template. A new template shuts down instead (see
+            # _on_sigterm), so that it still kills and reaps everything below it.
+            _prctl(_PR_SET_PDEATHSIG, _SIGKILL if payload is not None else _SIGTERM)
             if os.getppid() != self.pid:
                 _exit(1)
             signal.set_wakeup_fd(-1)
@@ -499,16 +502,29 @@ class _Server:
                 return
 
 
-def main(fd: int) -> None:
-    """Run a template started by ``open_template``, serving the socket ``fd``."""
-    global _shutting_down
+def main(fd: int, owner: int, sigint_blocked: bool) -> None:
+    """Run a template started by ``open_template``, serving the socket ``fd``.
+
+    ``owner`` is the pid of the process that started it. ``sigint_blocked`` says
+    that it blocked SIGINT for the start-up, so that a Ctrl-C before SIGINT is
+    ignored here cannot make this template print a KeyboardInterrupt traceback.
+    """
     _capture_fresh_signal_state()
+    if sigint_blocked:
+        _fresh_mask.discard(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sigint_blocked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGCHLD, _on_sigchld)
     signal.siginterrupt(signal.SIGCHLD, False)
     server = _Server(socket.socket(fileno=fd), [], memoryview(bytearray(RECEIVE_SIZE)))
     try:
+        # If the owner dies, even while this template runs a long command: shut down
+        # as when it closes the channel, and take everything below down too.
+        _prctl(_PR_SET_PDEATHSIG, _SIGTERM)
+        if os.getppid() != owner:
+            raise _Terminate
         server.become_template()
         _settle()
         server.reply(READY, pickle.dumps((os.getpid(), tuple(sys.version_info[:3]))))
