@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -544,3 +545,13 @@ async def test_soak_sequential_spawns_leak_nothing() -> None:
 @pytest.mark.soak
 async def test_soak_ten_thousand_sequential_spawns() -> None:
     await _soak(10_000)
+
+
+def test_the_reliability_page_names_only_tests_that_exist() -> None:
+    page = (ROOT / "docs" / "reliability.md").read_text()
+    named = set(re.findall(r"`(test_\w+)`", page))
+    defined = set()
+    for module in (ROOT / "tests").glob("test_*.py"):
+        defined.update(re.findall(r"^(?:async )?def (test_\w+)", module.read_text(), re.M))
+    assert len(named) > 20
+    assert not named - defined
