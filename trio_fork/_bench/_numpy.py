@@ -1,0 +1,115 @@
+"""The rows about a heavy import: a numpy worker from a template, or from scratch.
+
+Both kinds of worker do the same: have numpy imported, say so with one byte, and
+(for the memory rows) wait idle until told to go. The PSS rows hold several idle
+workers of one kind at a time, and never both kinds at once, so that each kind
+shares pages only with its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import anyio
+from anyio.abc import Process
+
+from .._template import Template, open_template
+from ._measure import Unavailable
+from ._system import proportional_set_size
+
+_TEMPLATE_WORKERS = """
+def numpy_ready(sock):
+    import numpy
+    sock.send(b"x")
+
+def numpy_idle(sock):
+    import numpy
+    sock.send(b"x")
+    sock.recv(1)
+"""
+_FRESH_READY = "import numpy, sys; sys.stdout.buffer.write(b'x'); sys.stdout.flush()"
+_FRESH_IDLE = _FRESH_READY + "; sys.stdin.buffer.read()"
+
+
+def check_numpy() -> None:
+    if importlib.util.find_spec("numpy") is None:
+        raise Unavailable("numpy is not installed (pip install 'trio_fork[bench]')")
+
+
+@asynccontextmanager
+async def numpy_template() -> AsyncIterator[Template]:
+    async with open_template(preload=["numpy"]) as template:
+        await template.eval(_TEMPLATE_WORKERS)
+        yield template
+
+
+async def first_spawn(template: Template) -> float:
+    """Seconds from asking a fresh numpy template for a child to that child's byte."""
+    start = time.perf_counter()
+    async with template.spawn("__main__:numpy_ready") as child:
+        byte = await child.stream.receive()
+        elapsed = time.perf_counter() - start
+    if byte != b"x" or child.returncode != 0:
+        raise RuntimeError(f"numpy child failed (status {child.returncode}, sent {byte!r})")
+    return elapsed
+
+
+async def _start_fresh(*, idle: bool) -> Process:
+    # An idle one waits for the end of its stdin, a pipe that we close to end it.
+    return await anyio.open_process(
+        [sys.executable, "-c", _FRESH_IDLE if idle else _FRESH_READY],
+        stdin=subprocess.PIPE if idle else subprocess.DEVNULL,
+        stderr=None,
+    )
+
+
+async def _ready(process: Process) -> None:
+    assert process.stdout is not None
+    try:
+        byte = await process.stdout.receive()
+    except anyio.EndOfStream:
+        byte = b""
+    if byte != b"x":
+        await process.wait()
+        raise RuntimeError(f"python -c 'import numpy' failed (status {process.returncode})")
+
+
+async def fresh_start() -> float:
+    """Seconds from starting a new interpreter that imports numpy to its byte."""
+    start = time.perf_counter()
+    async with await _start_fresh(idle=False) as process:
+        await _ready(process)
+        elapsed = time.perf_counter() - start
+    if process.returncode != 0:
+        raise RuntimeError(f"python -c 'import numpy' exited with status {process.returncode}")
+    return elapsed
+
+
+async def idle_children_pss(template: Template, count: int) -> list[int]:
+    """PSS of each of ``count`` idle children of ``template``, all alive at once."""
+    async with AsyncExitStack() as stack:
+        pids = []
+        for _ in range(count):
+            child = await stack.enter_async_context(template.spawn("__main__:numpy_idle"))
+            if await child.stream.receive() != b"x":
+                raise RuntimeError(f"numpy child {child.pid} did not get ready")
+            pids.append(child.pid)
+        # Leaving the stack closes each child's socket, which ends its wait.
+        return [proportional_set_size(pid) for pid in pids]
+
+
+async def idle_fresh_pss(count: int) -> list[int]:
+    """PSS of each of ``count`` idle fresh interpreters with numpy, all alive at once."""
+    async with AsyncExitStack() as stack:
+        processes = [
+            await stack.enter_async_context(await _start_fresh(idle=True)) for _ in range(count)
+        ]
+        for process in processes:
+            await _ready(process)
+        # Leaving the stack closes each one's stdin, which ends its wait.
+        return [proportional_set_size(process.pid) for process in processes]

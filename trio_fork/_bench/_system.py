@@ -1,0 +1,89 @@
+"""What the bench reads from the system: the machine, memory figures, and ballast."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import mmap
+import os
+import platform
+import sys
+
+from ._forkloop import resident_bytes as resident_bytes
+
+
+def proportional_set_size(pid: int) -> int:
+    """The PSS of process ``pid``: its private memory plus its share of shared pages.
+
+    A page shared by ``n`` processes counts ``1/n`` towards each, so summing the PSS
+    of a group of processes gives the memory the group really uses.
+    """
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/smaps_rollup has no Pss line")
+
+
+def allocate_ballast(megabytes: int) -> mmap.mmap:
+    """``megabytes`` of private, resident memory in this process.
+
+    It is populated at once (``MAP_POPULATE``), which is several times quicker than
+    touching every page from Python, and costs a fork the same: one page table entry
+    per 4 KiB page to copy.
+    """
+    return mmap.mmap(
+        -1,
+        megabytes << 20,
+        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE,
+    )
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def _first_line_with(path: str, prefix: str) -> str | None:
+    try:
+        with open(path) as file:
+            for line in file:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _transparent_hugepages() -> str | None:
+    # The kernel marks the mode in force with brackets: "always [madvise] never".
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as file:
+            modes = file.read().split()
+    except OSError:
+        return None
+    return next((mode[1:-1] for mode in modes if mode.startswith("[")), None)
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict[str, object]:
+    """The facts that a reader needs to compare two runs of the bench."""
+    return {
+        "cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": _first_line_with("/proc/cpuinfo", "model name"),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "executable": sys.executable,
+        "transparent_hugepages": _transparent_hugepages(),
+        "versions": {
+            name: package_version(name)
+            for name in ("trio_fork", "trio", "anyio", "trio-parallel", "numpy", "matplotlib")
+        },
+    }

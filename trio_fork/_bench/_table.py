@@ -1,0 +1,115 @@
+"""The bench's results as a text table for people."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ._report import Kind, Report, RowResult
+
+_SECTIONS = (
+    ((Kind.SPAWNS,), "New processes per second: start, send one byte back, exit, be reaped"),
+    ((Kind.CALLS,), "Calls per second to workers that are already running (no new process)"),
+    ((Kind.LATENCY, Kind.MEMORY), "A worker with numpy imported"),
+)
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f}/s" if value >= 100 else f"{value:.1f}/s"
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _mebibytes(value: float) -> str:
+    return f"{value / 2**20:.1f} MiB"
+
+
+def _size(value: float) -> str:
+    return f"{value / 2**20:.0f} MiB" if value < 2**30 else f"{value / 2**30:.2f} GiB"
+
+
+_FORMATS: dict[Kind, Callable[[float], str]] = {
+    Kind.SPAWNS: _rate,
+    Kind.CALLS: _rate,
+    Kind.LATENCY: _seconds,
+    Kind.MEMORY: _mebibytes,
+}
+
+
+def _cells(report: Report, result: RowResult) -> list[str]:
+    if result.value is None:
+        return [result.row.label, "-", result.note or "no samples"]
+    show = _FORMATS[result.row.kind]
+    spread = ""
+    if len(result.samples) > 1:
+        spread = f"{show(min(result.samples))} .. {show(max(result.samples))}"
+    versus = report.versus_floor(result.row.key)
+    return [
+        result.row.label,
+        show(result.value),
+        spread,
+        "" if versus is None else f"{versus:.2f}",
+        "" if result.parent_rss is None else _size(result.parent_rss),
+    ]
+
+
+def _header(report: Report) -> list[str]:
+    settings = report.settings
+    machine = report.machine
+    cpus = machine.get("usable_cpus")
+    memory = machine.get("memory_bytes")
+    rounds = f"{settings.rounds} round{'s' if settings.rounds > 1 else ''}"
+    return [
+        f"trio_fork bench, {settings.mode} mode on {settings.backend}: {rounds}, each rate sample "
+        f"at least {settings.sample_seconds:g} s and {settings.min_iterations} iterations",
+        f"Python {machine.get('python')}, Linux {machine.get('kernel')}, {cpus} CPUs "
+        f"({machine.get('cpu_model')}), "
+        f"{_size(memory) if isinstance(memory, int) else '?'} of memory, "
+        f"transparent huge pages: {machine.get('transparent_hugepages')}",
+        f"Load average {report.load_before[0]:.2f} before the run and "
+        f"{report.load_after[0]:.2f} after it; the run took {report.elapsed:.1f} s. "
+        "Figures are medians over the rounds (PSS: mean per process).",
+    ]
+
+
+def render(report: Report) -> str:
+    """The table: every row, every ratio against the floor, every target."""
+    lines = _header(report)
+    for kinds, title in _SECTIONS:
+        rows = [_cells(report, result) for result in report.rows if result.row.kind in kinds]
+        lines += ["", *_align([title, "median", "range", "x floor", "parent RSS"], rows)]
+    targets = []
+    for result in report.targets():
+        requirement = result.target.requirement
+        if result.value is None:
+            targets.append([result.target.figure, "-", f"{requirement}  {result.note}"])
+        else:
+            verdict = "met" if result.met else "MISSED"
+            targets.append([result.target.figure, f"{result.value:.2f}", requirement, verdict])
+    lines += [
+        "",
+        *_align(["Targets (ratios of the figures above)", "measured", "target", ""], targets),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _align(titles: list[str], rows: list[list[str]]) -> list[str]:
+    """Titles, then indented rows: the first column left-aligned, the others right.
+
+    A short row (a label, "-", then a note) is one that could not be measured; its
+    note runs on to the right instead of being aligned.
+    """
+    rows = [["  " + row[0], *row[1:]] for row in rows]
+    full = [titles, *(row for row in rows if len(row) == len(titles))]
+    widths = [max(len(row[column]) for row in full) for column in range(len(titles))]
+    widths[0] = max([widths[0], *(len(row[0]) for row in rows)])
+    lines = []
+    for row in [titles, *rows]:
+        cells = [f"{row[0]:<{widths[0]}}"]
+        if len(row) == len(titles):
+            cells += [f"{cell:>{width}}" for cell, width in zip(row[1:], widths[1:], strict=True)]
+        else:
+            cells += [f"{row[1]:>{widths[1]}}", *row[2:]]
+        lines.append("  ".join(cells).rstrip())
+    return lines
