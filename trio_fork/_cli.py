@@ -34,7 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quick", action="store_true", help="a run of seconds instead of minutes, less precise"
     )
     bench.add_argument(
-        "--json", action="store_true", help="print every figure and ratio as JSON, not a table"
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="every figure and ratio as JSON: on stdout instead of the table, or into FILE",
     )
     bench.add_argument(
         "--plot",
@@ -47,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument(
         "--rounds",
         type=_positive_int,
-        help="samples per row (default: 1 with --quick, else 5)",
+        help="samples per row (default: 1 with --quick, else 10)",
     )
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -55,14 +59,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run(args.backend)
     if args.command == "bench":
-        from ._bench import plot_problem
+        from ._bench import output_problem, plot_problem
         from ._bench import run as run_bench
 
-        if args.plot is not None and (problem := plot_problem(args.plot)) is not None:
+        for option, path in (("--plot", args.plot), ("--json", args.json)):
+            if path not in (None, "-") and (problem := output_problem(option, path)) is not None:
+                parser.error(problem)
+        if args.plot is not None and (problem := plot_problem()) is not None:
             parser.error(problem)
         return run_bench(
             quick=args.quick,
-            as_json=args.json,
+            json=args.json,
             plot=args.plot,
             backend=args.backend,
             rounds=args.rounds,

@@ -18,6 +18,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import anyio
 from anyio.abc import Process
 
+from .._errors import RemoteError
 from .._template import Template, open_template
 from ._measure import Unavailable
 from ._system import proportional_set_size
@@ -36,9 +37,22 @@ _FRESH_READY = "import numpy, sys; sys.stdout.buffer.write(b'x'); sys.stdout.flu
 _FRESH_IDLE = _FRESH_READY + "; sys.stdin.buffer.read()"
 
 
-def check_numpy() -> None:
+async def check_numpy() -> None:
+    """Raise :exc:`Unavailable` unless a template can import numpy.
+
+    Trying it in a template also brings numpy's files into the page cache, so that
+    the first timed start does not read them from disk.
+    """
+    hint = "pip install 'trio_fork[bench]'"
     if importlib.util.find_spec("numpy") is None:
-        raise Unavailable("numpy is not installed (pip install 'trio_fork[bench]')")
+        raise Unavailable(f"numpy is not installed ({hint})")
+    try:
+        async with open_template(preload=["numpy"]):
+            pass
+    except RemoteError as exc:
+        raise Unavailable(
+            f"numpy cannot be imported: {exc.type_name}: {exc.message} ({hint})"
+        ) from None
 
 
 @asynccontextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 from ._report import BALLASTS_MB, Report, ballast_key, ballast_name
 
@@ -14,15 +13,14 @@ _SERIES = (
 )
 
 
-def plot_problem(path: str) -> str | None:
-    """Why ``--plot path`` cannot work, checked before a long run; None if it can."""
+def plot_problem() -> str | None:
+    """Why ``--plot`` cannot work, checked before a long run; None if it can.
+
+    Only looked up, not imported: importing matplotlib here would grow the very
+    process whose fork the bench times.
+    """
     if importlib.util.find_spec("matplotlib") is None:
         return "--plot needs matplotlib: pip install 'trio_fork[bench]'"
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        return f"--plot: the directory {directory!r} does not exist"
-    if not os.access(directory, os.W_OK):
-        return f"--plot: the directory {directory!r} is not writable"
     return None
 
 
@@ -33,28 +31,37 @@ def draw(report: Report, path: str) -> None:
 
     figure = Figure(figsize=(8, 5), layout="constrained")
     axes = figure.subplots()
+    ticks: dict[float, str] = {}
     for base, label, style, colour in _SERIES:
-        points = [report.row(ballast_key(base, megabytes)) for megabytes in BALLASTS_MB]
-        xs = [row.parent_rss / 2**20 for row in points if row.value and row.parent_rss]
-        ys = [row.value for row in points if row.value and row.parent_rss]
+        points = []
+        for megabytes in BALLASTS_MB:
+            row = report.row(ballast_key(base, megabytes))
+            if row.value is not None and row.parent_rss is not None:
+                x = row.parent_rss / 2**20
+                points.append((x, row.value))
+                ballast = f"+ {ballast_name(megabytes)}" if megabytes else "no ballast"
+                ticks.setdefault(x, f"{x:,.0f} MiB\n({ballast})")
+        xs = [x for x, _ in points]
+        ys = [y for _, y in points]
         axes.plot(xs, ys, style, color=colour, label=label)
-        for x, y in zip(xs, ys, strict=True):
-            axes.annotate(f"{y:,.0f}/s", (x, y), textcoords="offset points", xytext=(4, 6))
+        for x, y in points:
+            axes.annotate(f"{y:,.0f}/s", (x, y), textcoords="offset points", xytext=(5, 5))
     floor = report.row("floor").value
     if floor is not None:
-        axes.axhline(floor, linestyle="--", color="grey", label="floor: a minimal Python forking")
+        axes.axhline(
+            floor, linestyle="--", color="grey", label=f"floor: a minimal Python ({floor:,.0f}/s)"
+        )
     axes.set_xscale("log")
     axes.set_yscale("log")
-    axes.set_xlabel(
-        "resident size of the parent process (MiB); ballast "
-        + ", ".join(ballast_name(megabytes) for megabytes in BALLASTS_MB)
-    )
-    axes.set_ylabel("new processes per second")
+    axes.set_xticks(list(ticks), list(ticks.values()))
+    axes.minorticks_off()
+    axes.set_xlabel("resident size of the parent process")
+    axes.set_ylabel("new processes per second (median)")
     machine = report.machine
     axes.set_title(
-        f"Spawn rate against parent size ({report.settings.mode} run, "
-        f"{machine.get('usable_cpus')} CPUs, load {report.load_before[0]:.2f})"
+        f"Spawn rate against parent size: {report.settings.mode} run, "
+        f"{machine.get('usable_cpus')} CPUs, load average {report.load_before[0]:.2f}"
     )
-    axes.grid(True, which="both", alpha=0.3)
+    axes.grid(True, alpha=0.3)
     axes.legend()
     figure.savefig(path, dpi=120)

@@ -171,9 +171,11 @@ class Settings:
 
     @classmethod
     def for_mode(cls, *, quick: bool, backend: str, rounds: int | None = None) -> Settings:
+        # Many short rounds rather than a few long ones: the round-robin then spreads
+        # changes in the machine's load more evenly over the rows.
         if quick:
             return cls("quick", backend, rounds or 1, 0.2, 3, 32, rounds or 1, 8)
-        return cls("full", backend, rounds or 5, 1.0, 5, 32, rounds or 5, 8)
+        return cls("full", backend, rounds or 10, 0.5, 5, 32, rounds or 10, 8)
 
 
 @attrs.frozen

@@ -107,10 +107,11 @@ async def _sample_group(
                 progress.step(f"skipped {label}: {exc}", count=settings.rounds)
             else:
                 samplers.append((key, sampler))
-        # The size of the parent that forks, in the rows where that is the point.
+        # This process is the parent of every row but the floor, which runs in its
+        # own interpreter and reports its own size.
         rss = resident_bytes()
         for key, _ in samplers:
-            if _ROWS[key].ballast_mb is not None:
+            if key != "floor":
                 results.rss[key] = rss
         for number in range(1, settings.rounds + 1):
             for key, sampler in samplers:
@@ -120,16 +121,15 @@ async def _sample_group(
 
 
 async def _sample_numpy(settings: Settings, results: _Results, progress: Progress) -> None:
+    progress.show("numpy: can a template import it?")
     try:
-        _numpy.check_numpy()
+        await _numpy.check_numpy()
     except Unavailable as exc:
         for row in ROWS:
             if row.key.startswith("numpy_"):
                 results.notes[row.key] = f"skipped: {exc}"
         progress.step(f"skipped the numpy rows: {exc}", count=_numpy_steps(settings))
         return
-    progress.show("numpy: one untimed fresh interpreter, to warm the page cache")
-    await _numpy.fresh_start()
     rounds = settings.start_rounds
     for number in range(1, rounds + 1):
         # A new template each round: only a template's first spawn is the point.

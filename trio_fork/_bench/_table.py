@@ -6,10 +6,12 @@ from collections.abc import Callable
 
 from ._report import Kind, Report, RowResult
 
+# Each section: the kinds of row in it, its title, and whether its rows are process
+# starts (which get a ratio to the floor and the size of the process that forked).
 _SECTIONS = (
-    ((Kind.SPAWNS,), "New processes per second: start, send one byte back, exit, be reaped"),
-    ((Kind.CALLS,), "Calls per second to workers that are already running (no new process)"),
-    ((Kind.LATENCY, Kind.MEMORY), "A worker with numpy imported"),
+    ((Kind.SPAWNS,), "New processes per second: start, send one byte back, exit, be reaped", True),
+    ((Kind.CALLS,), "Calls per second to workers that are already running", False),
+    ((Kind.LATENCY, Kind.MEMORY), "A worker with numpy imported", False),
 )
 
 
@@ -37,21 +39,19 @@ _FORMATS: dict[Kind, Callable[[float], str]] = {
 }
 
 
-def _cells(report: Report, result: RowResult) -> list[str]:
+def _cells(report: Report, result: RowResult, *, starts: bool) -> list[str]:
     if result.value is None:
         return [result.row.label, "-", result.note or "no samples"]
     show = _FORMATS[result.row.kind]
     spread = ""
     if len(result.samples) > 1:
         spread = f"{show(min(result.samples))} .. {show(max(result.samples))}"
-    versus = report.versus_floor(result.row.key)
-    return [
-        result.row.label,
-        show(result.value),
-        spread,
-        "" if versus is None else f"{versus:.2f}",
-        "" if result.parent_rss is None else _size(result.parent_rss),
-    ]
+    cells = [result.row.label, show(result.value), spread]
+    if starts:
+        versus = report.versus_floor(result.row.key)
+        cells.append("" if versus is None else f"{versus:.2f}")
+        cells.append("" if result.parent_rss is None else _size(result.parent_rss))
+    return cells
 
 
 def _header(report: Report) -> list[str]:
@@ -76,9 +76,14 @@ def _header(report: Report) -> list[str]:
 def render(report: Report) -> str:
     """The table: every row, every ratio against the floor, every target."""
     lines = _header(report)
-    for kinds, title in _SECTIONS:
-        rows = [_cells(report, result) for result in report.rows if result.row.kind in kinds]
-        lines += ["", *_align([title, "median", "range", "x floor", "parent RSS"], rows)]
+    for kinds, title, starts in _SECTIONS:
+        titles = [title, "median", "range", *(["x floor", "parent RSS"] if starts else [])]
+        rows = [
+            _cells(report, result, starts=starts)
+            for result in report.rows
+            if result.row.kind in kinds
+        ]
+        lines += ["", *_align(titles, rows)]
     targets = []
     for result in report.targets():
         requirement = result.target.requirement
