@@ -29,7 +29,8 @@ pytest: $(VENV)/.installed-test
 bench: $(VENV)/.installed-demo
 	mkdir -p bench/results
 	$(BIN)/python -m trio_fork bench --json bench/results/bench.json \
-		--plot bench/results/spawn-rate.png | tee bench/results/table.txt
+		--plot bench/results/spawn-rate.png > bench/results/table.txt
+	cat bench/results/table.txt
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
