@@ -4,6 +4,9 @@ Both kinds of worker do the same: have numpy imported, say so with one byte, and
 (for the memory rows) wait idle until told to go. The PSS rows hold several idle
 workers of one kind at a time, and never both kinds at once, so that each kind
 shares pages only with its own.
+
+Whether numpy can be imported is checked in a template, not in this process: the
+bench must not grow the parent whose fork it times.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from anyio.abc import Process
 
 from .._errors import RemoteError
 from .._template import Template, open_template
-from ._measure import Unavailable
+from ._measure import Sampler, Unavailable
 from ._system import proportional_set_size
 
 _TEMPLATE_WORKERS = """
@@ -62,8 +65,27 @@ async def numpy_template() -> AsyncIterator[Template]:
         yield template
 
 
+@asynccontextmanager
+async def first_spawns() -> AsyncIterator[Sampler]:
+    """Each sample opens a new numpy template and times its first spawn."""
+    await check_numpy()
+
+    async def sample() -> float:
+        async with numpy_template() as template:
+            return await first_spawn(template)
+
+    yield sample
+
+
+@asynccontextmanager
+async def fresh_starts() -> AsyncIterator[Sampler]:
+    """Each sample times a new interpreter that imports numpy."""
+    await check_numpy()
+    yield fresh_start
+
+
 async def first_spawn(template: Template) -> float:
-    """Seconds from asking a fresh numpy template for a child to that child's byte."""
+    """Seconds from asking a numpy template for a child to that child's byte."""
     start = time.perf_counter()
     async with template.spawn("__main__:numpy_ready") as child:
         byte = await child.stream.receive()

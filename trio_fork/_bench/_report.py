@@ -158,14 +158,12 @@ class Settings:
     mode: str
     backend: str
     rounds: int
-    """Samples per rate row, taken round-robin across the rows of a parent size."""
+    """Samples per row (but the PSS rows), taken round-robin across all rows."""
     sample_seconds: float
     """Each rate sample runs for at least this long ..."""
     min_iterations: int
     """... and at least this many iterations."""
     concurrency: int
-    start_rounds: int
-    """Samples of the numpy start-up rows (a new template and a new interpreter each)."""
     idle_processes: int
     """Idle processes of each kind whose PSS is measured."""
 
@@ -174,8 +172,8 @@ class Settings:
         # Many short rounds rather than a few long ones: the round-robin then spreads
         # changes in the machine's load more evenly over the rows.
         if quick:
-            return cls("quick", backend, rounds or 1, 0.2, 3, 32, rounds or 1, 8)
-        return cls("full", backend, rounds or 10, 0.5, 5, 32, rounds or 10, 8)
+            return cls("quick", backend, rounds or 1, 0.2, 3, 32, 8)
+        return cls("full", backend, rounds or 10, 0.5, 5, 32, 8)
 
 
 @attrs.frozen

@@ -1,10 +1,11 @@
 """The order in which the bench measures its rows, and the collection of results.
 
-Rows run in three groups, one per parent size (no ballast, 200 MB, 2 GB). Within a
-group every row is set up and warmed up first, then sampled round-robin, one sample
-per row per round, so that a change in the machine's load during the run falls on
-all rows of a group alike rather than on whichever happened to run then. The numpy
-rows run last, with no ballast.
+Every row is set up and warmed up first (untimed), then sampled round-robin, one
+sample per row per round, so that a change in the machine's load falls on all rows
+alike rather than on whichever happened to run at the time. Each round walks the
+parent sizes (no ballast, 200 MB, 2 GB) and every other round walks them backwards,
+so that a steady drift in load cancels out between the sizes, and the 2 GB ballast
+is mapped once per two rounds. The PSS rows run last, with no ballast.
 """
 
 from __future__ import annotations
@@ -14,29 +15,46 @@ import time
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import datetime, timezone
 
+from .._template import Template
 from . import _numpy, _peers, _spawns
 from ._measure import Sampler, Unavailable
 from ._progress import Progress
 from ._report import BALLASTS_MB, ROWS, Report, RowResult, Settings, ballast_key, ballast_name
-from ._system import allocate_ballast, load_average, machine, proportional_set_size, resident_bytes
+from ._system import Ballast, load_average, machine, proportional_set_size, resident_bytes
 
 _ROWS = {row.key: row for row in ROWS}
-_PEERS = (
+_NO_BALLAST_ONLY = (
+    "floor",
     "mp_fork",
     "mp_forkserver",
     "mp_spawn",
     "trio_parallel_fresh",
     "trio_parallel_cached",
     "anyio_to_process",
+    "numpy_first_spawn",
+    "numpy_fresh_start",
 )
+_PSS_STEPS = 2
 
 
-def _group(megabytes: int) -> list[str]:
-    """The rows measured while this process holds ``megabytes`` of ballast."""
-    keys = [ballast_key("os_fork", megabytes)]
-    if megabytes == 0:
-        keys = ["floor", *keys, *_PEERS]
-    return [*keys, ballast_key("trio_fork_seq", megabytes), ballast_key("trio_fork_32", megabytes)]
+def _plan() -> list[tuple[int, str]]:
+    """One round: (ballast in MB, row key) in the order they are sampled."""
+    plan = []
+    for megabytes in BALLASTS_MB:
+        keys = [
+            ballast_key("os_fork", megabytes),
+            ballast_key("trio_fork_seq", megabytes),
+            ballast_key("trio_fork_32", megabytes),
+        ]
+        if megabytes == 0:
+            keys += _NO_BALLAST_ONLY
+        plan += [(megabytes, key) for key in keys]
+    return plan
+
+
+def total_steps(settings: Settings) -> int:
+    """How many steps :func:`run_bench` reports to its progress display."""
+    return len(_plan()) * settings.rounds + _PSS_STEPS
 
 
 class _Results:
@@ -54,7 +72,9 @@ class _Results:
         )
 
 
-def _probe(key: str, settings: Settings, results: _Results) -> AbstractAsyncContextManager[Sampler]:
+def _probe(
+    key: str, settings: Settings, template: Template, results: _Results
+) -> AbstractAsyncContextManager[Sampler]:
     if key == "floor":
 
         def floor_rss(rss: int) -> None:
@@ -64,9 +84,9 @@ def _probe(key: str, settings: Settings, results: _Results) -> AbstractAsyncCont
     if key.startswith("os_fork_"):
         return _spawns.os_fork(settings)
     if key.startswith("trio_fork_seq_"):
-        return _spawns.trio_fork_spawns(settings, concurrency=1)
+        return _spawns.trio_fork_spawns(settings, template, concurrency=1)
     if key.startswith("trio_fork_32_"):
-        return _spawns.trio_fork_spawns(settings, concurrency=settings.concurrency)
+        return _spawns.trio_fork_spawns(settings, template, concurrency=settings.concurrency)
     if key == "mp_fork":
         return _peers.multiprocessing_processes(settings, multiprocessing.get_context("fork"))
     if key == "mp_forkserver":
@@ -77,73 +97,63 @@ def _probe(key: str, settings: Settings, results: _Results) -> AbstractAsyncCont
         return _peers.trio_parallel_calls(settings, fresh=key == "trio_parallel_fresh")
     if key == "anyio_to_process":
         return _peers.anyio_to_process(settings)
+    if key == "numpy_first_spawn":
+        return _numpy.first_spawns()
+    if key == "numpy_fresh_start":
+        return _numpy.fresh_starts()
     raise AssertionError(f"no probe for row {key!r}")
 
 
-def _numpy_steps(settings: Settings) -> int:
-    # A first spawn and a fresh start per round, then the two PSS measurements.
-    return 2 * settings.start_rounds + 2
-
-
-def total_steps(settings: Settings) -> int:
-    """How many steps :func:`run_bench` reports to its progress display."""
-    sampled = sum(len(_group(megabytes)) for megabytes in BALLASTS_MB) * settings.rounds
-    return sampled + _numpy_steps(settings)
-
-
-async def _sample_group(
-    megabytes: int, settings: Settings, results: _Results, progress: Progress
-) -> None:
-    where = f"parent + {ballast_name(megabytes)}" if megabytes else "no ballast"
+async def _sample_rounds(settings: Settings, results: _Results, progress: Progress) -> None:
+    plan = _plan()
     async with AsyncExitStack() as stack:
-        samplers: list[tuple[str, Sampler]] = []
-        for key in _group(megabytes):
+        ballast = stack.enter_context(Ballast())
+        template = await stack.enter_async_context(_spawns.spawn_template())
+        samplers: dict[str, Sampler] = {}
+        for _, key in plan:
             label = _ROWS[key].label
-            progress.show(f"{where}: setting up {label}")
+            progress.show(f"setting up {label}")
             try:
-                sampler = await stack.enter_async_context(_probe(key, settings, results))
+                samplers[key] = await stack.enter_async_context(
+                    _probe(key, settings, template, results)
+                )
             except Unavailable as exc:
                 results.notes[key] = f"skipped: {exc}"
                 progress.step(f"skipped {label}: {exc}", count=settings.rounds)
-            else:
-                samplers.append((key, sampler))
-        # This process is the parent of every row but the floor, which runs in its
-        # own interpreter and reports its own size.
         rss = resident_bytes()
-        for key, _ in samplers:
-            if key != "floor":
-                results.rss[key] = rss
         for number in range(1, settings.rounds + 1):
-            for key, sampler in samplers:
-                progress.step(f"{where}: {_ROWS[key].label} (round {number}/{settings.rounds})")
-                results.samples[key].append(await sampler())
-        progress.show(f"{where}: closing down")
+            for megabytes, key in plan if number % 2 else reversed(plan):
+                if key not in samplers:
+                    continue
+                if ballast.megabytes != megabytes:
+                    progress.show(f"resizing the ballast to {ballast_name(megabytes)}")
+                    ballast.resize(megabytes)
+                    rss = resident_bytes()
+                progress.step(f"{_ROWS[key].label} (round {number}/{settings.rounds})")
+                results.samples[key].append(await samplers[key]())
+                # This process is the parent in every row but the floor, which runs
+                # in its own interpreter and reports its own size.
+                if key != "floor":
+                    results.rss[key] = rss
+        ballast.resize(0)
+        progress.show("closing down the workers, templates and peers")
 
 
-async def _sample_numpy(settings: Settings, results: _Results, progress: Progress) -> None:
-    progress.show("numpy: can a template import it?")
+async def _sample_memory(settings: Settings, results: _Results, progress: Progress) -> None:
+    keys = ("numpy_child_pss", "numpy_template_pss", "numpy_fresh_pss")
     try:
         await _numpy.check_numpy()
     except Unavailable as exc:
-        for row in ROWS:
-            if row.key.startswith("numpy_"):
-                results.notes[row.key] = f"skipped: {exc}"
-        progress.step(f"skipped the numpy rows: {exc}", count=_numpy_steps(settings))
+        for key in keys:
+            results.notes[key] = f"skipped: {exc}"
+        progress.step(f"skipped the PSS rows: {exc}", count=_PSS_STEPS)
         return
-    rounds = settings.start_rounds
-    for number in range(1, rounds + 1):
-        # A new template each round: only a template's first spawn is the point.
-        progress.step(f"numpy: {_ROWS['numpy_first_spawn'].label} ({number}/{rounds})")
-        async with _numpy.numpy_template() as template:
-            results.samples["numpy_first_spawn"].append(await _numpy.first_spawn(template))
-        progress.step(f"numpy: {_ROWS['numpy_fresh_start'].label} ({number}/{rounds})")
-        results.samples["numpy_fresh_start"].append(await _numpy.fresh_start())
     count = settings.idle_processes
-    progress.step(f"numpy: PSS of {count} idle children of a numpy template")
+    progress.step(f"PSS of {count} idle children of a numpy template")
     async with _numpy.numpy_template() as template:
         results.samples["numpy_child_pss"] += await _numpy.idle_children_pss(template, count)
         results.samples["numpy_template_pss"].append(proportional_set_size(template.pid))
-    progress.step(f"numpy: PSS of {count} idle fresh interpreters with numpy")
+    progress.step(f"PSS of {count} idle fresh interpreters with numpy")
     results.samples["numpy_fresh_pss"] += await _numpy.idle_fresh_pss(count)
 
 
@@ -153,14 +163,8 @@ async def run_bench(settings: Settings, progress: Progress) -> Report:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_before = load_average()
     start = time.perf_counter()
-    for megabytes in BALLASTS_MB:
-        if megabytes == 0:
-            await _sample_group(megabytes, settings, results, progress)
-            continue
-        progress.show(f"allocating {ballast_name(megabytes)} of ballast")
-        with allocate_ballast(megabytes):
-            await _sample_group(megabytes, settings, results, progress)
-    await _sample_numpy(settings, results, progress)
+    await _sample_rounds(settings, results, progress)
+    await _sample_memory(settings, results, progress)
     return Report(
         settings=settings,
         machine=machine(),

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from .._template import open_template
+from .._template import Template, open_template
 from . import _forkloop
 from ._measure import Sampler, concurrent_rate, sequential_rate
 from ._report import Settings
@@ -56,30 +56,42 @@ async def os_fork(settings: Settings) -> AsyncIterator[Sampler]:
 
 
 @asynccontextmanager
-async def trio_fork_spawns(settings: Settings, *, concurrency: int) -> AsyncIterator[Sampler]:
+async def spawn_template() -> AsyncIterator[Template]:
+    """The template that every trio_fork spawn row forks from.
+
+    One for all parent sizes: a template is a fresh interpreter, not a copy of its
+    parent, so the rows then differ only in the ballast that the parent holds.
+    """
+    async with open_template() as template:
+        await template.eval(_WORKERS)
+        yield template
+
+
+@asynccontextmanager
+async def trio_fork_spawns(
+    settings: Settings, template: Template, *, concurrency: int
+) -> AsyncIterator[Sampler]:
     """Spawn a child from a template, receive one byte from it, wait for its exit.
 
     With ``concurrency`` above 1, that many spawns are in flight at all times.
     """
-    async with open_template() as template:
-        await template.eval(_WORKERS)
 
-        async def once() -> None:
-            async with template.spawn("__main__:one_byte") as child:
-                byte = await child.stream.receive()
-            if byte != b"x" or child.returncode != 0:
-                raise RuntimeError(
-                    f"child {child.pid} failed (status {child.returncode}, sent {byte!r})"
-                )
-
-        async def sample() -> float:
-            if concurrency == 1:
-                return await sequential_rate(once, settings.sample_seconds, settings.min_iterations)
-            return await concurrent_rate(
-                once, settings.sample_seconds, settings.min_iterations, concurrency
+    async def once() -> None:
+        async with template.spawn("__main__:one_byte") as child:
+            byte = await child.stream.receive()
+        if byte != b"x" or child.returncode != 0:
+            raise RuntimeError(
+                f"child {child.pid} failed (status {child.returncode}, sent {byte!r})"
             )
 
-        async with anyio.create_task_group() as warm_up:
-            for _ in range(concurrency):
-                warm_up.start_soon(once)
-        yield sample
+    async def sample() -> float:
+        if concurrency == 1:
+            return await sequential_rate(once, settings.sample_seconds, settings.min_iterations)
+        return await concurrent_rate(
+            once, settings.sample_seconds, settings.min_iterations, concurrency
+        )
+
+    async with anyio.create_task_group() as warm_up:
+        for _ in range(concurrency):
+            warm_up.start_soon(once)
+    yield sample

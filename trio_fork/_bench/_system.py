@@ -24,18 +24,36 @@ def proportional_set_size(pid: int) -> int:
     raise RuntimeError(f"/proc/{pid}/smaps_rollup has no Pss line")
 
 
-def allocate_ballast(megabytes: int) -> mmap.mmap:
-    """``megabytes`` of private, resident memory in this process.
+class Ballast:
+    """Private, resident memory held by this process, to make its fork expensive.
 
-    It is populated at once (``MAP_POPULATE``), which is several times quicker than
-    touching every page from Python, and costs a fork the same: one page table entry
-    per 4 KiB page to copy.
+    Held in chunks, so that growing it maps only the difference and shrinking it
+    unmaps whole chunks. Each chunk is populated at once (``MAP_POPULATE``), several
+    times quicker than touching every page from Python, and costs a fork the same:
+    one page table entry per 4 KiB page to copy.
     """
-    return mmap.mmap(
-        -1,
-        megabytes << 20,
-        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE,
-    )
+
+    def __init__(self) -> None:
+        self._chunks: list[tuple[int, mmap.mmap]] = []
+
+    def __enter__(self) -> Ballast:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.resize(0)
+
+    @property
+    def megabytes(self) -> int:
+        return sum(size for size, _ in self._chunks)
+
+    def resize(self, megabytes: int) -> None:
+        while self.megabytes > megabytes:
+            _, chunk = self._chunks.pop()
+            chunk.close()
+        if self.megabytes < megabytes:
+            size = megabytes - self.megabytes
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+            self._chunks.append((size, mmap.mmap(-1, size << 20, flags=flags)))
 
 
 def load_average() -> tuple[float, float, float]:
