@@ -43,6 +43,8 @@ EXPECTED_ROWS = {
     "numpy_child_pss",
     "numpy_fresh_pss",
     "numpy_template_pss",
+    "numpy_child_uss",
+    "numpy_fresh_uss",
 }
 EXPECTED_TARGETS = {
     "spawn_vs_floor",

@@ -24,7 +24,7 @@ from anyio.abc import Process
 from .._errors import RemoteError
 from .._template import Template, open_template
 from ._measure import Sampler, Unavailable
-from ._system import proportional_set_size
+from ._system import memory_use
 
 _TEMPLATE_WORKERS = """
 def numpy_ready(sock):
@@ -126,8 +126,8 @@ async def fresh_start() -> float:
     return elapsed
 
 
-async def idle_children_pss(template: Template, count: int) -> list[int]:
-    """PSS of each of ``count`` idle children of ``template``, all alive at once."""
+async def idle_children_memory(template: Template, count: int) -> list[tuple[int, int]]:
+    """PSS and USS of each of ``count`` idle children of ``template``, alive at once."""
     async with AsyncExitStack() as stack:
         pids = []
         for _ in range(count):
@@ -136,11 +136,11 @@ async def idle_children_pss(template: Template, count: int) -> list[int]:
                 raise RuntimeError(f"numpy child {child.pid} did not get ready")
             pids.append(child.pid)
         # Leaving the stack closes each child's socket, which ends its wait.
-        return [proportional_set_size(pid) for pid in pids]
+        return [memory_use(pid) for pid in pids]
 
 
-async def idle_fresh_pss(count: int) -> list[int]:
-    """PSS of each of ``count`` idle fresh interpreters with numpy, all alive at once."""
+async def idle_fresh_memory(count: int) -> list[tuple[int, int]]:
+    """PSS and USS of each of ``count`` idle fresh interpreters with numpy, alive at once."""
     async with AsyncExitStack() as stack:
         processes = [
             await stack.enter_async_context(await _start_fresh(idle=True)) for _ in range(count)
@@ -148,4 +148,4 @@ async def idle_fresh_pss(count: int) -> list[int]:
         for process in processes:
             await _ready(process)
         # Leaving the stack closes each one's stdin, which ends its wait.
-        return [proportional_set_size(process.pid) for process in processes]
+        return [memory_use(process.pid) for process in processes]

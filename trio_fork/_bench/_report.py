@@ -23,7 +23,7 @@ class Kind(enum.Enum):
     LATENCY = "s"
     """Seconds until a new worker is ready (median)."""
     MEMORY = "bytes"
-    """Proportional set size per process (mean, because PSS adds up)."""
+    """Memory per process (mean: PSS adds up over processes, and USS does too)."""
 
 
 @attrs.frozen
@@ -76,6 +76,8 @@ ROWS: tuple[Row, ...] = (
     Row("numpy_child_pss", "PSS of an idle child of the numpy template", Kind.MEMORY),
     Row("numpy_fresh_pss", "PSS of an idle fresh interpreter with numpy", Kind.MEMORY),
     Row("numpy_template_pss", "PSS of the numpy template itself", Kind.MEMORY),
+    Row("numpy_child_uss", "USS (private memory) of an idle child of the template", Kind.MEMORY),
+    Row("numpy_fresh_uss", "USS (private memory) of an idle fresh interpreter", Kind.MEMORY),
 )
 ROW_KEYS = frozenset(row.key for row in ROWS)
 

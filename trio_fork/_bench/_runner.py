@@ -19,8 +19,8 @@ from .._template import Template
 from . import _numpy, _peers, _spawns
 from ._measure import Sampler, Unavailable
 from ._progress import Progress
-from ._report import BALLASTS_MB, ROWS, Report, RowResult, Settings, ballast_key, ballast_name
-from ._system import Ballast, load_average, machine, proportional_set_size, resident_bytes
+from ._report import BALLASTS_MB, ROWS, Kind, Report, RowResult, Settings, ballast_key, ballast_name
+from ._system import Ballast, load_average, machine, memory_use, resident_bytes
 
 _ROWS = {row.key: row for row in ROWS}
 _NO_BALLAST_ONLY = (
@@ -34,7 +34,7 @@ _NO_BALLAST_ONLY = (
     "numpy_first_spawn",
     "numpy_fresh_start",
 )
-_PSS_STEPS = 2
+_MEMORY_STEPS = 2
 
 
 def _plan() -> list[tuple[int, str]]:
@@ -54,7 +54,7 @@ def _plan() -> list[tuple[int, str]]:
 
 def total_steps(settings: Settings) -> int:
     """How many steps :func:`run_bench` reports to its progress display."""
-    return len(_plan()) * settings.rounds + _PSS_STEPS
+    return len(_plan()) * settings.rounds + _MEMORY_STEPS
 
 
 class _Results:
@@ -140,21 +140,25 @@ async def _sample_rounds(settings: Settings, results: _Results, progress: Progre
 
 
 async def _sample_memory(settings: Settings, results: _Results, progress: Progress) -> None:
-    keys = ("numpy_child_pss", "numpy_template_pss", "numpy_fresh_pss")
+    keys = [row.key for row in ROWS if row.kind is Kind.MEMORY]
     try:
         await _numpy.check_numpy()
     except Unavailable as exc:
         for key in keys:
             results.notes[key] = f"skipped: {exc}"
-        progress.step(f"skipped the PSS rows: {exc}", count=_PSS_STEPS)
+        progress.step(f"skipped the memory rows: {exc}", count=_MEMORY_STEPS)
         return
     count = settings.idle_processes
-    progress.step(f"PSS of {count} idle children of a numpy template")
+    progress.step(f"memory of {count} idle children of a numpy template")
     async with _numpy.numpy_template() as template:
-        results.samples["numpy_child_pss"] += await _numpy.idle_children_pss(template, count)
-        results.samples["numpy_template_pss"].append(proportional_set_size(template.pid))
-    progress.step(f"PSS of {count} idle fresh interpreters with numpy")
-    results.samples["numpy_fresh_pss"] += await _numpy.idle_fresh_pss(count)
+        children = await _numpy.idle_children_memory(template, count)
+        # Taken while its children live, when its PSS is its share of what they share.
+        results.samples["numpy_template_pss"].append(memory_use(template.pid)[0])
+    progress.step(f"memory of {count} idle fresh interpreters with numpy")
+    fresh = await _numpy.idle_fresh_memory(count)
+    for kind, figures in (("child", children), ("fresh", fresh)):
+        results.samples[f"numpy_{kind}_pss"] += [pss for pss, _ in figures]
+        results.samples[f"numpy_{kind}_uss"] += [uss for _, uss in figures]
 
 
 async def run_bench(settings: Settings, progress: Progress) -> Report:

@@ -11,17 +11,22 @@ import sys
 from ._forkloop import resident_bytes as resident_bytes
 
 
-def proportional_set_size(pid: int) -> int:
-    """The PSS of process ``pid``: its private memory plus its share of shared pages.
+def memory_use(pid: int) -> tuple[int, int]:
+    """The PSS and the USS of process ``pid``, in bytes.
 
-    A page shared by ``n`` processes counts ``1/n`` towards each, so summing the PSS
-    of a group of processes gives the memory the group really uses.
+    PSS is its private memory plus its share of the pages it shares: a page shared by
+    ``n`` processes counts ``1/n`` towards each, so the PSS of a group of processes
+    adds up to the memory the group uses. USS is its private memory alone: what
+    ending it would give back.
     """
+    fields: dict[str, int] = {}
     with open(f"/proc/{pid}/smaps_rollup") as rollup:
         for line in rollup:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/{pid}/smaps_rollup has no Pss line")
+            name, _, value = line.partition(":")
+            if value.endswith("kB\n"):
+                fields[name] = int(value.split()[0]) * 1024
+    private = fields["Private_Clean"] + fields["Private_Dirty"] + fields["Private_Hugetlb"]
+    return fields["Pss"], private
 
 
 class Ballast:
