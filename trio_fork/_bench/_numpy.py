@@ -1,7 +1,7 @@
 """The rows about a heavy import: a numpy worker from a template, or from scratch.
 
 Both kinds of worker do the same: have numpy imported, say so with one byte, and
-(for the memory rows) wait idle until told to go. The PSS rows hold several idle
+(for the memory rows) wait idle until told to go. The memory rows hold several idle
 workers of one kind at a time, and never both kinds at once, so that each kind
 shares pages only with its own.
 
@@ -17,14 +17,17 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
-from anyio.abc import Process
 
 from .._errors import RemoteError
 from .._template import Template, open_template
 from ._measure import Sampler, Unavailable
 from ._system import memory_use
+
+if TYPE_CHECKING:
+    from anyio.abc import Process
 
 _TEMPLATE_WORKERS = """
 def numpy_ready(sock):

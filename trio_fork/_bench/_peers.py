@@ -13,11 +13,14 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
+from typing import TYPE_CHECKING
 
 import anyio.to_process
 
 from ._measure import Sampler, Unavailable, blocking_rate, sequential_rate
-from ._report import Settings
+
+if TYPE_CHECKING:
+    from ._report import Settings
 
 _INSTALL_HINT = "pip install 'trio_fork[bench]'"
 

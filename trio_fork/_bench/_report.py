@@ -160,7 +160,7 @@ class Settings:
     mode: str
     backend: str
     rounds: int
-    """Samples per row (but the PSS rows), taken round-robin across all rows."""
+    """Samples per row (but the memory rows), taken round-robin across all rows."""
     sample_seconds: float
     """Each rate sample runs for at least this long ..."""
     min_iterations: int

@@ -5,7 +5,7 @@ sample per row per round, so that a change in the machine's load falls on all ro
 alike rather than on whichever happened to run at the time. Each round walks the
 parent sizes (no ballast, 200 MB, 2 GB) and every other round walks them backwards,
 so that a steady drift in load cancels out between the sizes, and the 2 GB ballast
-is mapped once per two rounds. The PSS rows run last, with no ballast.
+is mapped once per two rounds. The memory rows run last, with no ballast.
 """
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ import multiprocessing
 import time
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
-from .._template import Template
 from . import _numpy, _peers, _spawns
 from ._measure import Sampler, Unavailable
-from ._progress import Progress
 from ._report import BALLASTS_MB, ROWS, Kind, Report, RowResult, Settings, ballast_key, ballast_name
 from ._system import Ballast, load_average, machine, memory_use, resident_bytes
+
+if TYPE_CHECKING:
+    from .._template import Template
+    from ._progress import Progress
 
 _ROWS = {row.key: row for row in ROWS}
 _NO_BALLAST_ONLY = (

@@ -5,13 +5,16 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 
 from .._template import Template, open_template
 from . import _forkloop
 from ._measure import Sampler, concurrent_rate, sequential_rate
-from ._report import Settings
+
+if TYPE_CHECKING:
+    from ._report import Settings
 
 # Defined in the template with eval() so that children never import this package
 # (and with it trio and anyio): a child costs what a user's minimal worker costs.
