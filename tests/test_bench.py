@@ -211,10 +211,13 @@ def test_json_has_every_target(runs: Runs) -> None:
         if key.startswith("numpy"):
             assert target["value"] is None
             assert target["met"] is None
+            assert target["per_round"] == []
             assert "not measured" in target["note"]
         else:
             assert target["value"] > 0
             assert target["met"] in (True, False)
+            # One round in quick mode, so the ratio in that round is the ratio.
+            assert target["per_round"] == [pytest.approx(target["value"])]
     assert report["settings"]["mode"] == "quick"
     assert report["settings"]["backend"] == "asyncio"
     assert report["machine"]["cpus"] >= 1

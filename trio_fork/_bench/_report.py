@@ -200,6 +200,9 @@ class RowResult:
 class TargetResult:
     target: Target
     value: float | None
+    """The ratio of the two rows' figures."""
+    per_round: tuple[float, ...] = ()
+    """The ratio within each round, whose spread shows how much noise the run had."""
     note: str | None = None
 
     @property
@@ -245,10 +248,19 @@ class Report:
             ]
             if missing:
                 why = "; ".join(f"{row.row.label}: {row.note or 'no samples'}" for row in missing)
-                results.append(TargetResult(target, None, f"not measured ({why})"))
-            else:
-                value = _ratio(self.row(target.numerator).value, self.row(target.denominator).value)
-                results.append(TargetResult(target, value))
+                results.append(TargetResult(target, None, note=f"not measured ({why})"))
+                continue
+            numerator, denominator = self.row(target.numerator), self.row(target.denominator)
+            value = _ratio(numerator.value, denominator.value)
+            per_round: tuple[float, ...] = ()
+            # Rows sampled in the rounds pair up round by round; the memory rows'
+            # samples are processes, which do not.
+            if numerator.row.kind is not Kind.MEMORY:
+                per_round = tuple(
+                    top / bottom
+                    for top, bottom in zip(numerator.samples, denominator.samples, strict=True)
+                )
+            results.append(TargetResult(target, value, per_round))
         return tuple(results)
 
     def to_json(self) -> dict[str, object]:
@@ -281,6 +293,7 @@ class Report:
                     "numerator": result.target.numerator,
                     "denominator": result.target.denominator,
                     "value": result.value,
+                    "per_round": list(result.per_round),
                     "target": result.target.requirement,
                     "met": result.met,
                     "note": result.note,

@@ -89,13 +89,14 @@ def render(report: Report) -> str:
         requirement = result.target.requirement
         if result.value is None:
             targets.append([result.target.figure, "-", f"{requirement}  {result.note}"])
-        else:
-            verdict = "met" if result.met else "MISSED"
-            targets.append([result.target.figure, f"{result.value:.2f}", requirement, verdict])
-    lines += [
-        "",
-        *_align(["Targets (ratios of the figures above)", "measured", "target", ""], targets),
-    ]
+            continue
+        spread = ""
+        if len(result.per_round) > 1:
+            spread = f"{min(result.per_round):.2f} .. {max(result.per_round):.2f}"
+        verdict = "met" if result.met else "MISSED"
+        targets.append([result.target.figure, f"{result.value:.2f}", spread, requirement, verdict])
+    titles = ["Targets (ratios of the figures above)", "ratio", "in each round", "target", ""]
+    lines += ["", *_align(titles, targets)]
     return "\n".join(lines) + "\n"
 
 
