@@ -6,10 +6,12 @@ import importlib.util
 
 from ._report import BALLASTS_MB, Report, ballast_key, ballast_name
 
+# Row, legend, marker and line, colour, and where the figures go (points from the
+# marker), staggered because the series can run close together.
 _SERIES = (
-    ("os_fork", "os.fork() of the parent", "o-", "tab:red"),
-    ("trio_fork_seq", "trio_fork spawn, one at a time", "s-", "tab:blue"),
-    ("trio_fork_32", "trio_fork spawn, 32 at a time", "^-", "tab:green"),
+    ("os_fork", "os.fork() of the parent", "o-", "tab:red", (6, -16)),
+    ("trio_fork_seq", "trio_fork spawn, one at a time", "s-", "tab:blue", (6, -5)),
+    ("trio_fork_32", "trio_fork spawn, 32 at a time", "^-", "tab:green", (6, 6)),
 )
 
 
@@ -32,7 +34,7 @@ def draw(report: Report, path: str) -> None:
     figure = Figure(figsize=(8, 5), layout="constrained")
     axes = figure.subplots()
     ticks: dict[float, str] = {}
-    for base, label, style, colour in _SERIES:
+    for base, label, style, colour, offset in _SERIES:
         points = []
         for megabytes in BALLASTS_MB:
             row = report.row(ballast_key(base, megabytes))
@@ -45,7 +47,7 @@ def draw(report: Report, path: str) -> None:
         ys = [y for _, y in points]
         axes.plot(xs, ys, style, color=colour, label=label)
         for x, y in points:
-            axes.annotate(f"{y:,.0f}/s", (x, y), textcoords="offset points", xytext=(5, 5))
+            axes.annotate(f"{y:,.0f}/s", (x, y), textcoords="offset points", xytext=offset)
     floor = report.row("floor").value
     if floor is not None:
         axes.axhline(
@@ -53,6 +55,9 @@ def draw(report: Report, path: str) -> None:
         )
     axes.set_xscale("log")
     axes.set_yscale("log")
+    low, high = axes.get_ylim()
+    # Room for the figures written below the lowest point and above the highest.
+    axes.set_ylim(low / 1.6, high * 1.3)
     axes.set_xticks(list(ticks), list(ticks.values()))
     axes.minorticks_off()
     axes.set_xlabel("resident size of the parent process")
@@ -60,7 +65,8 @@ def draw(report: Report, path: str) -> None:
     machine = report.machine
     axes.set_title(
         f"Spawn rate against parent size: {report.settings.mode} run, "
-        f"{machine.get('usable_cpus')} CPUs, load average {report.load_before[0]:.2f}"
+        f"{machine.get('usable_cpus')} CPUs, load average {report.load_before[0]:.2f} "
+        f"before, {report.load_after[0]:.2f} after"
     )
     axes.grid(True, alpha=0.3)
     axes.legend()
