@@ -49,6 +49,13 @@ def process_alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] not in "ZX"
 
 
+async def wait_until_dead(pid: int, seconds: float = 5.0) -> None:
+    """Poll until ``pid`` is not running: process states have no event to wait on."""
+    with anyio.fail_after(seconds):
+        while process_alive(pid):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
 def descendants(root: int | None = None) -> dict[int, str]:
     """Every process below ``root`` (default: this one), zombies included: pid -> state."""
     root = os.getpid() if root is None else root

@@ -1,11 +1,13 @@
 """The parent's end of a command channel, and async I/O on raw process sockets.
 
-A template answers its commands one at a time and in order, so replies are matched
-to requests by position. Commands are written as soon as they are issued: a frame
-goes into a write queue whole, and the queue is flushed on the spot when the socket
-has room (nearly always), or by the writer task when it has not. A caller cancelled
-while waiting for its reply therefore never leaves half a frame behind; its reply is
-discarded when it arrives, and a process forked for it is killed.
+Commands are numbered in the order they are sent; a template answers them one at a
+time, in order, and each reply carries the number of its command, so a command may
+also go unanswered: a SPAWN that works is confirmed by the child itself. Commands
+are written as soon as they are issued: a frame goes into a write queue whole, and
+the queue is flushed on the spot when the socket has room (nearly always), or by the
+writer task when it has not. A caller cancelled while waiting for its reply
+therefore never leaves half a frame behind; its reply is discarded when it arrives,
+and a process made for it is killed.
 """
 
 from __future__ import annotations
@@ -21,17 +23,26 @@ import attrs
 
 from ._errors import BrokenTemplateError, RemoteError
 from ._protocol import (
+    ANCILLARY_SIZE,
     ERROR,
+    EXIT_STATUS,
     EXITED,
+    FORK,
     FORKED,
     HEADER,
+    KILL,
+    PID,
+    READY,
     RECEIVE_SIZE,
+    SEQ,
+    SPAWN,
     Frame,
     FrameReader,
     Segment,
     ancillary,
     close_all,
     encode,
+    parse_ancillary,
     receive,
 )
 
@@ -41,10 +52,15 @@ _FAIRNESS = 16
 
 @attrs.define(eq=False)
 class ExitSlot:
-    """Where a process's exit status arrives; ``code`` stays None if it is lost."""
+    """Where the end of a process made by a FORK or SPAWN command is reported.
+
+    ``code`` is its exit status. ``error`` is set instead when the command failed
+    and no process was made. Both stay None if the channel broke first.
+    """
 
     event: anyio.Event = attrs.field(factory=anyio.Event)
     code: int | None = None
+    error: RemoteError | None = None
 
 
 @attrs.define(eq=False)
@@ -59,7 +75,8 @@ class Reply:
 
 
 def remote_error(frame: Frame) -> RemoteError:
-    type_name, message, remote_traceback = pickle.loads(frame.payload)
+    """The RemoteError an ERROR frame describes."""
+    type_name, message, remote_traceback = pickle.loads(frame.payload[SEQ.size :])
     return RemoteError(type_name, message, remote_traceback)
 
 
@@ -72,40 +89,62 @@ def kill_pidfd(pidfd: int) -> None:
 
 @attrs.define(eq=False)
 class Channel:
-    """Commands to a process that serves them, and its replies and exit reports."""
+    """Commands to a template, and its replies and exit reports."""
 
     _sock: socket.socket
     name: str
-    _pending: deque[Reply] = attrs.field(factory=deque)
+    _sent: int = 0
+    _ready: Reply | None = None
+    _replies: dict[int, Reply] = attrs.field(factory=dict)
     _exits: dict[int, ExitSlot] = attrs.field(factory=dict)
     _outbox: deque[Segment] = attrs.field(factory=deque)
     _wake_writer: anyio.Event = attrs.field(factory=anyio.Event)
+    _writer_busy: bool = False
     _broken: BrokenTemplateError | None = None
     _closed: bool = False
 
     def __attrs_post_init__(self) -> None:
         self._sock.setblocking(False)
 
-    def expect(self) -> Reply:
-        """A reply slot for a frame the process sends unasked (its READY)."""
-        reply = Reply()
-        self._pending.append(reply)
-        return reply
+    def expect_ready(self) -> Reply:
+        """Where the READY of a template being started arrives."""
+        self._ready = Reply()
+        return self._ready
 
     def command(
         self, op: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()
     ) -> Reply:
-        """Queue a command; the channel owns ``fds`` and closes them once sent."""
+        """Send a command that is answered; the channel owns ``fds`` and closes them."""
+        seq = self._queue(op, payload, fds)
+        reply = self._replies[seq] = Reply()
+        if op == FORK:
+            reply.slot = self._exits[seq] = ExitSlot()
+        self._flush()
+        return reply
+
+    def spawn(self, payload: bytes, fds: list[int]) -> tuple[int, ExitSlot]:
+        """Send SPAWN: its sequence number, and the slot where its end is reported."""
+        seq = self._queue(SPAWN, payload, fds)
+        slot = self._exits[seq] = ExitSlot()
+        self._flush()
+        return seq, slot
+
+    def kill(self, seq: int) -> None:
+        """Have the template SIGKILL what command ``seq`` made, if it still lives."""
+        if seq in self._exits and not self._closed and self._broken is None:
+            self._queue(KILL, SEQ.pack(seq), ())
+            self._flush()
+
+    def _queue(self, op: int, payload: bytes, fds: list[int] | tuple[int, ...]) -> int:
+        # What waits for the answer must be registered before the flush: a flush that
+        # finds the template dead fails everything registered, at once.
         if self._closed or self._broken is not None:
             close_all(list(fds))
             self.check()
-        reply = Reply()
-        self._pending.append(reply)
-        idle = not self._outbox
+        seq = self._sent
+        self._sent += 1
         self._outbox.extend(encode(op, payload, fds))
-        if idle:
-            self._flush()
-        return reply
+        return seq
 
     def check(self) -> None:
         """Raise if the channel can no longer carry commands."""
@@ -137,7 +176,7 @@ class Channel:
             reply.frame = None
 
     async def forked(self, reply: Reply) -> tuple[int, int, ExitSlot]:
-        """Pid, pidfd and exit slot of the process a FORK command made."""
+        """Pid, pidfd and exit slot of the template a FORK command made."""
         frame = await self.wait(reply)
         assert reply.slot is not None
         if frame.fds_lost:
@@ -145,42 +184,61 @@ class Channel:
                 "the pidfd of a new process was lost in transit: the kernel truncated the "
                 "control message (is RLIMIT_NOFILE too low?)"
             )
-        return pickle.loads(frame.payload), frame.fds[0], reply.slot
+        (pid,) = PID.unpack_from(frame.payload, SEQ.size)
+        return pid, frame.fds[0], reply.slot
 
     def _flush(self) -> None:
+        if self._writer_busy:
+            return  # the writer task has the socket until it has room again
+        if not self._send_queued():
+            self._writer_busy = True
+            self._wake_writer.set()
+
+    def _send_queued(self) -> bool:
+        """Send what is queued; False if the socket is full."""
         while self._outbox:
             data, fds = self._outbox[0]
             try:
                 sent = self._sock.sendmsg([data], ancillary(fds))
             except BlockingIOError:
-                self._wake_writer.set()
-                return
+                return False
             except OSError as exc:
                 self._break(exc)
-                return
+                return True
             close_all(fds)
             if sent < len(data):
                 self._outbox[0] = (data[sent:], [])
             else:
                 self._outbox.popleft()
+        return True
 
     async def run(self) -> None:
-        """Read replies and flush writes until the channel closes or breaks."""
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self._write)
-            await self._read()
-            task_group.cancel_scope.cancel()
+        """Read replies and flush writes until the channel is closed or breaks.
+
+        Not cancellable: when the block that owns the template is cancelled, the
+        blocks nested in it still need this channel while they clean up (the exits
+        of their children and templates are reported here). :meth:`close` ends it.
+        """
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(self._write)
+                await self._read()
+                task_group.cancel_scope.cancel()
 
     async def _write(self) -> None:
         while True:
             await self._wake_writer.wait()
+            if self._closed:
+                return
             self._wake_writer = anyio.Event()
-            while self._outbox and self._broken is None:
+            while self._broken is None:
                 try:
                     await anyio.wait_writable(self._sock)
                 except anyio.ClosedResourceError:
                     return
-                self._flush()
+                if self._send_queued():
+                    break
+            self._writer_busy = False
 
     async def _read(self) -> None:
         reader = FrameReader()
@@ -209,24 +267,37 @@ class Channel:
             cause = exc
         finally:
             reader.close()
-            if not self._closed:
-                self._break(cause)
+        if not self._closed:
+            self._break(cause)
 
     def _dispatch(self, frame: Frame) -> None:
+        if frame.op == READY and self._ready is not None:
+            ready, self._ready = self._ready, None
+            self._deliver(ready, frame)
+            return
         if frame.op == EXITED:
-            pid, code = pickle.loads(frame.payload)
-            slot = self._exits.pop(pid, None)
+            seq, code = EXIT_STATUS.unpack(frame.payload)
+            slot = self._exits.pop(seq, None)
             if slot is not None:
                 slot.code = code
                 slot.event.set()
             return
-        if not self._pending:
+        (seq,) = SEQ.unpack_from(frame.payload)
+        reply = self._replies.pop(seq, None)
+        if frame.op == ERROR:
+            # No process was made: nothing will be reported for it.
+            slot = self._exits.pop(seq, None)
+            if reply is None and slot is not None:
+                slot.error = remote_error(frame)
+                slot.event.set()
+                return
+        if reply is None:
             _discard(frame)
             self._break(None, f"{self.name} sent an unexpected reply")
             return
-        reply = self._pending.popleft()
-        if frame.op == FORKED and not reply.abandoned:
-            reply.slot = self._exits[pickle.loads(frame.payload)] = ExitSlot()
+        self._deliver(reply, frame)
+
+    def _deliver(self, reply: Reply, frame: Frame) -> None:
         if reply.abandoned:
             _discard(frame)
         else:
@@ -242,86 +313,77 @@ class Channel:
         self._fail_all(error)
 
     def _fail_all(self, error: BaseException) -> None:
-        while self._pending:
-            reply = self._pending.popleft()
+        waiting = list(self._replies.values())
+        if self._ready is not None:
+            waiting.append(self._ready)
+        for reply in waiting:
             reply.error = error
             reply.event.set()
         for slot in self._exits.values():
             slot.event.set()
+        self._ready = None
+        self._replies.clear()
         self._exits.clear()
         while self._outbox:
             close_all(self._outbox.popleft()[1])
 
     def close(self) -> None:
-        """Close our end: the process sees end of file and shuts down."""
+        """Close our end: the template sees end of file and shuts down."""
         if self._closed:
             return
         self._closed = True
         self._fail_all(anyio.ClosedResourceError(f"{self.name} is closed"))
+        self._wake_writer.set()
         anyio.notify_closing(self._sock)
         self._sock.close()
 
 
 def _discard(frame: Frame) -> None:
-    # A reply nobody waits for any more: a process forked for it must not live on.
+    # A reply nobody waits for any more: a template forked for it must not live on.
     if frame.op == FORKED:
         for pidfd in frame.fds:
             kill_pidfd(pidfd)
     close_all(frame.fds)
 
 
-async def send_frame(sock: socket.socket, op: int, payload: bytes, fds: list[int]) -> None:
-    """Send one frame on a non-blocking socket; ``fds`` are closed once sent."""
-    await send_segments(sock, encode(op, payload, fds))
-
-
-async def send_segments(sock: socket.socket, segments: list[Segment]) -> None:
-    pending = deque(segments)
-    try:
-        while pending:
-            data, fds = pending[0]
-            try:
-                sent = sock.sendmsg([data], ancillary(fds))
-            except BlockingIOError:
-                await anyio.wait_writable(sock)
-                continue
-            close_all(fds)
-            if sent < len(data):
-                pending[0] = (data[sent:], [])
-            else:
-                pending.popleft()
-    finally:
-        for _, fds in pending:
-            close_all(fds)
-
-
-async def receive_exactly(sock: socket.socket, size: int) -> bytes | None:
-    """Exactly ``size`` bytes, or None at end of file before the first byte."""
-    data = bytearray()
+async def _receive_into(sock: socket.socket, data: bytearray, size: int, fds: list[int]) -> bool:
+    """Receive until ``data`` holds ``size`` bytes, never more; False at end of file."""
     while len(data) < size:
         try:
-            chunk = sock.recv(size - len(data))
+            chunk, ancdata, _, _ = sock.recvmsg(
+                size - len(data), ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+            )
         except BlockingIOError:
             await anyio.wait_readable(sock)
             continue
+        fds.extend(parse_ancillary(ancdata))
         if not chunk:
-            if data:
-                raise ConnectionResetError("end of file in the middle of a frame")
-            return None
+            return False
         data += chunk
-    return bytes(data)
+    return True
 
 
 async def receive_frame(sock: socket.socket) -> Frame | None:
-    """One frame without descriptors, reading no byte past it; None at end of file."""
-    header = await receive_exactly(sock, HEADER.size)
-    if header is None:
-        return None
-    op, nfds, length = HEADER.unpack(header)
-    payload = b""
-    if length:
-        body = await receive_exactly(sock, length)
-        if body is None:
+    """One frame, reading no byte past it; None at end of file before it.
+
+    For the first frame a new child sends on its own socket, before its target runs
+    and starts using the socket for itself.
+    """
+    data = bytearray()
+    fds: list[int] = []
+    try:
+        # Every first frame is at least this long (STARTED is exactly): one recvmsg.
+        if not await _receive_into(sock, data, HEADER.size + PID.size, fds):
+            if data:
+                raise ConnectionResetError("end of file in the middle of a frame")
+            return None
+        op, nfds, length = HEADER.unpack_from(data)
+        if not await _receive_into(sock, data, HEADER.size + length, fds):
             raise ConnectionResetError("end of file in the middle of a frame")
-        payload = body
-    return Frame(op, payload, [], nfds != 0)
+    except BaseException:
+        close_all(fds)
+        raise
+    if len(fds) != nfds:
+        close_all(fds)
+        return Frame(op, bytes(data[HEADER.size :]), [], True)
+    return Frame(op, bytes(data[HEADER.size :]), fds, False)
