@@ -267,8 +267,12 @@ class Channel:
             cause = exc
         finally:
             reader.close()
-        if not self._closed:
-            self._break(cause)
+            # Also when this task is cancelled in spite of the shield in run(): asyncio
+            # cancels every task it finds when asyncio.run() ends, and the exits this
+            # channel would have reported must not be waited for, forever, by blocks
+            # cleaning up in those tasks (they fall back to the pidfd).
+            if not self._closed:
+                self._break(cause)
 
     def _dispatch(self, frame: Frame) -> None:
         if frame.op == READY and self._ready is not None:

@@ -519,16 +519,22 @@ def main(fd: int, owner: int, sigint_blocked: bool) -> None:
     signal.signal(signal.SIGCHLD, _on_sigchld)
     signal.siginterrupt(signal.SIGCHLD, False)
     server = _Server(socket.socket(fileno=fd), [], memoryview(bytearray(RECEIVE_SIZE)))
+    global _shutting_down
     try:
-        # If the owner dies, even while this template runs a long command: shut down
-        # as when it closes the channel, and take everything below down too.
-        _prctl(_PR_SET_PDEATHSIG, _SIGTERM)
-        if os.getppid() != owner:
-            raise _Terminate
-        server.become_template()
-        _settle()
-        server.reply(READY, pickle.dumps((os.getpid(), tuple(sys.version_info[:3]))))
-        server.serve()
+        try:
+            # If the owner dies, even while this template runs a long command: shut
+            # down as when it closes the channel, and take everything below down too.
+            _prctl(_PR_SET_PDEATHSIG, _SIGTERM)
+            if os.getppid() != owner:
+                raise _Terminate
+            server.become_template()
+            _settle()
+            server.reply(READY, pickle.dumps((os.getpid(), tuple(sys.version_info[:3]))))
+            server.serve()
+        finally:
+            # The owner closes the channel and then sends SIGTERM: a SIGTERM that
+            # lands after serve() returned must be caught here too, not in shutdown().
+            _shutting_down = True
     except (_Terminate, _ChannelClosed):
         pass
     server.shutdown()
