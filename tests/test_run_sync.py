@@ -250,6 +250,8 @@ def test_functions_and_classes_defined_in_main(tmp_path: Path, anyio_backend: st
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["Point(x=2, y=4)", "3"]
+    # The default context, its workers and its template end quietly with the run.
+    assert result.stderr == ""
 
 
 def test_a_main_module_that_runs_the_program_when_loaded(tmp_path: Path) -> None:
