@@ -328,6 +328,17 @@ class Connection:
         which runs after them: one system call and one wake-up of the worker per
         batch instead of per call.
         """
+        if now and not self._outbox and len(buffers) == 1:
+            # The common case, kept short: one frame, and the socket has room.
+            try:
+                sent = self._sock.send(buffers[0])
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return  # the worker is gone: its exit fails the requests
+            if sent == len(buffers[0]):
+                return
+            buffers = [buffers[0][sent:]]
         for buffer in buffers:
             self._outbox.append(memoryview(buffer))
         if self._writer_busy:

@@ -84,7 +84,8 @@ class FrameDecoder:
 
         Raises :exc:`BlockingIOError` when a non-blocking receive finds nothing.
         """
-        self._make_room()
+        if len(self._buffer) - self._end < RECEIVE_SIZE:
+            self._make_room()
         with memoryview(self._buffer) as view:
             count = sock.recv_into(view[self._end :], 0, flags)
         self._end += count

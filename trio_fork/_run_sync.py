@@ -111,6 +111,7 @@ class WorkerContext:
             await self._load_main_for(fn, args)
         if limiter is None:
             limiter = current_default_worker_limiter()
+        wait = wait_for if kill_on_cancel else _wait_shielded
         if isinstance(limiter, anyio.CapacityLimiter):
             # The same as "async with limiter", without its schedule point when a
             # token is free: the wait for the result yields anyway.
@@ -119,20 +120,15 @@ class WorkerContext:
             except anyio.WouldBlock:
                 await limiter.acquire()
             try:
-                await self._run(request, kill_on_cancel)
+                self._pool._submit(request)
+                await wait(request, self._pool._withdraw)
             finally:
                 limiter.release()
         else:
             async with limiter:
-                await self._run(request, kill_on_cancel)
+                self._pool._submit(request)
+                await wait(request, self._pool._withdraw)
         return outcome(request, PICKLE, originals=True)  # type: ignore[no-any-return]
-
-    async def _run(self, request: Request, kill_on_cancel: bool) -> None:
-        self._pool._submit(request)
-        if kill_on_cancel:
-            await wait_for(request, self._pool._withdraw)
-        else:
-            await _wait_shielded(request)
 
     def statistics(self) -> WorkerContextStatistics:
         """How many workers are idle and how many are running calls."""
@@ -419,11 +415,12 @@ def _settings(
     return _Settings(modules, limits, init, check)
 
 
-async def _wait_shielded(request: Request) -> None:
+async def _wait_shielded(request: Request, withdraw: object = None) -> None:
     """Wait for a call that cancellation must not stop.
 
     The same as waiting in a shielded cancel scope, without paying for one on every
-    call: the scope is entered only when a cancellation comes. The call then runs to
+    call: the scope is entered only when a cancellation comes. (``withdraw`` is
+    there to match :func:`wait_for`: such a call is never taken back.) The call then runs to
     completion and its outcome is returned; the cancellation, still pending, takes
     effect at the caller's next checkpoint.
     """
