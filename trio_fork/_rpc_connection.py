@@ -178,6 +178,7 @@ class Connection:
     _idle: anyio.Event | None = None
     _wait_readable: Callable[[socket.socket], Awaitable[None]] = attrs.field(init=False)
     _closed_error: type[Exception] = attrs.field(init=False)
+    _loop: Any = None
 
     def __attrs_post_init__(self) -> None:
         self._sock.setblocking(False)
@@ -190,6 +191,12 @@ class Connection:
             self._wait_readable = trio.lowlevel.wait_readable
             self._closed_error = trio.ClosedResourceError
         else:
+            # On asyncio, a reader callback that stays registered hands out the
+            # replies as they come: waiting callers registering and unregistering
+            # the socket for every call would cost two system calls each time.
+            import asyncio
+
+            self._loop = asyncio.get_running_loop()
             self._wait_readable = anyio.wait_readable
             self._closed_error = anyio.ClosedResourceError
 
@@ -265,6 +272,10 @@ class Connection:
         Returns early when another task is reading (after being woken), when the
         request moves elsewhere, or when the socket can no longer be read.
         """
+        if self._loop is not None:
+            # On asyncio the reader callback reads; callers only wait to be woken.
+            await sleep_until_woken(request)
+            return
         if self._reading:
             self._followers[request] = None
             try:
@@ -294,6 +305,8 @@ class Connection:
         Also flushes writes the socket had no room for.
         """
         what = "was stopped"
+        if self._loop is not None:
+            self._loop.add_reader(self._sock, self._on_readable)
         try:
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(self._write_later)
@@ -303,6 +316,8 @@ class Connection:
             self._drain()
             what = _describe_status(status)
         finally:
+            if self._loop is not None:
+                self._loop.remove_reader(self._sock)
             self.readable = False
             self._lose(what)
             # Wake a caller still waiting for the socket: there is nothing more.
@@ -415,6 +430,22 @@ class Connection:
             if handled >= _FAIRNESS:
                 handled = 0
                 await anyio.lowlevel.checkpoint()
+
+    def _on_readable(self) -> None:
+        """asyncio's reader callback: hand out what has come."""
+        try:
+            received = self._decoder.receive(self._sock)
+        except BlockingIOError:
+            return
+        except OSError:
+            received = 0
+        if not received:
+            self._loop.remove_reader(self._sock)
+            self.readable = False
+            self._end_of_file.set()
+            return
+        while (frame := self._decoder.next_frame()) is not None:
+            self._dispatch(*frame)
 
     def _drain(self) -> None:
         """Hand out whatever a dead worker left in the socket."""
