@@ -81,7 +81,7 @@ class Pool:
     _pickled_options: bytes
     _serializer: Serializer
     _task_group: TaskGroup
-    _timer_wake: anyio.Event
+    _timer: anyio.CancelScope
     _timer_deadline: float
     _opening: set[Slot]
     _opened: anyio.Event
@@ -103,7 +103,7 @@ class Pool:
         self._template = template
         self._pickled_options = pickle_options(options)
         self._serializer = options["serializer"]
-        self._timer_wake = anyio.Event()
+        self._timer = anyio.CancelScope()
         self._timer_deadline = math.inf
         self._opening = set()
         self._opened = anyio.Event()
@@ -177,15 +177,16 @@ class Pool:
         # A finite timer deadline is the earliest one known; later changes can only
         # move deadlines later, except for a start the policy put off (flagged).
         if actions.timer or self._timer_deadline == math.inf:
-            if self._state.next_deadline() < self._timer_deadline:
-                self._timer_wake.set()
+            deadline = self._state.next_deadline()
+            if deadline < self._timer_deadline:
+                # Moved, not woken: no task switch on the path of every call.
+                self._timer_deadline = self._timer.deadline = deadline
 
     async def _run_timer(self) -> None:
         while True:
             self._timer_deadline = deadline = self._state.next_deadline()
-            with anyio.CancelScope(deadline=deadline):
-                await self._timer_wake.wait()
-            self._timer_wake = anyio.Event()
+            with anyio.CancelScope(deadline=deadline) as self._timer:
+                await anyio.sleep_forever()
             self._apply(self._state.tick(self._now()))
 
     async def _open(self) -> None:

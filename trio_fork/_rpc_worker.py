@@ -84,9 +84,30 @@ def serve(sock: socket.socket, pickled_options: bytes) -> None:
         _SyncWorker(sock, function, options).main(init, options["init_args"])
 
 
-def apply(function: Callable[..., Any], *args: Any) -> Any:
-    """The function of ``run_sync`` workers: call the function that came with the call."""
-    return function(*args)
+# Functions that came pickled with calls, by their pickle: a worker that is called
+# with the same function again and again finds it once.
+_functions: dict[bytes, Callable[..., Any]] = {}
+_MAX_FUNCTIONS = 256
+
+
+def apply(function: bytes, *args: Any) -> Any:
+    """The function of ``run_sync`` workers: call the function that came with the call.
+
+    It comes pickled on its own (the parent pickles each function once), and is
+    unpickled once per worker.
+    """
+    found = _functions.get(function)
+    if found is None:
+        try:
+            found = pickle.loads(function)
+        except Exception as exc:
+            raise RuntimeError(
+                f"the worker could not load the function to call: {type(exc).__name__}: {exc}"
+            ) from exc
+        if len(_functions) >= _MAX_FUNCTIONS:
+            _functions.clear()
+        _functions[function] = found
+    return found(*args)
 
 
 LOADING_MAIN = False

@@ -21,8 +21,9 @@ import io
 import os
 import pickle
 import sys
+import types
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, final
 
@@ -81,6 +82,7 @@ class WorkerContext:
     _pool: Pool
     _main_loaded: bool
     _main_lock: anyio.Lock
+    _checkpoint_if_cancelled: Callable[[], Awaitable[None]]
 
     @classmethod
     def _create(cls, template: Template, pool: Pool, main_loaded: bool) -> WorkerContext:
@@ -89,6 +91,12 @@ class WorkerContext:
         self._pool = pool
         self._main_loaded = main_loaded
         self._main_lock = anyio.Lock()
+        # The backend's own, looked up once: anyio's looks the backend up each time.
+        self._checkpoint_if_cancelled = (
+            trio.lowlevel.checkpoint_if_cancelled
+            if sniffio.current_async_library() == "trio"
+            else anyio.lowlevel.checkpoint_if_cancelled
+        )
         return self
 
     def __repr__(self) -> str:
@@ -105,7 +113,7 @@ class WorkerContext:
         limiter: AbstractAsyncContextManager[Any] | None = None,
     ) -> T:
         """Run ``fn(*args)`` in a worker of this context (see :func:`run_sync`)."""
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        await self._checkpoint_if_cancelled()
         request = _request(fn, args, kill_on_cancel)
         if not self._main_loaded and b"__main__" in request.payload:
             await self._load_main_for(fn, args)
@@ -440,21 +448,39 @@ def _request(fn: Callable[..., Any], args: tuple[Any, ...], kill_on_cancel: bool
     if not callable(fn):
         raise TypeError(f"run_sync: fn must be callable, not {type(fn).__name__}")
     try:
-        # PICKLE's own dumps(), without the indirection: this is every call's path.
-        return Request(pickle.dumps((fn, *args), pickle.HIGHEST_PROTOCOL), kill_on_cancel)
+        function = _pickled_function(fn)
+    except Exception as exc:
+        raise TypeError(
+            f"run_sync: {fn!r} cannot be sent to a worker ({exc}): pass a function "
+            "defined at the top level of a module"
+        ) from exc
+    try:
+        # pickle itself rather than PICKLE.dumps(): this is every call's path.
+        return Request(pickle.dumps((function, *args), pickle.HIGHEST_PROTOCOL), kill_on_cancel)
     except Exception:
         pass
     try:
-        return make_request(PICKLE, (fn, *args), kill_on_cancel, listen=False)
+        return make_request(PICKLE, args, kill_on_cancel, listen=False)
     except TypeError as exc:
-        try:
-            pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
-        except Exception as fn_exc:
-            raise TypeError(
-                f"run_sync: {fn!r} cannot be sent to a worker ({fn_exc}): pass a function "
-                "defined at the top level of a module"
-            ) from fn_exc
         raise TypeError(f"run_sync: {exc}") from exc.__cause__
+
+
+# Plain functions and built-ins (those that pickle by reference, and live as long as
+# their module) are pickled once; other callables, such as partials, every time.
+_pickled_functions: dict[Callable[..., Any], bytes] = {}
+_MAX_PICKLED_FUNCTIONS = 256
+
+
+def _pickled_function(fn: Callable[..., Any]) -> bytes:
+    if type(fn) not in (types.FunctionType, types.BuiltinFunctionType):
+        return pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
+    pickled = _pickled_functions.get(fn)
+    if pickled is None:
+        pickled = pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
+        if len(_pickled_functions) >= _MAX_PICKLED_FUNCTIONS:
+            _pickled_functions.clear()
+        _pickled_functions[fn] = pickled
+    return pickled
 
 
 class _MainFinder(pickle.Pickler):
