@@ -21,6 +21,7 @@ import attrs
 
 from ._errors import BrokenTemplateError, RemoteError
 from ._protocol import (
+    ANCILLARY_SIZE,
     ERROR,
     EXITED,
     FORKED,
@@ -29,9 +30,11 @@ from ._protocol import (
     Frame,
     FrameReader,
     Segment,
+    _padding,
     ancillary,
     close_all,
     encode,
+    parse_ancillary,
     receive,
 )
 
@@ -82,6 +85,10 @@ class Channel:
     _wake_writer: anyio.Event = attrs.field(factory=anyio.Event)
     _broken: BrokenTemplateError | None = None
     _closed: bool = False
+    # Kept here rather than in _read so that hand_over() can see a partial frame.
+    _reader: FrameReader = attrs.field(factory=FrameReader)
+    _handed_over: bool = False
+    _idle: anyio.Event | None = None
 
     def __attrs_post_init__(self) -> None:
         self._sock.setblocking(False)
@@ -96,7 +103,7 @@ class Channel:
         self, op: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()
     ) -> Reply:
         """Queue a command; the channel owns ``fds`` and closes them once sent."""
-        if self._closed or self._broken is not None:
+        if self._closed or self._broken is not None or self._handed_over:
             close_all(list(fds))
             self.check()
         reply = Reply()
@@ -109,6 +116,11 @@ class Channel:
 
     def check(self) -> None:
         """Raise if the channel can no longer carry commands."""
+        if self._handed_over:
+            raise anyio.ClosedResourceError(f"{self.name} was handed over to another owner")
+        self._check_alive()
+
+    def _check_alive(self) -> None:
         if self._closed:
             raise anyio.ClosedResourceError(f"{self.name} is closed")
         if self._broken is not None:
@@ -183,7 +195,7 @@ class Channel:
                 self._flush()
 
     async def _read(self) -> None:
-        reader = FrameReader()
+        reader = self._reader
         buffer = memoryview(bytearray(RECEIVE_SIZE))
         cause: BaseException | None = None
         try:
@@ -232,6 +244,8 @@ class Channel:
         else:
             reply.frame = frame
             reply.event.set()
+        if self._idle is not None:
+            self._idle.set()
 
     def _break(self, cause: BaseException | None, message: str | None = None) -> None:
         if self._broken is not None:
@@ -251,6 +265,40 @@ class Channel:
         self._exits.clear()
         while self._outbox:
             close_all(self._outbox.popleft()[1])
+        if self._idle is not None:
+            self._idle.set()
+
+    async def hand_over(self) -> socket.socket:
+        """Stop using the channel, and return a copy of its socket for a new owner.
+
+        Refuses new commands at once, then waits until every command already issued
+        has been answered, so that the new owner starts at a frame boundary and is
+        owed no reply of ours. Refused while a process forked through this channel
+        runs: its exit status would be reported to the new owner. If cancelled while
+        waiting, the channel stays ours and usable.
+        """
+        self.check()
+        self._handed_over = True
+        try:
+            while True:
+                self._check_alive()
+                if self._exits:
+                    raise RuntimeError(
+                        f"{len(self._exits)} process(es) forked from {self.name} are still "
+                        "running: leave their blocks before handing the template over"
+                    )
+                if not self._pending and not self._reader.buffered:
+                    break
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        except BaseException:
+            self._handed_over = False
+            raise
+        finally:
+            self._idle = None
+        sock = self._sock.dup()
+        self.close()
+        return sock
 
     def close(self) -> None:
         """Close our end: the process sees end of file and shuts down."""
@@ -325,3 +373,42 @@ async def receive_frame(sock: socket.socket) -> Frame | None:
             raise ConnectionResetError("end of file in the middle of a frame")
         payload = body
     return Frame(op, payload, [], nfds != 0)
+
+
+async def receive_frame_with_fds(sock: socket.socket) -> Frame | None:
+    """One frame and its descriptors, reading no byte past it; None at end of file.
+
+    For the first frame on a socket that a :class:`Channel` takes over afterwards.
+    """
+    data = bytearray()
+    fds: list[int] = []
+    truncated = False
+    size = HEADER.size
+    try:
+        while len(data) < size:
+            try:
+                chunk, ancdata, flags, _ = sock.recvmsg(
+                    size - len(data), ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                await anyio.wait_readable(sock)
+                continue
+            fds.extend(parse_ancillary(ancdata))
+            truncated = truncated or bool(flags & socket.MSG_CTRUNC)
+            if not chunk:
+                if data:
+                    raise ConnectionResetError("end of file in the middle of a frame")
+                return None
+            data += chunk
+            if len(data) == HEADER.size:
+                _, nfds, length = HEADER.unpack(data)
+                size = HEADER.size + length + _padding(nfds, length)
+    except BaseException:
+        close_all(fds)
+        raise
+    op, nfds, length = HEADER.unpack_from(data)
+    payload = bytes(data[HEADER.size : HEADER.size + length])
+    if truncated or len(fds) != nfds:
+        close_all(fds)
+        return Frame(op, payload, [], True)
+    return Frame(op, payload, fds, False)

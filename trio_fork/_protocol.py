@@ -39,6 +39,15 @@ ARGS = 3
 FDS = 4
 FORK = 5
 RUN = 6
+SERVE_FORKS = 7
+"""Start serving fork requests on the ``SOCK_SEQPACKET`` socket this frame carries.
+
+Each request there is one message carrying two descriptors: the new template's
+channel socket, and the write end of a pipe that the server closes once it has reaped
+that template. The new template announces itself on its channel with ``READY``.
+"""
+HELLO = 8
+"""Ask a process who it is: it answers ``READY`` with its pid and a pidfd of itself."""
 
 # Replies and events, process to parent.
 READY = 16

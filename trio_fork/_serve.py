@@ -10,6 +10,11 @@ forked below it is orphaned to an init that may never reap it.
 
 A template ends when its owner closes the channel (end of file) or sends SIGTERM:
 it kills and reaps everything below it, then exits.
+
+A template can also serve fork requests (``SERVE_FORKS``) that arrive as single
+messages on a ``SOCK_SEQPACKET`` socket, from any thread or process that holds the
+other end, without a reply owed on its own channel: that is how a template outlives
+one event loop (see ``trio_fork._handle``).
 """
 
 from __future__ import annotations
@@ -33,22 +38,26 @@ from trio_fork._protocol import (
     FDS,
     FORK,
     FORKED,
+    HELLO,
     OK,
     READY,
     RECEIVE_SIZE,
     REQUIRE,
     RUN,
+    SERVE_FORKS,
     STARTED,
     Frame,
     FrameReader,
     close_all,
     describe_exception,
     encode,
+    parse_ancillary,
     receive,
     send_blocking,
 )
 
 _PR_SET_PDEATHSIG = 1
+_REQUEST_ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 4)
 _PR_SET_CHILD_SUBREAPER = 36
 _CO_COROUTINE = 0x80
 
@@ -240,6 +249,10 @@ class _Server:
         self.wakeup: tuple[int, int] | None = None
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
+        # SERVE_FORKS: the request socket, and for each template forked on request
+        # the pipe to close once it is reaped.
+        self.forks: socket.socket | None = None
+        self.reaped: dict[int, int] = {}
 
     def reply(self, op: int, value: object = None, fds: list[int] | tuple[int, ...] = ()) -> None:
         payload = b"" if value is None else pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
@@ -265,7 +278,9 @@ class _Server:
                     self.handle(frame)
                     continue
                 for fd, _ in self.poller.poll():
-                    if fd != self.sock.fileno():
+                    if self.forks is not None and fd == self.forks.fileno():
+                        self.fork_on_request()
+                    elif fd != self.sock.fileno():
                         self.reap()
                     elif not receive(self.sock, self.reader, self.buffer):
                         return
@@ -283,6 +298,9 @@ class _Server:
             if op == FORK:
                 self.fork(frame.fds)
                 return
+            if op == HELLO:
+                self.hello()
+                return
             if op == RUN:
                 self.run(frame)
             elif op == REQUIRE:
@@ -294,6 +312,8 @@ class _Server:
                 self.queue.extend(pickle.loads(frame.payload))
             elif op == FDS:
                 self.queue.extend(frame.fds)
+            elif op == SERVE_FORKS:
+                self.serve_forks(frame.fds)
             else:
                 raise ValueError(f"unknown command {op}")
         except (_Terminate, _ChannelClosed):
@@ -344,7 +364,66 @@ class _Server:
         finally:
             os.close(pidfd)
 
-    def after_fork_in_child(self, fd: int) -> NoReturn:
+    def hello(self) -> None:
+        pidfd = os.pidfd_open(os.getpid())
+        try:
+            self.reply(READY, (os.getpid(), tuple(sys.version_info[:3])), [pidfd])
+        finally:
+            os.close(pidfd)
+
+    def serve_forks(self, fds: list[int]) -> None:
+        if len(fds) != 1:
+            raise ValueError("SERVE_FORKS takes exactly one socket")
+        if self.forks is not None:
+            raise ValueError("this process already serves fork requests")
+        requests = socket.socket(fileno=fds.pop())
+        if requests.type != socket.SOCK_SEQPACKET:
+            requests.close()
+            raise ValueError("SERVE_FORKS needs a SOCK_SEQPACKET socket")
+        if self.wakeup is None:
+            self.become_template()
+        self.forks = requests
+        self.poller.register(requests, select.POLLIN)
+
+    def fork_on_request(self) -> None:
+        assert self.forks is not None
+        try:
+            data, ancdata, flags, _ = self.forks.recvmsg(
+                1, _REQUEST_ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return
+        fds = parse_ancillary(ancdata)
+        if not data and not fds:
+            # Every requester is gone: stay a template, just stop listening.
+            self.poller.unregister(self.forks)
+            self.forks.close()
+            self.forks = None
+            return
+        if len(fds) != 2 or flags & socket.MSG_CTRUNC:
+            # Not a request we can answer; closing what came tells the sender.
+            close_all(fds)
+            return
+        channel, reaped = fds
+        _flush_stdio()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            # The requester waits on the new channel: tell it there.
+            try:
+                with socket.socket(fileno=os.dup(channel)) as sock:
+                    send_blocking(sock, encode(ERROR, pickle.dumps(describe_exception(exc))))
+            except OSError:
+                pass
+            close_all(fds)
+            return
+        if pid == 0:
+            os.close(reaped)
+            self.after_fork_in_child(channel, announce=True)
+        os.close(channel)
+        self.reaped[pid] = reaped
+
+    def after_fork_in_child(self, fd: int, announce: bool = False) -> NoReturn:
         code = 1
         try:
             _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -355,10 +434,19 @@ class _Server:
             self.sock.close()
             if self.wakeup is not None:
                 close_all(list(self.wakeup))
+            if self.forks is not None:
+                self.forks.close()
+            close_all(list(self.reaped.values()))
             self.reader.close()
             server = _Server(socket.socket(fileno=fd), list(self.queue), self.buffer)
+            if announce:
+                server.hello()
             server.serve()
             server.shutdown()
+            code = 0
+        except (_Terminate, _ChannelClosed):
+            # Ended or given up on before it served anything (the requester of a
+            # fork left): nothing to report.
             code = 0
         except BaseException:
             sys.excepthook(*sys.exc_info())
@@ -394,6 +482,9 @@ class _Server:
             if pid in self.children:
                 self.children.discard(pid)
                 self.reply(EXITED, (pid, os.waitstatus_to_exitcode(status)))
+            reaped = self.reaped.pop(pid, None)
+            if reaped is not None:
+                os.close(reaped)
 
     def shutdown(self) -> None:
         """Kill and reap everything below this process."""
@@ -434,3 +525,29 @@ def main(fd: int) -> None:
         pass
     server.shutdown()
     _flush_stdio()
+
+
+def main_in_fork(fd: int, parent: int) -> NoReturn:
+    """Serve ``fd`` in a process just forked from a running program, then exit.
+
+    Used by ``trio_fork.fork_main_template``: the program, with everything it has
+    imported, becomes a template. It never returns into the program's code, and never
+    runs the program's ``atexit`` handlers.
+    """
+    code = 1
+    try:
+        # End with the program even if another process keeps its end of the channel
+        # open. Safe here: the program had one thread, the one that forked us.
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == parent:
+            # As for a template from open_template: workers must not read the
+            # program's terminal.
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
+            main(fd)
+            code = 0
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+    finally:
+        _exit(code)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from ._protocol import ARGS, ERROR, EVAL, FDS, FORK, REQUIRE, RUN, STARTED, clos
 
 if TYPE_CHECKING:
     from ._channel import Reply
+    from ._handle import TemplateHandle
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,6 +52,9 @@ _bootstrap()
 _MIN_VERSION = (3, 10)
 _CLOSE_TIMEOUT = 5.0
 
+# Set by trio_fork.start_early(): open_template() then forks from it.
+_early: TemplateHandle | None = None
+
 
 class _HasFileno(Protocol):
     def fileno(self) -> int: ...
@@ -75,6 +80,10 @@ class Template:
     _pidfd: int
     _exit: ExitSlot | None
     _process: subprocess.Popen[bytes] | None
+    # How the end of a template that is neither our child (``_process``) nor reported
+    # on a channel we read (``_exit``) is known: ``_pidfd`` turns readable when it
+    # exits, and ``_reaped``, if set, when the fork server that made it has reaped it.
+    _reaped: int | None
 
     @classmethod
     def _create(
@@ -84,6 +93,7 @@ class Template:
         pidfd: int,
         exit: ExitSlot | None,
         process: subprocess.Popen[bytes] | None,
+        reaped: int | None = None,
     ) -> Template:
         self = cls.__new__(cls)
         self._channel = channel
@@ -91,6 +101,7 @@ class Template:
         self._pidfd = pidfd
         self._exit = exit
         self._process = process
+        self._reaped = reaped
         channel.name = f"template {pid}"
         return self
 
@@ -101,8 +112,13 @@ class Template:
     def pid(self) -> int:
         """The template's process id.
 
-        A template from :func:`open_template` is a child of this process; one from
-        :meth:`fork` is a child of the template it was forked from.
+        A template from :func:`open_template` is a child of this process, or of the
+        early template once :func:`start_early` has run. One from :meth:`fork` is a
+        child of the template it was forked from, one from
+        :meth:`TemplateHandle.open` a child of the handle's process, and one from
+        :func:`adopt_template` a child of whichever process made it. Whoever its parent
+        is, the pid stays valid (it cannot be reused) until the block that gave you
+        the template ends; signals are sent through a pidfd.
         """
         return self._pid
 
@@ -217,6 +233,27 @@ class Template:
             await child._abort(deliver_cancel)
             raise
 
+    async def export(self) -> socket.socket:
+        """Hand this template's control channel over, to adopt it in another process.
+
+        Waits until every command issued so far has been answered, then returns the
+        channel's socket. Send it to another process (for example with
+        ``child.stream.send_fds``), close your copy, and call :func:`adopt_template`
+        there. This :class:`Template` can no longer be used: its methods raise
+        :exc:`anyio.ClosedResourceError`.
+
+        The hand-over moves the channel, not the lifetime. The template still ends
+        when the block that gave it to you ends, and it also ends as soon as the
+        adopter's block ends (the channel reaches end of file), whichever comes
+        first.
+
+        Raises:
+            RuntimeError: A child or forked template of this template is still
+                running: its exit status would be reported to the adopter.
+            BrokenTemplateError: The template died.
+        """
+        return await self._channel.hand_over()
+
     async def _request(self, op: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
         await self._channel.wait(self._channel.command(op, payload, fds or ()))
 
@@ -300,6 +337,8 @@ class Template:
                 self._send_signal(signal.SIGKILL)
                 await self._wait_exit()
             os.close(self._pidfd)
+            if self._reaped is not None:
+                os.close(self._reaped)
 
     def _send_signal(self, sig: int) -> None:
         try:
@@ -310,8 +349,9 @@ class Template:
     def _exited(self) -> bool:
         if self._process is not None:
             return self._process.returncode is not None
-        assert self._exit is not None
-        return self._exit.event.is_set()
+        if self._exit is not None:
+            return self._exit.event.is_set()
+        return _readable(self._pidfd) and (self._reaped is None or _readable(self._reaped))
 
     async def _wait_exit(self) -> None:
         if self._exit is not None:
@@ -321,6 +361,8 @@ class Template:
         await anyio.wait_readable(self._pidfd)
         if self._process is not None:
             self._process.wait()
+        elif self._reaped is not None:
+            await anyio.wait_readable(self._reaped)
 
     async def _handshake(self, ready: Reply, python: str) -> None:
         assert self._process is not None
@@ -339,6 +381,12 @@ class Template:
                 f"the template runs Python {'.'.join(map(str, version))}; trio_fork needs "
                 f"{'.'.join(map(str, _MIN_VERSION))} or later"
             )
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 async def _reap(pid: int, pidfd: int, slot: ExitSlot) -> int | None:
@@ -376,16 +424,27 @@ async def open_template(
             process's).
         cwd: The template's working directory, as in :mod:`subprocess`.
 
+    After :func:`start_early`, and unless ``python`` is given, the template is forked
+    from the early template instead of started: it is the same pristine template,
+    with this process's current ``sys.path``, working directory and environment (or
+    ``cwd`` and ``env``) applied to it.
+
     Raises:
         OSError: The interpreter could not be started.
         BrokenTemplateError: The template exited before it was ready.
         RemoteError: A preloaded module failed to import.
     """
     modules = _module_names(preload, "preload")
+    early = _early
+    if early is not None and python is None and not early.closed:
+        async with early._open_aligned(modules, env, cwd) as template:
+            yield template
+        return
     executable = os.fspath(python) if python is not None else sys.executable
     if not executable:
         raise RuntimeError("sys.executable is unknown here: pass python= to open_template")
-    process, channel = _launch(executable, env, cwd)
+    process, ours = _launch(executable, env, cwd)
+    channel = Channel(ours, f"template {process.pid}")
     try:
         pidfd = os.pidfd_open(process.pid)
     except BaseException:
@@ -404,7 +463,8 @@ async def open_template(
 
 def _launch(
     executable: str, env: Mapping[str, str] | None, cwd: str | os.PathLike[str] | None
-) -> tuple[subprocess.Popen[bytes], Channel]:
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start a template interpreter; our end of its channel is returned blocking."""
     ours, theirs = socket.socketpair()
     path = [os.path.abspath(entry) for entry in sys.path if isinstance(entry, str)]
     try:
@@ -423,7 +483,7 @@ def _launch(
         ) from None
     finally:
         theirs.close()
-    return process, Channel(ours, f"template {process.pid}")
+    return process, ours
 
 
 def _module_names(modules: Iterable[str], where: str) -> list[str]:

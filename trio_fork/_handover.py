@@ -1,0 +1,77 @@
+"""Adopting a template whose control channel another process handed over."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from ._channel import Channel, receive_frame_with_fds, remote_error, send_frame
+from ._errors import BrokenTemplateError
+from ._protocol import ERROR, EXITED, HELLO, READY, close_all
+from ._template import FileDescriptorLike, Template, _dup
+
+
+@asynccontextmanager
+async def adopt_template(channel: FileDescriptorLike) -> AsyncIterator[Template]:
+    """Take over a template from the channel socket that :meth:`Template.export` gave.
+
+    The counterpart of AnyEvent::Fork's ``new_from_fh``. The template is unchanged:
+    it has whatever was imported, evaluated and queued in it before the hand-over,
+    and the full :class:`Template` API. It is not a child of this process, but
+    :attr:`Template.pid` is its real pid, asked from the template itself.
+
+    Leaving the block ends the template and everything it started (its channel
+    closes, as when an :func:`open_template` block ends), and waits until it has
+    exited; whoever made it reaps it. The exporter's block can also end it first:
+    then this side gets :exc:`BrokenTemplateError`.
+
+    Args:
+        channel: The socket (or its descriptor) received from the exporter. It is
+            duplicated: close your copy once the template is adopted, and do not
+            use it for anything else.
+
+    Raises:
+        TypeError: ``channel`` is not a Unix stream socket.
+        BrokenTemplateError: The template has ended, or ``channel`` does not lead to
+            one.
+    """
+    sock = socket.socket(fileno=_dup(channel, "adopt_template", 0))
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.close()
+        raise TypeError(f"adopt_template: {channel!r} is not a Unix stream socket")
+    try:
+        sock.setblocking(False)
+        pid, pidfd = await _hello(sock)
+    except BaseException:
+        sock.close()
+        raise
+    template = Template._create(Channel(sock, ""), pid, pidfd, None, None)
+    async with template._serving():
+        yield template
+
+
+async def _hello(sock: socket.socket) -> tuple[int, int]:
+    """Ask the template for its pid and a pidfd; read no byte past the answer."""
+    try:
+        await send_frame(sock, HELLO, b"", [])
+        while True:
+            frame = await receive_frame_with_fds(sock)
+            # Exit reports of processes the exporter forked may still be on their way.
+            if frame is None or frame.op != EXITED:
+                break
+    except OSError as exc:
+        raise BrokenTemplateError("the adopted template died or its channel broke") from exc
+    if frame is None:
+        raise BrokenTemplateError("the adopted template has ended (its channel is closed)")
+    if frame.op == ERROR:
+        raise remote_error(frame)
+    if frame.op != READY or len(frame.fds) != 1:
+        close_all(frame.fds)
+        raise BrokenTemplateError(
+            f"the socket given to adopt_template does not lead to a template (it answered "
+            f"{frame.op})"
+        )
+    pid, _ = pickle.loads(frame.payload)
+    return int(pid), frame.fds[0]
