@@ -69,3 +69,14 @@ def descendants(root: int | None = None) -> dict[int, str]:
                 found[pid] = description
                 frontier.append(pid)
     return found
+
+
+def open_fds() -> dict[int, str]:
+    """This process's file descriptors: fd -> what it refers to."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the descriptor listdir itself used
+    return fds

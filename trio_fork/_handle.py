@@ -205,7 +205,7 @@ class TemplateHandle:
 
     def _check_ready(self, ready: Frame | None) -> tuple[int, int]:
         if ready is None:
-            raise BrokenTemplateError(f"{self!r} ended before it could fork a template")
+            raise BrokenTemplateError(f"the process of {self!r} has died")
         if ready.op == ERROR:
             raise remote_error(ready)
         if ready.op != READY or len(ready.fds) != 1:
