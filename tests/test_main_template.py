@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import subprocess
 import sys
@@ -11,78 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-import anyio
 import pytest
-import trio
 
 import trio_fork
-from tests import targets
-from tests.helpers import process_alive, process_exists, receive
-
-
-def parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as file:
-        return int(file.read().rsplit(")", 1)[1].split()[1])
-
-
-def test_this_process_as_a_template_in_runs_of_both_backends() -> None:
-    # Something only this process has, to show that workers get a copy of it.
-    targets.SENTINEL = os.urandom(8).hex()  # type: ignore[attr-defined]
-    try:
-        with trio_fork.fork_main_template() as handle:
-            assert parent_of(handle.pid) == os.getpid()
-
-            async def main() -> tuple[int, dict[str, object], object]:
-                async with handle.open() as template:
-                    assert parent_of(template.pid) == handle.pid
-                    env = await _report(template)
-                    await template.eval("import tests.targets as t; t.SENTINEL = 'changed'")
-                    async with template.spawn(_report_sentinel) as child:
-                        changed = await receive(child.stream)
-                    return template.pid, env, changed
-
-            results = [trio.run(main), anyio.run(main, backend="asyncio"), trio.run(main)]
-        assert not process_exists(handle.pid)
-    finally:
-        del targets.SENTINEL  # type: ignore[attr-defined]
-    pids = {pid for pid, _, _ in results}
-    assert len(pids) == 3
-    for pid, env, changed in results:
-        assert env["ppid"] == pid
-        assert env["stdin"] == "/dev/null"
-        # Everything this program had imported when it forked, pytest included.
-        assert {"pytest", "trio", "tests.test_main_template"} <= set(env["modules"])  # type: ignore[call-overload]
-        # Each run forks the handle's template afresh: one run's changes are gone.
-        assert env["sentinel"] != "changed"
-        assert changed == "changed"
-
-
-async def _report(template: trio_fork.Template) -> dict[str, object]:
-    async with template.spawn(_report_everything) as child:
-        result: dict[str, object] = await receive(child.stream)
-    return result
-
-
-def _report_everything(sock: object) -> None:
-    import socket
-
-    assert isinstance(sock, socket.socket)
-    targets.send(
-        sock,
-        {
-            "ppid": os.getppid(),
-            "stdin": os.readlink("/proc/self/fd/0"),
-            "modules": sorted(sys.modules),
-            "sentinel": getattr(targets, "SENTINEL", None),
-        },
-    )
-
-
-def _report_sentinel(sock: object) -> None:
-    import socket
-
-    assert isinstance(sock, socket.socket)
-    targets.send(sock, getattr(targets, "SENTINEL", None))
+from tests.helpers import process_alive, process_exists
 
 
 @pytest.mark.anyio
@@ -96,7 +28,7 @@ def test_refused_while_other_threads_run() -> None:
     thread = threading.Thread(target=stop.wait, name="a-thread-with-a-distinct-name")
     thread.start()
     try:
-        with pytest.raises(RuntimeError, match=r"1 other thread.*a-thread-with-a-distinct-name"):
+        with pytest.raises(RuntimeError, match=r"other thread.*a-thread-with-a-distinct-name"):
             trio_fork.fork_main_template()
     finally:
         stop.set()
@@ -105,12 +37,26 @@ def test_refused_while_other_threads_run() -> None:
 
 PROGRAM = textwrap.dedent(
     """
-    import atexit, os, sys, time
+    import atexit, json, os, sys, time
 
     import anyio, trio, trio_fork
 
+    SENTINEL = "original"
+
+    def parent_of(pid):
+        with open(f"/proc/{pid}/stat") as file:
+            return int(file.read().rsplit(")", 1)[1].split()[1])
+
     def worker(sock, label):
-        sock.sendall(f"{label} {os.getpid()}".encode())
+        report = {
+            "label": label,
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "sentinel": SENTINEL,
+            "stdin": os.readlink("/proc/self/fd/0"),
+            "imported": "json" in sys.modules and "trio" in sys.modules,
+        }
+        sock.sendall(json.dumps(report).encode())
 
     def sleep_forever(sock):
         sock.sendall(str(os.getpid()).encode())
@@ -123,12 +69,18 @@ PROGRAM = textwrap.dedent(
 
     atexit.register(check_at_exit)
     HANDLE = trio_fork.fork_main_template()
-    print("handle", HANDLE.pid, flush=True)
+    print("handle", HANDLE.pid, parent_of(HANDLE.pid) == os.getpid(), flush=True)
 
     async def main(label):
         async with HANDLE.open() as template:
-            async with template.spawn("__main__:worker", label) as child:
-                print("worker", (await child.stream.receive()).decode(), flush=True)
+            assert parent_of(template.pid) == HANDLE.pid
+            for step in ("before", "after"):
+                async with template.spawn("__main__:worker", label) as child:
+                    report = json.loads(await child.stream.receive())
+                report["template"] = template.pid
+                print("worker", step, json.dumps(report), flush=True)
+                # Changes the opened template only: the next run starts afresh.
+                await template.eval("SENTINEL = 'changed'")
 
     trio.run(main, "trio")
     anyio.run(main, "asyncio", backend="asyncio")
@@ -157,24 +109,37 @@ def run_program(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
-def test_a_program_uses_its_own_functions_and_ends_the_template_at_exit(tmp_path: Path) -> None:
+def test_a_program_forks_itself_and_uses_it_in_runs_of_both_backends(tmp_path: Path) -> None:
     with run_program(tmp_path) as program:
         out, _ = program.communicate(timeout=60)
     assert program.returncode == 0, out
     lines = out.splitlines()
+    assert lines[0].split()[2] == "True"  # the handle's template is the program's child
     handle_pid = int(lines[0].split()[1])
-    workers = [line.split() for line in lines if line.startswith("worker")]
-    assert [label for _, label, _ in workers] == ["trio", "asyncio", "trio-again"]
+    reports = [(line.split()[1], json.loads(line.split(maxsplit=2)[2])) for line in lines[1:-1]]
+    assert [(step, report["label"]) for step, report in reports] == [
+        (step, label) for label in ("trio", "asyncio", "trio-again") for step in ("before", "after")
+    ]
+    templates = {report["template"] for _, report in reports}
+    assert len(templates) == 3
+    assert handle_pid not in templates
+    for step, report in reports:
+        assert report["ppid"] == report["template"]
+        assert report["stdin"] == "/dev/null"
+        # A worker is a copy of the program: its functions, globals and imports.
+        assert report["imported"] is True
+        assert report["sentinel"] == ("original" if step == "before" else "changed")
+    # The handle ended with the interpreter, before the program's own exit code ran.
     assert lines[-1] == "alive after exit: False"
     assert not process_exists(handle_pid)
-    assert not any(process_exists(int(pid)) for _, _, pid in workers)
+    assert not any(process_exists(pid) for pid in templates)
 
 
 def test_everything_ends_when_the_program_is_killed(tmp_path: Path) -> None:
     with run_program(tmp_path, "hang") as program:
         assert program.stdout is not None
         handle_pid = int(program.stdout.readline().split()[1])
-        for _ in range(3):
+        for _ in range(6):
             program.stdout.readline()
         _, template, child = program.stdout.readline().split()
         pids = [handle_pid, int(template), int(child)]

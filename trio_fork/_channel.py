@@ -89,6 +89,7 @@ class Channel:
     _reader: FrameReader = attrs.field(factory=FrameReader)
     _handed_over: bool = False
     _idle: anyio.Event | None = None
+    _running: bool = False
 
     def __attrs_post_init__(self) -> None:
         self._sock.setblocking(False)
@@ -178,10 +179,16 @@ class Channel:
 
     async def run(self) -> None:
         """Read replies and flush writes until the channel closes or breaks."""
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self._write)
-            await self._read()
-            task_group.cancel_scope.cancel()
+        self._running = True
+        try:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(self._write)
+                await self._read()
+                task_group.cancel_scope.cancel()
+        finally:
+            self._running = False
+            if self._closed:
+                self._sock.close()
 
     async def _write(self) -> None:
         while True:
@@ -307,7 +314,11 @@ class Channel:
         self._closed = True
         self._fail_all(anyio.ClosedResourceError(f"{self.name} is closed"))
         anyio.notify_closing(self._sock)
-        self._sock.close()
+        # While run() unwinds, the descriptor must stay ours: on asyncio, a waiter
+        # woken by notify_closing unregisters its descriptor number when it resumes,
+        # and would unregister a new socket that reused the number (anyio 4.16).
+        if not self._running:
+            self._sock.close()
 
 
 def _discard(frame: Frame) -> None:
