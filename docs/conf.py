@@ -24,6 +24,9 @@ myst_heading_anchors = 3
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# Types are shown for the parameters and results a docstring describes, so that the
+# async context managers do not claim to return an AsyncIterator.
+autodoc_typehints_description_target = "documented"
 autodoc_preserve_defaults = True
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False

@@ -66,6 +66,13 @@ def sleep_forever(sock: socket.socket, *args: Any) -> None:
         time.sleep(3600)
 
 
+def exit_on_message(sock: socket.socket) -> None:
+    send(sock, "ready")
+    if sock.recv(16) == b"quit":
+        raise SystemExit(0)
+    raise SystemExit(3)
+
+
 def wait_for_eof(sock: socket.socket) -> None:
     while sock.recv(4096):
         pass

@@ -41,6 +41,19 @@ async def test_bad_targets(
             pass
 
 
+def _defined_in_main(sock: object) -> None:
+    pass
+
+
+_defined_in_main.__module__ = "__main__"
+
+
+async def test_functions_of_our_main_are_refused(template: trio_fork.Template) -> None:
+    with pytest.raises(TypeError, match="'__main__:_defined_in_main'"):
+        async with template.spawn(_defined_in_main):
+            pass
+
+
 async def test_unpicklable_arguments(template: trio_fork.Template) -> None:
     with pytest.raises(TypeError, match=r"argument 1 \(lock\) cannot be pickled"):
         async with template.spawn(targets.nothing, 1, threading.Lock()):
@@ -86,6 +99,13 @@ async def test_missing_interpreter() -> None:
             pass
     with pytest.raises(FileNotFoundError, match="cannot start a template"):
         async with trio_fork.open_template(cwd="/no/such/directory"):
+            pass
+
+
+async def test_an_interpreter_of_another_python_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("trio_fork._template._PYTHON_VERSION", (3, 99))
+    with pytest.raises(trio_fork.BrokenTemplateError, match=r"runs Python 3\.\d+ but"):
+        async with trio_fork.open_template():
             pass
 
 

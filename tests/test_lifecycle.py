@@ -71,6 +71,18 @@ async def test_deliver_cancel_chooses_how_the_child_ends() -> None:
     assert child.returncode == -signal.SIGTERM
 
 
+async def test_deliver_cancel_may_talk_to_the_child() -> None:
+    async def ask_to_quit(child: trio_fork.Child) -> None:
+        await child.stream.send(b"quit")
+
+    async with trio_fork.open_template() as template:
+        with anyio.move_on_after(0.2):
+            async with template.spawn(targets.exit_on_message, deliver_cancel=ask_to_quit) as child:
+                assert await receive(child.stream) == "ready"
+                await anyio.sleep_forever()
+    assert child.returncode == 0
+
+
 async def test_a_failing_deliver_cancel_still_kills() -> None:
     async def broken(child: trio_fork.Child) -> None:
         raise Boom

@@ -106,6 +106,8 @@ async def test_eval_error_carries_the_remote_traceback_with_source() -> None:
             await template.eval(code)
         assert info.value.type_name == "ZeroDivisionError"
         assert "return 1 / 0" in info.value.remote_traceback
+        # It starts at the user's code, not in trio_fork's serve loop.
+        assert "_serve.py" not in info.value.remote_traceback
         with pytest.raises(trio_fork.RemoteError) as syntax:
             await template.eval("def (")
         assert syntax.value.type_name == "SyntaxError"

@@ -1,11 +1,13 @@
 """The parent's end of a command channel, and async I/O on raw process sockets.
 
-A template answers its commands one at a time and in order, so replies are matched
-to requests by position. Commands are written as soon as they are issued: a frame
-goes into a write queue whole, and the queue is flushed on the spot when the socket
-has room (nearly always), or by the writer task when it has not. A caller cancelled
-while waiting for its reply therefore never leaves half a frame behind; its reply is
-discarded when it arrives, and a process forked for it is killed.
+Commands are numbered in the order they are sent; a template answers them one at a
+time, in order, and each reply carries the number of its command, so a command may
+also go unanswered: a SPAWN that works is confirmed by the child itself. Commands
+are written as soon as they are issued: a frame goes into a write queue whole, and
+the queue is flushed on the spot when the socket has room (nearly always), or by the
+writer task when it has not. A caller cancelled while waiting for its reply
+therefore never leaves half a frame behind; its reply is discarded when it arrives,
+and a process made for it is killed.
 """
 
 from __future__ import annotations
@@ -23,14 +25,20 @@ from ._errors import BrokenTemplateError, RemoteError
 from ._protocol import (
     ANCILLARY_SIZE,
     ERROR,
+    EXIT_STATUS,
     EXITED,
+    FORK,
     FORKED,
     HEADER,
+    KILL,
+    PID,
+    READY,
     RECEIVE_SIZE,
+    SEQ,
+    SPAWN,
     Frame,
     FrameReader,
     Segment,
-    _padding,
     ancillary,
     close_all,
     encode,
@@ -44,10 +52,15 @@ _FAIRNESS = 16
 
 @attrs.define(eq=False)
 class ExitSlot:
-    """Where a process's exit status arrives; ``code`` stays None if it is lost."""
+    """Where the end of a process made by a FORK or SPAWN command is reported.
+
+    ``code`` is its exit status. ``error`` is set instead when the command failed
+    and no process was made. Both stay None if the channel broke first.
+    """
 
     event: anyio.Event = attrs.field(factory=anyio.Event)
     code: int | None = None
+    error: RemoteError | None = None
 
 
 @attrs.define(eq=False)
@@ -62,7 +75,8 @@ class Reply:
 
 
 def remote_error(frame: Frame) -> RemoteError:
-    type_name, message, remote_traceback = pickle.loads(frame.payload)
+    """The RemoteError an ERROR frame describes."""
+    type_name, message, remote_traceback = pickle.loads(frame.payload[SEQ.size :])
     return RemoteError(type_name, message, remote_traceback)
 
 
@@ -75,45 +89,63 @@ def kill_pidfd(pidfd: int) -> None:
 
 @attrs.define(eq=False)
 class Channel:
-    """Commands to a process that serves them, and its replies and exit reports."""
+    """Commands to a template, and its replies and exit reports."""
 
     _sock: socket.socket
     name: str
-    _pending: deque[Reply] = attrs.field(factory=deque)
+    _sent: int = 0
+    _ready: Reply | None = None
+    _replies: dict[int, Reply] = attrs.field(factory=dict)
     _exits: dict[int, ExitSlot] = attrs.field(factory=dict)
     _outbox: deque[Segment] = attrs.field(factory=deque)
     _wake_writer: anyio.Event = attrs.field(factory=anyio.Event)
     _broken: BrokenTemplateError | None = None
     _closed: bool = False
-    # Kept here rather than in _read so that hand_over() can see a partial frame.
-    _reader: FrameReader = attrs.field(factory=FrameReader)
-    _handed_over: bool = False
-    _idle: anyio.Event | None = None
     _running: bool = False
+    _handed_over: bool = False
+    # Set, if someone waits in hand_over(), whenever a reply or exit report arrives.
+    _progress: anyio.Event | None = None
 
     def __attrs_post_init__(self) -> None:
         self._sock.setblocking(False)
 
-    def expect(self) -> Reply:
-        """A reply slot for a frame the process sends unasked (its READY)."""
-        reply = Reply()
-        self._pending.append(reply)
-        return reply
+    def expect_ready(self) -> Reply:
+        """Where the READY of a template being started arrives."""
+        self._ready = Reply()
+        return self._ready
 
     def command(
         self, op: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()
     ) -> Reply:
-        """Queue a command; the channel owns ``fds`` and closes them once sent."""
+        """Send a command that is answered; the channel owns ``fds`` and closes them."""
+        seq = self._send(op, payload, fds)
+        reply = self._replies[seq] = Reply()
+        if op == FORK:
+            reply.slot = self._exits[seq] = ExitSlot()
+        return reply
+
+    def spawn(self, payload: bytes, fds: list[int]) -> tuple[int, ExitSlot]:
+        """Send SPAWN: its sequence number, and the slot where its end is reported."""
+        seq = self._send(SPAWN, payload, fds)
+        slot = self._exits[seq] = ExitSlot()
+        return seq, slot
+
+    def kill(self, seq: int) -> None:
+        """Have the template SIGKILL what command ``seq`` made, if it still lives."""
+        if seq in self._exits and not self._closed and self._broken is None:
+            self._send(KILL, SEQ.pack(seq), ())
+
+    def _send(self, op: int, payload: bytes, fds: list[int] | tuple[int, ...]) -> int:
         if self._closed or self._broken is not None or self._handed_over:
             close_all(list(fds))
             self.check()
-        reply = Reply()
-        self._pending.append(reply)
+        seq = self._sent
+        self._sent += 1
         idle = not self._outbox
         self._outbox.extend(encode(op, payload, fds))
         if idle:
             self._flush()
-        return reply
+        return seq
 
     def check(self) -> None:
         """Raise if the channel can no longer carry commands."""
@@ -150,7 +182,7 @@ class Channel:
             reply.frame = None
 
     async def forked(self, reply: Reply) -> tuple[int, int, ExitSlot]:
-        """Pid, pidfd and exit slot of the process a FORK command made."""
+        """Pid, pidfd and exit slot of the template a FORK command made."""
         frame = await self.wait(reply)
         assert reply.slot is not None
         if frame.fds_lost:
@@ -158,7 +190,8 @@ class Channel:
                 "the pidfd of a new process was lost in transit: the kernel truncated the "
                 "control message (is RLIMIT_NOFILE too low?)"
             )
-        return pickle.loads(frame.payload), frame.fds[0], reply.slot
+        (pid,) = PID.unpack_from(frame.payload, SEQ.size)
+        return pid, frame.fds[0], reply.slot
 
     def _flush(self) -> None:
         while self._outbox:
@@ -202,7 +235,7 @@ class Channel:
                 self._flush()
 
     async def _read(self) -> None:
-        reader = self._reader
+        reader = FrameReader()
         buffer = memoryview(bytearray(RECEIVE_SIZE))
         cause: BaseException | None = None
         try:
@@ -232,27 +265,40 @@ class Channel:
                 self._break(cause)
 
     def _dispatch(self, frame: Frame) -> None:
+        if self._progress is not None:
+            self._progress.set()
+        if frame.op == READY and self._ready is not None:
+            ready, self._ready = self._ready, None
+            self._deliver(ready, frame)
+            return
         if frame.op == EXITED:
-            pid, code = pickle.loads(frame.payload)
-            slot = self._exits.pop(pid, None)
+            seq, code = EXIT_STATUS.unpack(frame.payload)
+            slot = self._exits.pop(seq, None)
             if slot is not None:
                 slot.code = code
                 slot.event.set()
             return
-        if not self._pending:
+        (seq,) = SEQ.unpack_from(frame.payload)
+        reply = self._replies.pop(seq, None)
+        if frame.op == ERROR:
+            # No process was made: nothing will be reported for it.
+            slot = self._exits.pop(seq, None)
+            if reply is None and slot is not None:
+                slot.error = remote_error(frame)
+                slot.event.set()
+                return
+        if reply is None:
             _discard(frame)
             self._break(None, f"{self.name} sent an unexpected reply")
             return
-        reply = self._pending.popleft()
-        if frame.op == FORKED and not reply.abandoned:
-            reply.slot = self._exits[pickle.loads(frame.payload)] = ExitSlot()
+        self._deliver(reply, frame)
+
+    def _deliver(self, reply: Reply, frame: Frame) -> None:
         if reply.abandoned:
             _discard(frame)
         else:
             reply.frame = frame
             reply.event.set()
-        if self._idle is not None:
-            self._idle.set()
 
     def _break(self, cause: BaseException | None, message: str | None = None) -> None:
         if self._broken is not None:
@@ -263,52 +309,50 @@ class Channel:
         self._fail_all(error)
 
     def _fail_all(self, error: BaseException) -> None:
-        while self._pending:
-            reply = self._pending.popleft()
+        waiting = list(self._replies.values())
+        if self._ready is not None:
+            waiting.append(self._ready)
+        for reply in waiting:
             reply.error = error
             reply.event.set()
         for slot in self._exits.values():
             slot.event.set()
+        self._ready = None
+        self._replies.clear()
         self._exits.clear()
         while self._outbox:
             close_all(self._outbox.popleft()[1])
-        if self._idle is not None:
-            self._idle.set()
+        if self._progress is not None:
+            self._progress.set()
 
     async def hand_over(self) -> socket.socket:
         """Stop using the channel, and return a copy of its socket for a new owner.
 
-        Refuses new commands at once, then waits until every command already issued
-        has been answered, so that the new owner starts at a frame boundary and is
-        owed no reply of ours. Refused while a process forked through this channel
-        runs: its exit status would be reported to the new owner. If cancelled while
+        Refuses new commands at once, then waits until every command already sent
+        has been answered and every process made through the channel has been
+        reported: from then on the template sends nothing unasked, so the new owner
+        starts at a frame boundary, owed nothing of ours. If cancelled while
         waiting, the channel stays ours and usable.
         """
         self.check()
         self._handed_over = True
         try:
-            while True:
+            while self._replies or self._exits or self._ready is not None:
                 self._check_alive()
-                if self._exits:
-                    raise RuntimeError(
-                        f"{len(self._exits)} process(es) forked from {self.name} are still "
-                        "running: leave their blocks before handing the template over"
-                    )
-                if not self._pending and not self._reader.buffered:
-                    break
-                self._idle = anyio.Event()
-                await self._idle.wait()
+                self._progress = anyio.Event()
+                await self._progress.wait()
+            self._check_alive()
         except BaseException:
             self._handed_over = False
             raise
         finally:
-            self._idle = None
+            self._progress = None
         sock = self._sock.dup()
         self.close()
         return sock
 
     def close(self) -> None:
-        """Close our end: the process sees end of file and shuts down."""
+        """Close our end: the template sees end of file and shuts down."""
         if self._closed:
             return
         self._closed = True
@@ -322,104 +366,51 @@ class Channel:
 
 
 def _discard(frame: Frame) -> None:
-    # A reply nobody waits for any more: a process forked for it must not live on.
+    # A reply nobody waits for any more: a template forked for it must not live on.
     if frame.op == FORKED:
         for pidfd in frame.fds:
             kill_pidfd(pidfd)
     close_all(frame.fds)
 
 
-async def send_frame(sock: socket.socket, op: int, payload: bytes, fds: list[int]) -> None:
-    """Send one frame on a non-blocking socket; ``fds`` are closed once sent."""
-    await send_segments(sock, encode(op, payload, fds))
-
-
-async def send_segments(sock: socket.socket, segments: list[Segment]) -> None:
-    pending = deque(segments)
-    try:
-        while pending:
-            data, fds = pending[0]
-            try:
-                sent = sock.sendmsg([data], ancillary(fds))
-            except BlockingIOError:
-                await anyio.wait_writable(sock)
-                continue
-            close_all(fds)
-            if sent < len(data):
-                pending[0] = (data[sent:], [])
-            else:
-                pending.popleft()
-    finally:
-        for _, fds in pending:
-            close_all(fds)
-
-
-async def receive_exactly(sock: socket.socket, size: int) -> bytes | None:
-    """Exactly ``size`` bytes, or None at end of file before the first byte."""
-    data = bytearray()
+async def _receive_into(sock: socket.socket, data: bytearray, size: int, fds: list[int]) -> bool:
+    """Receive until ``data`` holds ``size`` bytes, never more; False at end of file."""
     while len(data) < size:
         try:
-            chunk = sock.recv(size - len(data))
+            chunk, ancdata, _, _ = sock.recvmsg(
+                size - len(data), ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
+            )
         except BlockingIOError:
             await anyio.wait_readable(sock)
             continue
+        fds.extend(parse_ancillary(ancdata))
         if not chunk:
-            if data:
-                raise ConnectionResetError("end of file in the middle of a frame")
-            return None
+            return False
         data += chunk
-    return bytes(data)
+    return True
 
 
 async def receive_frame(sock: socket.socket) -> Frame | None:
-    """One frame without descriptors, reading no byte past it; None at end of file."""
-    header = await receive_exactly(sock, HEADER.size)
-    if header is None:
-        return None
-    op, nfds, length = HEADER.unpack(header)
-    payload = b""
-    if length:
-        body = await receive_exactly(sock, length)
-        if body is None:
-            raise ConnectionResetError("end of file in the middle of a frame")
-        payload = body
-    return Frame(op, payload, [], nfds != 0)
+    """One frame, reading no byte past it; None at end of file before it.
 
-
-async def receive_frame_with_fds(sock: socket.socket) -> Frame | None:
-    """One frame and its descriptors, reading no byte past it; None at end of file.
-
-    For the first frame on a socket that a :class:`Channel` takes over afterwards.
+    For the first frame a new child sends on its own socket, before its target runs
+    and starts using the socket for itself.
     """
     data = bytearray()
     fds: list[int] = []
-    truncated = False
-    size = HEADER.size
     try:
-        while len(data) < size:
-            try:
-                chunk, ancdata, flags, _ = sock.recvmsg(
-                    size - len(data), ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
-                )
-            except BlockingIOError:
-                await anyio.wait_readable(sock)
-                continue
-            fds.extend(parse_ancillary(ancdata))
-            truncated = truncated or bool(flags & socket.MSG_CTRUNC)
-            if not chunk:
-                if data:
-                    raise ConnectionResetError("end of file in the middle of a frame")
-                return None
-            data += chunk
-            if len(data) == HEADER.size:
-                _, nfds, length = HEADER.unpack(data)
-                size = HEADER.size + length + _padding(nfds, length)
+        # Every first frame is at least this long (STARTED is exactly): one recvmsg.
+        if not await _receive_into(sock, data, HEADER.size + PID.size, fds):
+            if data:
+                raise ConnectionResetError("end of file in the middle of a frame")
+            return None
+        op, nfds, length = HEADER.unpack_from(data)
+        if not await _receive_into(sock, data, HEADER.size + length, fds):
+            raise ConnectionResetError("end of file in the middle of a frame")
     except BaseException:
         close_all(fds)
         raise
-    op, nfds, length = HEADER.unpack_from(data)
-    payload = bytes(data[HEADER.size : HEADER.size + length])
-    if truncated or len(fds) != nfds:
+    if len(fds) != nfds:
         close_all(fds)
-        return Frame(op, payload, [], True)
-    return Frame(op, payload, fds, False)
+        return Frame(op, bytes(data[HEADER.size :]), [], True)
+    return Frame(op, bytes(data[HEADER.size :]), fds, False)

@@ -24,14 +24,17 @@ class Child:
     """A process forked from a template, running its target.
 
     Made by :meth:`Template.spawn`, never directly. The child is not a child of this
-    process but of its template, which reaps it and reports its exit status; signals
-    go through a pidfd, so they can never reach an unrelated process that was given
-    a recycled pid.
+    process but of its template, which reaps it and reports its exit status (so
+    :func:`os.waitpid` cannot wait for it: use :meth:`wait`). Signals go through a
+    pidfd, so they can never reach an unrelated process that was given a recycled
+    pid.
 
     Attributes:
         pid: The child's process id.
-        stream: This process's end of the child's socket. Closed when the ``spawn``
-            block ends.
+        stream: This process's end of the child's socket: a byte stream, connected
+            to the ``sock`` (or stream) its target received, that can also pass
+            file descriptors (``send_fds``, ``receive_fds``). Closed when the
+            ``spawn`` block ends.
     """
 
     pid: int
@@ -62,6 +65,9 @@ class Child:
     async def wait(self) -> int:
         """Wait until the child has exited and been reaped; its exit status.
 
+        Returns:
+            int: The exit status, as :attr:`returncode` then has it.
+
         Raises:
             BrokenTemplateError: The template died first and the status died with
                 it. The child is gone by then: children die with their template.
@@ -79,7 +85,11 @@ class Child:
         return self._exit.code
 
     def send_signal(self, sig: int) -> None:
-        """Send signal ``sig`` to the child; nothing once it has exited."""
+        """Send signal ``sig`` to the child; nothing once it has exited.
+
+        Args:
+            sig: A signal number, such as :data:`signal.SIGUSR1`.
+        """
         if self._exit.code is not None or self._pidfd is None:
             return
         try:
@@ -88,11 +98,11 @@ class Child:
             pass
 
     def terminate(self) -> None:
-        """Send SIGTERM."""
+        """Send SIGTERM: by default it ends the child, which may catch it to clean up."""
         self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        """Send SIGKILL."""
+        """Send SIGKILL, which ends the child at once."""
         self.send_signal(signal.SIGKILL)
 
     def _close_pidfd(self) -> None:
@@ -101,14 +111,20 @@ class Child:
             self._pidfd = None
 
     async def _abort(self, deliver_cancel: Callable[[Child], Awaitable[object]] | None) -> None:
-        """End the child early and wait, shielded, until it is reaped."""
+        """End the child early and wait, shielded, until it is reaped.
+
+        The stream stays open until then, so ``deliver_cancel`` may ask the child to
+        stop with a message as well as with a signal.
+        """
         with anyio.CancelScope(shield=True):
-            await self.stream.aclose()
-            if deliver_cancel is None:
-                self.kill()
-                await self._wait_quietly()
-            else:
-                await self._deliver(deliver_cancel)
+            try:
+                if deliver_cancel is None:
+                    self.kill()
+                    await self._wait_quietly()
+                else:
+                    await self._deliver(deliver_cancel)
+            finally:
+                await self.stream.aclose()
 
     async def _deliver(self, deliver_cancel: Callable[[Child], Awaitable[object]]) -> None:
         failures: list[BaseException] = []

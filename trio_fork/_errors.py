@@ -9,8 +9,14 @@ from typing import final
 class RemoteError(Exception):
     """An exception raised in a template or a child, carried back to the parent.
 
+    Raised by a template command that failed there (:meth:`Template.require`,
+    :meth:`Template.eval`, a ``preload``), and by :meth:`Template.spawn` when the new
+    process could not start its target. An exception raised by a running target is
+    not carried back: it is the child's exit status.
+
     The original exception object stays in the other process; what comes back is its
-    description.
+    description, so tell failures apart by :attr:`type_name`. ``str()`` gives the
+    type name, the message and the remote traceback.
 
     Attributes:
         type_name: The qualified name of the remote exception's type, such as
@@ -36,6 +42,7 @@ class RemoteError(Exception):
 class BrokenTemplateError(Exception):
     """A template died, or the channel to it broke, before it could answer.
 
-    Raised by every pending and later operation on that template, and by
+    Raised by every pending and later operation on that template, by
+    :func:`open_template` when the template exits before it is ready, and by
     :meth:`Child.wait` when the exit status of a child died with its template.
     """

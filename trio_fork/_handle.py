@@ -38,7 +38,7 @@ import attrs
 import sniffio
 
 from . import _serve, _template
-from ._channel import Channel, receive_frame_with_fds, remote_error
+from ._channel import Channel, receive_frame, remote_error
 from ._errors import BrokenTemplateError
 from ._protocol import (
     ERROR,
@@ -55,7 +55,7 @@ from ._protocol import (
     receive,
     send_blocking,
 )
-from ._template import _CLOSE_TIMEOUT, _MIN_VERSION, Template, _launch, _module_names
+from ._template import _CLOSE_TIMEOUT, _PYTHON_VERSION, Template, _launch, _module_names
 
 # Run in a template forked from the early template, to make it what open_template()
 # would have started now. It binds no name: the template's __main__ stays pristine.
@@ -97,6 +97,8 @@ class TemplateHandle:
     _channel: socket.socket
     _requests: socket.socket
     _process: subprocess.Popen[bytes] | None
+    # Whether the template's __main__ is this program's (see Template._shares_main).
+    _shares_main: bool
     _owner: int
     _lock: threading.Lock
     _closed: bool
@@ -113,6 +115,8 @@ class TemplateHandle:
     ) -> TemplateHandle:
         self = cls.__new__(cls)
         self._kind = kind
+        # Forked from this program (no interpreter started): its __main__ is ours.
+        self._shares_main = process is None
         self._pid = pid
         self._pidfd = pidfd
         self._channel = channel
@@ -190,7 +194,7 @@ class TemplateHandle:
             os.close(reaped_write)
         ours.setblocking(False)
         try:
-            ready = await receive_frame_with_fds(ours)
+            ready = await receive_frame(ours)
             pid, pidfd = self._check_ready(ready)
         except BaseException:
             # The request may yet be served: whatever it forks must not outlive us.
@@ -200,6 +204,7 @@ class TemplateHandle:
             os.close(reaped_read)
             raise
         template = Template._create(Channel(ours, ""), pid, pidfd, None, None, reaped=reaped_read)
+        template._shares_main = self._shares_main
         async with template._serving():
             yield template
 
@@ -429,10 +434,11 @@ def _serve_forks(
                 "(its stderr may say why)"
             )
         _, version = pickle.loads(ready.payload)
-        if tuple(version) < _MIN_VERSION:
+        if tuple(version[:2]) != _PYTHON_VERSION:
             raise BrokenTemplateError(
-                f"the {kind} runs Python {'.'.join(map(str, version))}; trio_fork needs "
-                f"{'.'.join(map(str, _MIN_VERSION))} or later"
+                f"the {kind} ({python}) runs Python {'.'.join(map(str, version[:2]))} but "
+                f"this process runs {'.'.join(map(str, _PYTHON_VERSION))}: a template "
+                "imports from this process's sys.path, so it must run the same version"
             )
         if modules:
             _request_sync(channel, reader, buffer, REQUIRE, pickle.dumps(modules))

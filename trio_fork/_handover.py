@@ -7,9 +7,11 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from ._channel import Channel, receive_frame_with_fds, remote_error, send_frame
+import anyio
+
+from ._channel import Channel, receive_frame, remote_error
 from ._errors import BrokenTemplateError
-from ._protocol import ERROR, EXITED, HELLO, READY, close_all
+from ._protocol import ERROR, EXITED, HEADER, HELLO, READY, SEQ, close_all
 from ._template import FileDescriptorLike, Template, _dup
 
 
@@ -43,21 +45,27 @@ async def adopt_template(channel: FileDescriptorLike) -> AsyncIterator[Template]
         raise TypeError(f"adopt_template: {channel!r} is not a Unix stream socket")
     try:
         sock.setblocking(False)
-        pid, pidfd = await _hello(sock)
+        pid, pidfd, seq = await _hello(sock)
     except BaseException:
         sock.close()
         raise
-    template = Template._create(Channel(sock, ""), pid, pidfd, None, None)
+    # The template numbers its commands: ours continue from the exporter's.
+    template = Template._create(Channel(sock, "", sent=seq + 1), pid, pidfd, None, None)
     async with template._serving():
         yield template
 
 
-async def _hello(sock: socket.socket) -> tuple[int, int]:
-    """Ask the template for its pid and a pidfd; read no byte past the answer."""
+async def _hello(sock: socket.socket) -> tuple[int, int, int]:
+    """The template's pid, a pidfd, and HELLO's sequence number; reads nothing past it."""
     try:
-        await send_frame(sock, HELLO, b"", [])
+        request = memoryview(HEADER.pack(HELLO, 0, 0))
+        while request:
+            try:
+                request = request[sock.send(request) :]
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
         while True:
-            frame = await receive_frame_with_fds(sock)
+            frame = await receive_frame(sock)
             # Exit reports of processes the exporter forked may still be on their way.
             if frame is None or frame.op != EXITED:
                 break
@@ -73,5 +81,6 @@ async def _hello(sock: socket.socket) -> tuple[int, int]:
             f"the socket given to adopt_template does not lead to a template (it answered "
             f"{frame.op})"
         )
-    pid, _ = pickle.loads(frame.payload)
-    return int(pid), frame.fds[0]
+    (seq,) = SEQ.unpack_from(frame.payload)
+    pid, _ = pickle.loads(frame.payload[SEQ.size :])
+    return int(pid), frame.fds[0], seq

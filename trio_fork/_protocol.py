@@ -26,36 +26,43 @@ from typing import NamedTuple
 HEADER = struct.Struct("<BII")
 """Opcode, number of file descriptors, payload length."""
 
+SEQ = struct.Struct("<I")
+"""Replies start with the sequence number of the command they answer (counted from 0
+in the order commands were sent), so a command may go unanswered."""
+
+PID = struct.Struct("<i")
+
+EXIT_STATUS = struct.Struct("<Ii")
+"""EXITED: the sequence number of the command that made the process, and its exit
+status (``-N`` for death by signal ``N``)."""
+
 MAX_FDS_PER_MESSAGE = 253
 """The kernel's ``SCM_MAX_FD``: descriptors accepted in one ``sendmsg``."""
 
 ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 RECEIVE_SIZE = 65536
 
-# Commands, parent to process.
+# Commands, parent to template.
 REQUIRE = 1
 EVAL = 2
 ARGS = 3
 FDS = 4
-FORK = 5
-RUN = 6
-SERVE_FORKS = 7
-"""Start serving fork requests on the ``SOCK_SEQPACKET`` socket this frame carries.
+FORK = 5  # a new template; answered by FORKED
+SPAWN = 6  # a child running a target; answered only if it fails (ERROR), see STARTED
+KILL = 7  # SIGKILL what the command with this sequence number made; never answered
+SERVE_FORKS = 8  # fork a new template per request on the SOCK_SEQPACKET socket it carries
+HELLO = 9  # answered by READY: pid, Python version and a pidfd; for adopting a channel
 
-Each request there is one message carrying two descriptors: the new template's
-channel socket, and the write end of a pipe that the server closes once it has reaped
-that template. The new template announces itself on its channel with ``READY``.
-"""
-HELLO = 8
-"""Ask a process who it is: it answers ``READY`` with its pid and a pidfd of itself."""
-
-# Replies and events, process to parent.
-READY = 16
+# Template to parent: replies (SEQ first) and reports.
+READY = 16  # unasked, once, when a template started or forked on request is up
 OK = 17
 ERROR = 18
-FORKED = 19
+FORKED = 19  # with the new template's pid and a pidfd
+EXITED = 21  # unasked: a process this template made has been reaped
+
+# Child to parent, on the child's own socket, before its target runs: STARTED with
+# its pid and a pidfd of itself, or ERROR (with sequence number 0).
 STARTED = 20
-EXITED = 21
 
 Segment = tuple[memoryview, list[int]]
 
@@ -153,9 +160,9 @@ class FrameReader:
         return Frame(op, payload, fds, False)
 
     @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned as a frame."""
-        return len(self._buffer)
+    def holds_fds(self) -> bool:
+        """Whether descriptors were received for frames not yet returned."""
+        return bool(self._marks)
 
     def close(self) -> None:
         """Close every descriptor received but not handed out."""

@@ -3,23 +3,33 @@
 Standard library only. A template is a plain Python process that never runs an event
 loop, so forking it is safe and cheap. It serves commands from its owner on a
 socketpair, one at a time and in order, and answers each one. ``FORK`` makes a new
-process that serves its own socket in the same way until ``RUN`` turns it into a
-child that runs a target. The template is the parent of what it forks: it reaps
-them and reports their exit statuses, and it is a child subreaper so that nothing
-forked below it is orphaned to an init that may never reap it.
+template that serves its own socket in the same way; ``SPAWN`` makes a child that
+runs a target at once. The template is the parent of what it forks: it reaps them
+and reports their exit statuses, and it is a child subreaper so that nothing forked
+below it is orphaned to an init that may never reap it.
+
+A freshly forked child pays a copy-on-write page fault for every page it writes,
+and in Python touching an object writes its reference count. So a child does as
+little as it can before its target runs: everything it needs arrives with the
+``SPAWN`` command, the signal handlers it must restore are worked out in the
+template beforehand, and the template's objects are frozen out of the garbage
+collector's reach.
 
 A template ends when its owner closes the channel (end of file) or sends SIGTERM:
 it kills and reaps everything below it, then exits.
 
-A template can also serve fork requests (``SERVE_FORKS``) that arrive as single
-messages on a ``SOCK_SEQPACKET`` socket, from any thread or process that holds the
-other end, without a reply owed on its own channel: that is how a template outlives
-one event loop (see ``trio_fork._handle``).
+A template can also serve fork requests (``SERVE_FORKS``): single messages on a
+``SOCK_SEQPACKET`` socket, which any thread or process holding the other end may send
+without a reply owed on the template's own channel. Each makes a new template on the
+socket the request carries; that is how a template outlives one event loop (see
+``trio_fork._handle``).
 """
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # the C module under signal, no stub
 import ctypes
+import gc
 import importlib
 import os
 import pickle
@@ -34,17 +44,22 @@ from trio_fork._protocol import (
     ARGS,
     ERROR,
     EVAL,
+    EXIT_STATUS,
     EXITED,
     FDS,
     FORK,
     FORKED,
+    HEADER,
     HELLO,
+    KILL,
     OK,
+    PID,
     READY,
     RECEIVE_SIZE,
     REQUIRE,
-    RUN,
+    SEQ,
     SERVE_FORKS,
+    SPAWN,
     STARTED,
     Frame,
     FrameReader,
@@ -56,9 +71,12 @@ from trio_fork._protocol import (
     send_blocking,
 )
 
+_STARTED_HEADER = HEADER.pack(STARTED, 1, PID.size)
+_NO_SEQ = SEQ.pack(0)
 _PR_SET_PDEATHSIG = 1
 _REQUEST_ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 4)
 _PR_SET_CHILD_SUBREAPER = 36
+_SIGKILL = int(signal.SIGKILL)
 _CO_COROUTINE = 0x80
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -67,6 +85,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # given back to every child before it runs its target.
 _fresh_handlers: dict[int, Any] = {}
 _fresh_mask: set[int] = set()
+# What a child must change to get back there, worked out in the template.
+_restore_handlers: list[tuple[int, Any]] = []
+_restore_mask = False
 _shutting_down = False
 _evals = 0
 
@@ -92,7 +113,7 @@ def _on_sigchld(signum: int, frame: object) -> None:
 def _capture_fresh_signal_state() -> None:
     for sig in signal.valid_signals():
         try:
-            handler = signal.getsignal(sig)
+            handler = _signal.getsignal(sig)
         except (OSError, ValueError):
             continue
         if handler is not None:
@@ -100,12 +121,31 @@ def _capture_fresh_signal_state() -> None:
     _fresh_mask.update(signal.pthread_sigmask(signal.SIG_BLOCK, ()))
 
 
+def _plan_signal_restore() -> None:
+    global _restore_mask
+    _restore_handlers[:] = [
+        (sig, handler)
+        for sig, handler in _fresh_handlers.items()
+        if _signal.getsignal(sig) != handler
+    ]
+    _restore_mask = set(signal.pthread_sigmask(signal.SIG_BLOCK, ())) != _fresh_mask
+
+
 def _restore_fresh_signal_state() -> None:
-    signal.set_wakeup_fd(-1)
-    for sig, handler in _fresh_handlers.items():
-        if signal.getsignal(sig) is not handler:
-            signal.signal(sig, handler)
-    signal.pthread_sigmask(signal.SIG_SETMASK, _fresh_mask)
+    # _signal's functions, not signal's wrappers: those build enums, and in a new
+    # child every object touched is a page copied.
+    for sig, handler in _restore_handlers:
+        _signal.signal(sig, handler)
+    if _restore_mask:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _fresh_mask)
+
+
+def _settle() -> None:
+    """After the template's state changed: keep what children must do small."""
+    _plan_signal_restore()
+    # Objects that exist now are shared with every child; the collector must never
+    # walk them there, or each child would copy the pages they live on.
+    gc.freeze()
 
 
 def _flush_stdio() -> None:
@@ -190,6 +230,14 @@ def _print_exception(exc: BaseException) -> None:
         sys.excepthook(type(exc), exc, exc.__traceback__)
 
 
+def _from_caller(exc: BaseException) -> BaseException:
+    # A remote traceback starts where the user's code (or the import) does.
+    traceback = exc.__traceback__
+    while traceback is not None and traceback.tb_frame.f_code.co_filename == __file__:
+        traceback = traceback.tb_next
+    return exc.with_traceback(traceback)
+
+
 def _exit_code(exc: SystemExit) -> int:
     if exc.code is None:
         return 0
@@ -236,8 +284,31 @@ def _list_children() -> set[int]:
     return children
 
 
+def _run(sock: socket.socket, queued: list[Any], payload: bytes, fds: list[int]) -> int:
+    """In a new child: run the target a SPAWN command named; the exit code."""
+    try:
+        target_name, backend, args = pickle.loads(payload)
+        target = _resolve(target_name)
+        run_backend = backend if _is_async(target) else None
+        _restore_fresh_signal_state()
+    except BaseException as exc:
+        error = _NO_SEQ + pickle.dumps(describe_exception(exc))
+        send_blocking(sock, encode(ERROR, error))
+        return 1
+    # The child opens its own pidfd: it is alive now, so the pidfd cannot name a
+    # recycled pid, and the template has nothing to do for it.
+    pid = os.getpid()
+    pidfd = os.pidfd_open(pid)
+    sock.sendmsg(
+        [_STARTED_HEADER + PID.pack(pid)],
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, pidfd.to_bytes(4, sys.byteorder))],
+    )
+    os.close(pidfd)
+    return _call(target, sock, [*queued, *args, *fds], run_backend)
+
+
 class _Server:
-    """Serves one channel: a template's, or a new process's until it runs."""
+    """Serves one template's channel."""
 
     def __init__(self, sock: socket.socket, queue: list[Any], buffer: memoryview) -> None:
         self.sock = sock
@@ -245,7 +316,8 @@ class _Server:
         self.buffer = buffer
         self.reader = FrameReader()
         self.pid = os.getpid()
-        self.children: set[int] = set()
+        self.seq = 0  # of the next command
+        self.children: dict[int, int] = {}  # pid -> sequence number of its command
         self.wakeup: tuple[int, int] | None = None
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
@@ -254,10 +326,12 @@ class _Server:
         self.forks: socket.socket | None = None
         self.reaped: dict[int, int] = {}
 
-    def reply(self, op: int, value: object = None, fds: list[int] | tuple[int, ...] = ()) -> None:
-        payload = b"" if value is None else pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    def reply(self, op: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()) -> None:
         try:
-            send_blocking(self.sock, encode(op, payload, fds))
+            if fds:
+                send_blocking(self.sock, encode(op, payload, fds))
+            else:
+                self.sock.sendall(HEADER.pack(op, 0, len(payload)) + payload)
         except OSError as exc:
             raise _ChannelClosed from exc
 
@@ -289,21 +363,24 @@ class _Server:
 
     def handle(self, frame: Frame) -> None:
         op = frame.op
+        seq = self.seq
+        self.seq += 1
         try:
             if frame.fds_lost:
                 raise OSError(
                     "file descriptors were lost in transit: the kernel truncated the "
                     "control message (is RLIMIT_NOFILE too low?)"
                 )
-            if op == FORK:
-                self.fork(frame.fds)
+            if op in (FORK, SPAWN):
+                self.fork(seq, frame.fds, frame.payload if op == SPAWN else None)
+                return
+            if op == KILL:
+                self.kill(*SEQ.unpack(frame.payload))
                 return
             if op == HELLO:
-                self.hello()
+                self.hello(seq)
                 return
-            if op == RUN:
-                self.run(frame)
-            elif op == REQUIRE:
+            if op == REQUIRE:
                 for name in pickle.loads(frame.payload):
                     importlib.import_module(name)
             elif op == EVAL:
@@ -320,11 +397,11 @@ class _Server:
             raise
         except BaseException as exc:
             close_all(frame.fds)
-            self.reply(ERROR, describe_exception(exc))
-            if op == RUN:
-                _exit(1)
+            _settle()
+            self.reply(ERROR, SEQ.pack(seq) + pickle.dumps(describe_exception(_from_caller(exc))))
         else:
-            self.reply(OK)
+            _settle()
+            self.reply(OK, SEQ.pack(seq))
 
     def eval(self, code: str, args: list[Any]) -> None:
         global _evals
@@ -346,28 +423,41 @@ class _Server:
             else:
                 namespace["args"] = saved
 
-    def fork(self, fds: list[int]) -> None:
-        if len(fds) != 1:
-            raise ValueError("FORK takes exactly one socket")
+    def fork(self, seq: int, fds: list[int], payload: bytes | None) -> None:
+        """FORK (payload None: a new template) or SPAWN (a child running a target)."""
+        if not fds or (payload is None and len(fds) != 1):
+            raise ValueError("FORK takes one socket, SPAWN a socket and the target's fds")
         if self.wakeup is None:
             self.become_template()
         _flush_stdio()
         pid = os.fork()
-        fd = fds.pop()
         if pid == 0:
-            self.after_fork_in_child(fd)
-        os.close(fd)
-        self.children.add(pid)
-        pidfd = os.pidfd_open(pid)
-        try:
-            self.reply(FORKED, pid, [pidfd])
-        finally:
-            os.close(pidfd)
+            self.in_new_process(fds, payload)
+        # Little to do here: until the child exits, every page this process writes
+        # is copied.
+        close_all(fds)
+        fds.clear()
+        self.children[pid] = seq
+        if payload is None:
+            pidfd = os.pidfd_open(pid)
+            try:
+                self.reply(FORKED, SEQ.pack(seq) + PID.pack(pid), [pidfd])
+            finally:
+                os.close(pidfd)
 
-    def hello(self) -> None:
+    def kill(self, seq: int) -> None:
+        for pid, made_by in self.children.items():
+            if made_by == seq:
+                # Not reaped yet, so the pid cannot have been recycled.
+                os.kill(pid, signal.SIGKILL)
+                return
+
+    def hello(self, seq: int | None) -> None:
+        """READY with our pid and a pidfd: asked by HELLO (seq), or unasked (None)."""
         pidfd = os.pidfd_open(os.getpid())
         try:
-            self.reply(READY, (os.getpid(), tuple(sys.version_info[:3])), [pidfd])
+            identity = pickle.dumps((os.getpid(), tuple(sys.version_info[:3])))
+            self.reply(READY, (b"" if seq is None else SEQ.pack(seq)) + identity, [pidfd])
         finally:
             os.close(pidfd)
 
@@ -375,7 +465,7 @@ class _Server:
         if len(fds) != 1:
             raise ValueError("SERVE_FORKS takes exactly one socket")
         if self.forks is not None:
-            raise ValueError("this process already serves fork requests")
+            raise ValueError("this template already serves fork requests")
         requests = socket.socket(fileno=fds.pop())
         if requests.type != socket.SOCK_SEQPACKET:
             requests.close()
@@ -412,58 +502,59 @@ class _Server:
             # The requester waits on the new channel: tell it there.
             try:
                 with socket.socket(fileno=os.dup(channel)) as sock:
-                    send_blocking(sock, encode(ERROR, pickle.dumps(describe_exception(exc))))
+                    send_blocking(
+                        sock, encode(ERROR, _NO_SEQ + pickle.dumps(describe_exception(exc)))
+                    )
             except OSError:
                 pass
             close_all(fds)
             return
         if pid == 0:
             os.close(reaped)
-            self.after_fork_in_child(channel, announce=True)
+            self.in_new_process([channel], None, announce=True)
         os.close(channel)
+        # Not in self.children: nobody reads our channel for its exit status. The
+        # requester learns that it is reaped when this pipe closes.
         self.reaped[pid] = reaped
 
-    def after_fork_in_child(self, fd: int, announce: bool = False) -> NoReturn:
+    def in_new_process(
+        self, fds: list[int], payload: bytes | None, announce: bool = False
+    ) -> NoReturn:
         code = 1
         try:
-            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            _prctl(_PR_SET_PDEATHSIG, _SIGKILL)
             if os.getppid() != self.pid:
                 _exit(1)
             signal.set_wakeup_fd(-1)
-            # Nothing of the template's machinery may leak into the new process.
-            self.sock.close()
+            # Nothing of the template's machinery may leak into the new process. Raw
+            # closes: the objects that held these die unused with the process.
+            os.close(self.sock.fileno())
             if self.wakeup is not None:
-                close_all(list(self.wakeup))
+                os.close(self.wakeup[0])
+                os.close(self.wakeup[1])
             if self.forks is not None:
-                self.forks.close()
-            close_all(list(self.reaped.values()))
-            self.reader.close()
-            server = _Server(socket.socket(fileno=fd), list(self.queue), self.buffer)
-            if announce:
-                server.hello()
-            server.serve()
-            server.shutdown()
-            code = 0
+                os.close(self.forks.fileno())
+            for reaped in self.reaped.values():
+                os.close(reaped)
+            if self.reader.holds_fds:
+                self.reader.close()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fds[0])
+            if payload is not None:
+                code = _run(sock, self.queue, payload, fds[1:])
+            else:
+                server = _Server(sock, list(self.queue), self.buffer)
+                if announce:
+                    server.hello(None)
+                server.serve()
+                server.shutdown()
+                code = 0
         except (_Terminate, _ChannelClosed):
-            # Ended or given up on before it served anything (the requester of a
-            # fork left): nothing to report.
+            # Ended, or its requester gone, before it served anything: nothing to say.
             code = 0
-        except BaseException:
-            sys.excepthook(*sys.exc_info())
+        except BaseException as exc:
+            _print_exception(exc)
         finally:
             _exit(code)
-
-    def run(self, frame: Frame) -> NoReturn:
-        if self.reader.buffered:
-            raise ValueError("RUN must be the last command a process receives")
-        target_name, backend, args = pickle.loads(frame.payload)
-        target = _resolve(target_name)
-        run_backend = backend if _is_async(target) else None
-        args = [*self.queue, *args, *frame.fds]
-        frame.fds.clear()
-        _restore_fresh_signal_state()
-        self.reply(STARTED)
-        _exit(_call(target, self.sock, args, run_backend))
 
     def reap(self) -> None:
         assert self.wakeup is not None
@@ -479,9 +570,9 @@ class _Server:
                 return
             if pid == 0:
                 return
-            if pid in self.children:
-                self.children.discard(pid)
-                self.reply(EXITED, (pid, os.waitstatus_to_exitcode(status)))
+            seq = self.children.pop(pid, None)
+            if seq is not None:
+                self.reply(EXITED, EXIT_STATUS.pack(seq, os.waitstatus_to_exitcode(status)))
             reaped = self.reaped.pop(pid, None)
             if reaped is not None:
                 os.close(reaped)
@@ -496,7 +587,7 @@ class _Server:
         killed: set[int] = set()
         while True:
             # Orphans below us are adopted as they appear, so look again each time.
-            for pid in (_list_children() | self.children) - killed:
+            for pid in (_list_children() | self.children.keys()) - killed:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -519,7 +610,8 @@ def main(fd: int) -> None:
     server = _Server(socket.socket(fileno=fd), [], memoryview(bytearray(RECEIVE_SIZE)))
     try:
         server.become_template()
-        server.reply(READY, (os.getpid(), tuple(sys.version_info[:3])))
+        _settle()
+        server.reply(READY, pickle.dumps((os.getpid(), tuple(sys.version_info[:3]))))
         server.serve()
     except (_Terminate, _ChannelClosed):
         pass
@@ -547,7 +639,7 @@ def main_in_fork(fd: int, parent: int) -> NoReturn:
             os.close(devnull)
             main(fd)
             code = 0
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
+    except BaseException as exc:
+        _print_exception(exc)
     finally:
         _exit(code)

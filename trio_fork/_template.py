@@ -18,10 +18,10 @@ import attrs
 import sniffio
 from anyio.abc import UNIXSocketStream
 
-from ._channel import Channel, ExitSlot, kill_pidfd, receive_frame, remote_error, send_frame
+from ._channel import Channel, ExitSlot, kill_pidfd, receive_frame, remote_error
 from ._child import Child
 from ._errors import BrokenTemplateError
-from ._protocol import ARGS, ERROR, EVAL, FDS, FORK, REQUIRE, RUN, STARTED, close_all
+from ._protocol import ARGS, ERROR, EVAL, FDS, FORK, PID, REQUIRE, STARTED, close_all
 
 if TYPE_CHECKING:
     from ._channel import Reply
@@ -49,8 +49,8 @@ def _bootstrap():
 _bootstrap()
 """
 
-_MIN_VERSION = (3, 10)
 _CLOSE_TIMEOUT = 5.0
+_PYTHON_VERSION = tuple(sys.version_info[:2])
 
 # Set by trio_fork.start_early(): open_template() then forks from it.
 _early: TemplateHandle | None = None
@@ -69,10 +69,17 @@ FileDescriptorLike = int | _HasFileno
 class Template:
     """A template process: a pre-initialised Python to fork new processes from.
 
-    Made by :func:`open_template` or :meth:`Template.fork`, never directly. Commands
-    run in the template one at a time, in the order they were issued; each call
-    returns once its command has run, and raises :exc:`RemoteError` if it failed
-    there. A command whose caller is cancelled still runs in the template.
+    Made by :func:`open_template` or :meth:`Template.fork`, never directly, and
+    usable until the block that made it ends.
+
+    Commands run in the template one at a time, in the order they were issued, even
+    from several tasks; a long command delays the ones behind it. Each call returns
+    once its command has run, and raises :exc:`RemoteError` if it failed there. A
+    command whose caller is cancelled has already been sent: it still runs in the
+    template, and its result is discarded.
+
+    Every method raises :exc:`BrokenTemplateError` once the template has died, and
+    :exc:`anyio.ClosedResourceError` once its block has ended.
     """
 
     _channel: Channel
@@ -80,10 +87,15 @@ class Template:
     _pidfd: int
     _exit: ExitSlot | None
     _process: subprocess.Popen[bytes] | None
+    # Whether the template's __main__ is this program's, so that functions defined in
+    # this program's __main__ can be found there by name.
+    _shares_main: bool
     # How the end of a template that is neither our child (``_process``) nor reported
     # on a channel we read (``_exit``) is known: ``_pidfd`` turns readable when it
     # exits, and ``_reaped``, if set, when the fork server that made it has reaped it.
     _reaped: int | None
+    # spawn() and fork() blocks open on this template: export() refuses while any is.
+    _blocks: int
 
     @classmethod
     def _create(
@@ -101,7 +113,9 @@ class Template:
         self._pidfd = pidfd
         self._exit = exit
         self._process = process
+        self._shares_main = False
         self._reaped = reaped
+        self._blocks = 0
         channel.name = f"template {pid}"
         return self
 
@@ -115,17 +129,25 @@ class Template:
         A template from :func:`open_template` is a child of this process, or of the
         early template once :func:`start_early` has run. One from :meth:`fork` is a
         child of the template it was forked from, one from
-        :meth:`TemplateHandle.open` a child of the handle's process, and one from
-        :func:`adopt_template` a child of whichever process made it. Whoever its parent
-        is, the pid stays valid (it cannot be reused) until the block that gave you
-        the template ends; signals are sent through a pidfd.
+        :meth:`TemplateHandle.open` a child of the handle's template, and one from
+        :func:`adopt_template` a child of whichever process made it. Whatever its
+        parent, the pid names this template until the block that gave it to you
+        ends (it cannot be reused before), and signals reach it through a pidfd.
         """
         return self._pid
 
     async def require(self, *modules: str) -> None:
         """Import ``modules`` in the template, in order.
 
+        Every process forked from the template afterwards has them imported. This
+        binds no name in the template's ``__main__``: code run there with
+        :meth:`eval` still says ``import name`` (at no cost, the module is loaded).
+
+        Args:
+            modules: Absolute module names, such as ``"json"`` or ``"mypkg.workers"``.
+
         Raises:
+            TypeError: A name is not a non-empty string.
             RemoteError: An import failed; the modules before it stay imported.
         """
         names = _module_names(modules, "require")
@@ -134,11 +156,19 @@ class Template:
     async def eval(self, code: str, *args: object) -> None:
         """Run ``code`` in the template's ``__main__`` namespace.
 
-        While it runs, ``args`` is bound there to the list of the extra arguments.
-        Use it to define functions and state that later children inherit.
+        Use it to define functions and state that every process forked from the
+        template afterwards inherits. A function defined here is the target
+        ``"__main__:name"`` of :meth:`spawn`. Tracebacks show the code's source.
+
+        Args:
+            code: Python source, run with :func:`exec`.
+            args: Picklable values; while ``code`` runs, the global name ``args``
+                is bound to a list of them (and is removed afterwards).
 
         Raises:
-            RemoteError: The code raised; whatever it did before that stays done.
+            TypeError: ``code`` is not a string, or an argument cannot be pickled.
+            RemoteError: The code raised (or is not valid Python); whatever it did
+                before that stays done.
         """
         if not isinstance(code, str):
             raise TypeError(f"eval: code must be a str, not {type(code).__name__}")
@@ -147,16 +177,35 @@ class Template:
     async def send_args(self, *args: object) -> None:
         """Queue ``args`` for every process later forked from this template.
 
-        Queued arguments and descriptors are passed to a child's target after its
-        socket, in the order they were sent. They must be picklable.
+        Queued arguments and descriptors form one queue, in the order they were
+        sent. A child's target gets them after its socket and before the arguments
+        given to :meth:`spawn`; a template made by :meth:`fork` starts with a copy
+        of the queue. Processes already forked are not affected.
+
+        Args:
+            args: Picklable values, unpickled in the template when they arrive.
+
+        Raises:
+            TypeError: An argument cannot be pickled (the message names it).
+            RemoteError: An argument cannot be unpickled in the template.
         """
         await self._request(ARGS, _pickle(list(args), "send_args", args))
 
     async def send_fds(self, *fds: FileDescriptorLike) -> None:
         """Queue copies of file descriptors for every process later forked from here.
 
-        The caller keeps its own descriptors; the template and each child get their
-        own copies, which a child's target receives as plain ``int`` descriptors.
+        They join the queue of :meth:`send_args`, in the order sent. Each is
+        duplicated at the call, so the caller keeps its own and may close it as soon
+        as the call returns; the template and each child get copies of their own,
+        which a child's target receives as plain ``int`` descriptors that it owns.
+
+        Args:
+            fds (FileDescriptorLike): File descriptors, or objects with a
+                ``fileno()`` method such as files and sockets.
+
+        Raises:
+            TypeError: An item is neither a descriptor nor has ``fileno()``.
+            ValueError: A descriptor is not open.
         """
         owned = _dup_fds(fds, "send_fds")
         await self._request(FDS, b"", owned)
@@ -165,9 +214,19 @@ class Template:
     async def fork(self) -> AsyncIterator[Template]:
         """Fork this template into a new one, to specialise without changing this one.
 
-        The new template inherits this one's imported modules, globals and queued
-        arguments and descriptors. Leaving the block ends it and everything it
-        started.
+        Use as ``async with template.fork() as forked:``. The new template starts
+        with this one's imported modules, the globals of its ``__main__`` and its
+        queue of arguments and descriptors, and is independent from then on. It is
+        a child of this template, not of this process.
+
+        Leaving the block, however it is left, ends the new template and everything
+        it started. It also ends, earlier, if this template ends.
+
+        Yields:
+            Template: The new template.
+
+        Raises:
+            BrokenTemplateError: This template died.
         """
         ours, theirs = socket.socketpair()
         try:
@@ -182,8 +241,13 @@ class Template:
             channel.close()
             raise
         template = Template._create(channel, pid, pidfd, slot, None)
-        async with template._serving():
-            yield template
+        template._shares_main = self._shares_main
+        self._blocks += 1
+        try:
+            async with template._serving():
+                yield template
+        finally:
+            self._blocks -= 1
 
     @asynccontextmanager
     async def spawn(
@@ -195,6 +259,9 @@ class Template:
     ) -> AsyncIterator[Child]:
         """Fork the template and run ``target`` in the new process.
 
+        Use as ``async with template.spawn(target, ...) as child:``. Many tasks may
+        spawn from one template at once.
+
         The target runs as the main code of the new process. A plain function is
         called as ``target(sock, *queued, *args, *fds)`` where ``sock`` is a blocking
         :class:`socket.socket` connected to :attr:`Child.stream`, ``queued`` are the
@@ -202,29 +269,43 @@ class Template:
         descriptors. An ``async def`` target is run with :func:`anyio.run` on this
         process's backend and gets an :class:`anyio.abc.UNIXSocketStream` instead of
         ``sock``. The child exits 0 when the target returns, 1 with a traceback on
-        stderr when it raises, and ``n`` on ``SystemExit(n)``.
+        stderr when it raises, and ``n`` on ``SystemExit(n)``; it starts with the
+        signal handling of a fresh Python program.
 
-        Leaving the block normally closes :attr:`Child.stream` and waits for the
-        child to exit. Leaving it by an exception or cancellation kills the child,
-        or calls ``deliver_cancel(child)`` to end it some other way, and waits,
-        shielded from cancellation, until it has been reaped.
+        Leaving the block normally closes :attr:`Child.stream` (a child still
+        writing to its socket then gets :exc:`BrokenPipeError`) and waits for the
+        child to exit. Leaving it by an exception or cancellation closes the stream
+        and kills the child (or calls ``deliver_cancel(child)`` to end it some
+        other way), waits, shielded from cancellation, until it has been reaped,
+        and lets the exception propagate as itself.
 
         Args:
             target: ``"package.module:qualname"``, or a callable defined at the top
                 level of a module (resolved in the child by module and qualname).
             args: Picklable arguments passed after the queued ones.
-            fds: Descriptors (or objects with ``fileno()``) to pass last; the caller
-                keeps its own copies.
+            fds (Iterable[FileDescriptorLike]): Descriptors (or objects with
+                ``fileno()``) to pass last; the caller keeps its own copies.
             deliver_cancel: An async function that ends the child when the block is
-                left early; the default sends SIGKILL. If it returns before the child
-                has exited, the block still waits for the exit.
+                left early; the default sends SIGKILL. It runs while the block waits
+                for the exit, and is cancelled once the child has exited; if it
+                returns first, the block still waits. If it raises, the child is
+                killed and its exception propagates.
+
+        Yields:
+            Child: The running child.
 
         Raises:
+            TypeError: ``target`` has no name another process can look up (a
+                lambda, a nested function, a bound method), an argument cannot be
+                pickled, or ``fds`` is not a sequence of descriptors.
+            ValueError: ``target`` is a string not of the form ``"module:qualname"``,
+                or a descriptor is not open.
             RemoteError: The target could not be resolved or an argument could not
                 be unpickled in the child; no process is left.
             BrokenTemplateError: The template died.
         """
         child = await self._start_child(target, args, fds)
+        self._blocks += 1
         try:
             yield child
             await child.stream.aclose()
@@ -232,26 +313,33 @@ class Template:
         except BaseException:
             await child._abort(deliver_cancel)
             raise
+        finally:
+            self._blocks -= 1
 
     async def export(self) -> socket.socket:
         """Hand this template's control channel over, to adopt it in another process.
 
-        Waits until every command issued so far has been answered, then returns the
-        channel's socket. Send it to another process (for example with
-        ``child.stream.send_fds``), close your copy, and call :func:`adopt_template`
-        there. This :class:`Template` can no longer be used: its methods raise
-        :exc:`anyio.ClosedResourceError`.
+        Python's counterpart of AnyEvent::Fork's ``to_fh``. Waits until every command
+        issued so far has been answered, then returns the channel's socket. Send it
+        to another process (for example with ``child.stream.send_fds``), close your
+        copy, and call :func:`adopt_template` there. From then on this
+        :class:`Template` raises :exc:`anyio.ClosedResourceError`.
 
-        The hand-over moves the channel, not the lifetime. The template still ends
-        when the block that gave it to you ends, and it also ends as soon as the
-        adopter's block ends (the channel reaches end of file), whichever comes
+        The hand-over moves the channel, not the lifetime: the template still ends
+        when the block that gave it to you ends. It also ends as soon as the
+        adopter's block ends (its channel reaches end of file), whichever comes
         first.
 
         Raises:
-            RuntimeError: A child or forked template of this template is still
-                running: its exit status would be reported to the adopter.
+            RuntimeError: A :meth:`spawn` or :meth:`fork` block of this template is
+                still open: the exit status of its process would go to the adopter.
             BrokenTemplateError: The template died.
         """
+        if self._blocks:
+            raise RuntimeError(
+                f"{self!r} has {self._blocks} spawn() or fork() block(s) open: leave them "
+                "before exporting it"
+            )
         return await self._channel.hand_over()
 
     async def _request(self, op: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
@@ -264,6 +352,12 @@ class Template:
         fds: Iterable[FileDescriptorLike],
     ) -> Child:
         name = _target_name(target)
+        if not isinstance(target, str) and name.startswith("__main__:") and not self._shares_main:
+            raise TypeError(
+                f"target {target!r} is defined in this program's __main__, which the "
+                f"template does not have: move it to a module, or define it in the template "
+                f"with eval() and pass the string {name!r}"
+            )
         payload = _pickle((name, sniffio.current_async_library(), list(args)), "spawn", args)
         self._channel.check()
         owned = _dup_fds(fds, "spawn fds")
@@ -272,40 +366,45 @@ class Template:
         except BaseException:
             close_all(owned)
             raise
-        forked: Reply | None = None
+        # One command does it all: the template forks and the child runs at once. The
+        # child confirms on its own socket, with its pid and a pidfd of itself.
+        seq, slot = self._channel.spawn(payload, [theirs.detach(), *owned])
         try:
-            forked = self._channel.command(FORK, fds=[theirs.detach()])
             ours.setblocking(False)
             try:
-                sending, owned = owned, []
-                await send_frame(ours, RUN, payload, sending)
                 started = await receive_frame(ours)
             except OSError:
-                # The process is gone or was never made: the FORK reply or the exit
-                # status says why.
-                started = None
-            pid, pidfd, slot = await self._channel.forked(forked)
+                started = None  # the slot says what became of the child
         except BaseException:
             ours.close()
-            close_all(owned)
-            if forked is not None:
-                self._channel.abandon(forked)
+            self._channel.kill(seq)
             raise
-        if started is not None and started.op == STARTED:
+        if started is not None and started.op == STARTED and not started.fds_lost:
+            (pid,) = PID.unpack(started.payload)
+            pidfd = started.fds[0]
             try:
                 stream = await UNIXSocketStream.from_socket(ours)
             except BaseException:
                 ours.close()
-                await _reap(pid, pidfd, slot)
+                await _reap(pidfd, slot)
                 raise
             return Child._create(pid, stream, pidfd, slot)
         ours.close()
-        code = await _reap(pid, pidfd, slot)
+        if started is not None:
+            close_all(started.fds)
+        # It will not run: wait until it is gone (or was never made) before saying why.
+        self._channel.kill(seq)
+        with anyio.CancelScope(shield=True):
+            await slot.event.wait()
+        if slot.error is not None:
+            raise slot.error
         if started is not None and started.op == ERROR:
             raise remote_error(started)
+        if slot.code is None:
+            self._channel.check()
         raise BrokenTemplateError(
-            f"process {pid} forked from {self._channel.name} ended "
-            f"({'status' if code is None else code}) before it could run {name}"
+            f"a process forked from {self._channel.name} ended with status {slot.code} "
+            f"before it could run {name}"
         )
 
     @asynccontextmanager
@@ -376,10 +475,14 @@ class Template:
                 "before it was ready (its stderr may say why)"
             ) from None
         _, version = pickle.loads(frame.payload)
-        if tuple(version) < _MIN_VERSION:
+        if tuple(version[:2]) != _PYTHON_VERSION:
+            # It imports from our sys.path, compiled extensions included.
+            theirs = ".".join(map(str, version[:2]))
+            ours = ".".join(map(str, _PYTHON_VERSION))
             raise BrokenTemplateError(
-                f"the template runs Python {'.'.join(map(str, version))}; trio_fork needs "
-                f"{'.'.join(map(str, _MIN_VERSION))} or later"
+                f"the template ({python}) runs Python {theirs} but this process runs "
+                f"{ours}: a template imports from this process's sys.path, so it must "
+                "run the same Python version"
             )
 
 
@@ -389,15 +492,14 @@ def _readable(fd: int) -> bool:
     return bool(poller.poll(0))
 
 
-async def _reap(pid: int, pidfd: int, slot: ExitSlot) -> int | None:
-    """Make sure a process that will not run is gone; its exit status if known."""
+async def _reap(pidfd: int, slot: ExitSlot) -> None:
+    """Kill a child that will not be handed out, and wait until it is gone."""
     with anyio.CancelScope(shield=True):
         kill_pidfd(pidfd)
         await slot.event.wait()
         if slot.code is None:
             await anyio.wait_readable(pidfd)
         os.close(pidfd)
-    return slot.code
 
 
 @asynccontextmanager
@@ -410,28 +512,42 @@ async def open_template(
 ) -> AsyncIterator[Template]:
     """Start a template process, and end it and everything it started on exit.
 
+    Use as ``async with open_template(...) as template:``.
+
     The template is a fresh interpreter running a small synchronous command server
     that imports only the standard library: no event loop ever runs in it, so it is
     safe to fork. Its ``sys.path`` is this process's, so whatever is importable here
     is importable there. Its stdin is ``/dev/null``; stdout and stderr are this
-    process's.
+    process's; it inherits no other descriptor. It ignores SIGINT.
+
+    Leaving the block, however it is left, closes the template's socket and sends
+    it SIGTERM; the template kills and reaps every process below it, then exits (or
+    is killed if it has not exited after a few seconds). The block waits for that,
+    shielded from cancellation.
 
     Args:
         preload: Modules to import in the template before it is handed out.
-        python: The interpreter to run (default: :data:`sys.executable`); Python
-            3.10 or later.
+        python: The interpreter to run (default: :data:`sys.executable`). It must
+            run this process's Python version (major.minor), since the template
+            imports from this process's ``sys.path``.
         env: The template's environment, as in :mod:`subprocess` (default: this
             process's).
         cwd: The template's working directory, as in :mod:`subprocess`.
 
-    After :func:`start_early`, and unless ``python`` is given, the template is forked
-    from the early template instead of started: it is the same pristine template,
-    with this process's current ``sys.path``, working directory and environment (or
-    ``cwd`` and ``env``) applied to it.
+    After :func:`start_early`, unless ``python`` is given, the template is forked
+    from the early template instead of started: the same pristine template, with
+    this process's current ``sys.path``, working directory and environment (or
+    ``cwd`` and ``env``) applied to it. It is then a child of the early template.
+
+    Yields:
+        Template: The ready template, with ``preload`` imported.
 
     Raises:
-        OSError: The interpreter could not be started.
-        BrokenTemplateError: The template exited before it was ready.
+        TypeError: ``preload`` is a string rather than a sequence of module names.
+        OSError: The interpreter could not be started (for instance
+            :exc:`FileNotFoundError` for a missing interpreter or ``cwd``).
+        BrokenTemplateError: The template exited before it was ready, or runs
+            another Python version.
         RemoteError: A preloaded module failed to import.
     """
     modules = _module_names(preload, "preload")
@@ -453,7 +569,7 @@ async def open_template(
         process.wait()
         raise
     template = Template._create(channel, process.pid, pidfd, None, process)
-    ready = channel.expect()
+    ready = channel.expect_ready()
     async with template._serving():
         await template._handshake(ready, executable)
         if modules:
