@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 from collections.abc import AsyncIterator
@@ -39,9 +40,15 @@ async def adopt_template(channel: FileDescriptorLike) -> AsyncIterator[Template]
         BrokenTemplateError: The template has ended, or ``channel`` does not lead to
             one.
     """
-    sock = socket.socket(fileno=_dup(channel, "adopt_template", 0))
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        sock.close()
+    fd = _dup(channel, "adopt_template", 0)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        sock = None
+    if sock is None or sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        if sock is not None:
+            sock.close()
         raise TypeError(f"adopt_template: {channel!r} is not a Unix stream socket")
     try:
         sock.setblocking(False)
