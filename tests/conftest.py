@@ -6,6 +6,9 @@ import pytest
 
 from tests.helpers import descendants, open_fds
 
+# For running small example suites that use the trio_fork plugin.
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture(params=["trio", "asyncio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
