@@ -51,6 +51,11 @@ async def test_a_template_is_the_one_open_template_would_start(
     async with trio_fork.open_template(python=sys.executable) as fresh:
         assert parent_of(fresh.pid) == os.getpid()
         started = await environment(fresh)
+    async with trio_fork.open_template() as template:
+        unchanged = await environment(template)
+    assert unchanged["env"] == dict(os.environ)
+    assert unchanged["cwd"] == os.getcwd()
+    assert unchanged["path"] == [os.path.abspath(entry) for entry in sys.path]
     # What changed since start_early() is applied to the template it forks.
     monkeypatch.setenv("TRIO_FORK_EARLY", "now")
     monkeypatch.chdir(tmp_path)

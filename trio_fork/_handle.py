@@ -66,6 +66,9 @@ __import__("os").environ.clear()
 __import__("os").environ.update(args[2])
 """
 
+# What _ALIGN applies: sys.path, working directory, environment.
+_Setup = tuple[list[str], str, dict[str, str]]
+
 # Every handle alive in this process, so that a forked copy of the process can let go
 # of them (see _forget_all_in_child).
 _live: weakref.WeakSet[TemplateHandle] = weakref.WeakSet()
@@ -99,6 +102,9 @@ class TemplateHandle:
     _process: subprocess.Popen[bytes] | None
     # Whether the template's __main__ is this program's (see Template._shares_main).
     _shares_main: bool
+    # The sys.path, directory and environment of a template started by us; None for
+    # a copy of this program.
+    _setup: _Setup | None
     _owner: int
     _lock: threading.Lock
     _closed: bool
@@ -112,11 +118,13 @@ class TemplateHandle:
         channel: socket.socket,
         requests: socket.socket,
         process: subprocess.Popen[bytes] | None,
+        setup: _Setup | None,
     ) -> TemplateHandle:
         self = cls.__new__(cls)
         self._kind = kind
         # Forked from this program (no interpreter started): its __main__ is ours.
         self._shares_main = process is None
+        self._setup = setup
         self._pid = pid
         self._pidfd = pidfd
         self._channel = channel
@@ -173,7 +181,10 @@ class TemplateHandle:
         """A fork that is what ``open_template(preload, env=env, cwd=cwd)`` would start now."""
         setup = _setup_now(env, cwd)
         async with self._open() as template:
-            await template.eval(_ALIGN, *setup)
+            # Usually nothing changed since the handle's template started; then the
+            # fork is right as it is, and saves a round trip.
+            if setup != self._setup:
+                await template.eval(_ALIGN, *setup)
             if preload:
                 await template.require(*preload)
             yield template
@@ -318,13 +329,14 @@ def _start(
         raise RuntimeError("sys.executable is unknown here: pass python= to start_template")
     process, channel = _launch(executable, env, cwd)
     try:
+        setup = _setup_now(env, cwd)
         pidfd = os.pidfd_open(process.pid)
     except BaseException:
         channel.close()
         process.kill()
         process.wait()
         raise
-    return _serve_forks(kind, process.pid, pidfd, channel, process, modules, executable)
+    return _serve_forks(kind, process.pid, pidfd, channel, process, modules, executable, setup)
 
 
 def fork_main_template() -> TemplateHandle:
@@ -366,7 +378,7 @@ def fork_main_template() -> TemplateHandle:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         raise
-    return _serve_forks("main-program template", pid, pidfd, ours, None, [], sys.executable)
+    return _serve_forks("main-program template", pid, pidfd, ours, None, [], sys.executable, None)
 
 
 def start_early() -> None:
@@ -417,6 +429,7 @@ def _serve_forks(
     process: subprocess.Popen[bytes] | None,
     modules: list[str],
     python: str,
+    setup: _Setup | None,
 ) -> TemplateHandle:
     """Handshake with a template just started or forked, and make it a fork server."""
     requests, served = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -451,7 +464,7 @@ def _serve_forks(
             _signal(pidfd, signal.SIGKILL)
             _reap(pid, pidfd, process)
         raise
-    return TemplateHandle._create(kind, pid, pidfd, channel, requests, process)
+    return TemplateHandle._create(kind, pid, pidfd, channel, requests, process, setup)
 
 
 def _request_sync(
@@ -500,9 +513,7 @@ async def _send_request(requests: socket.socket, fds: list[int], handle: Templat
             raise BrokenTemplateError(f"the process of {handle!r} has died") from exc
 
 
-def _setup_now(
-    env: Mapping[str, str] | None, cwd: str | os.PathLike[str] | None
-) -> tuple[list[str], str, dict[str, str]]:
+def _setup_now(env: Mapping[str, str] | None, cwd: str | os.PathLike[str] | None) -> _Setup:
     """The ``sys.path``, directory and environment open_template would give a template."""
     path = [os.path.abspath(entry) for entry in sys.path if isinstance(entry, str)]
     if cwd is None:
