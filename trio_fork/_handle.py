@@ -57,8 +57,9 @@ from ._protocol import (
 )
 from ._template import _CLOSE_TIMEOUT, _PYTHON_VERSION, Template, _launch, _module_names
 
-# Run in a template forked from the early template, to make it what open_template()
-# would have started now. It binds no name: the template's __main__ stays pristine.
+# Run in a fork of a template we started (the early one, or a test session's) when
+# this process's sys.path, directory or environment changed since: it makes the fork
+# what open_template() would start now. It binds no name, so __main__ stays pristine.
 _ALIGN = """\
 __import__("sys").path[:] = args[0]
 __import__("os").chdir(args[1])
@@ -80,8 +81,7 @@ _early_lock = threading.Lock()
 class TemplateHandle:
     """A template process owned by synchronous code, usable from any event loop.
 
-    Made by :func:`start_template`, :func:`fork_main_template` or (privately)
-    :func:`start_early`, never directly. :meth:`open` forks the handle's template
+    Made by :func:`start_template` or :func:`fork_main_template`, never directly. :meth:`open` forks the handle's template
     into a new :class:`Template` for the duration of a block, in whatever event loop
     runs it: trio or asyncio, one ``run`` after another, in any thread, and as many
     at once as you like. What a block does to its template (``require``, ``eval``,
@@ -157,11 +157,12 @@ class TemplateHandle:
     async def open(self) -> AsyncIterator[Template]:
         """Fork the handle's template into a new template for the duration of the block.
 
-        The new template has everything the handle's template has (imported modules,
-        ``__main__``, queued nothing) and the full :class:`Template` API. Leaving the
-        block ends it and everything it started, as leaving :func:`open_template`
-        does; the handle's template carries on. The new template is a child of the
-        handle's process, not of this one (see :attr:`Template.pid`).
+        The new template starts with what the handle's template has: its imported
+        modules and the globals of its ``__main__``. It has the full
+        :class:`Template` API. Leaving the block ends it and everything it started,
+        as leaving :func:`open_template` does, and waits until it has been reaped;
+        the handle's template carries on. The new template is a child of the
+        handle's template, not of this process (see :attr:`Template.pid`).
 
         Raises:
             anyio.ClosedResourceError: The handle was closed.
@@ -394,9 +395,9 @@ def start_early() -> None:
     starts, such as ``PYTHONHASHSEED`` or ``-X`` options, are those of the moment
     :func:`start_early` ran.
 
-    Call it first thing in the program, before an event loop: it blocks while the
-    interpreter starts (tens of milliseconds), and started early that start-up
-    overlaps the program's own imports less. Calling it again does nothing.
+    Call it first thing in the program, before any event loop runs: it blocks while
+    that one interpreter starts (tens of milliseconds). Calling it again does
+    nothing.
 
     A template opened after :func:`start_early` is a child of the early template,
     not of this process (see :attr:`Template.pid`); leaving its block still ends it
