@@ -84,8 +84,9 @@ class TemplateHandle:
     Made by :func:`start_template` or :func:`fork_main_template`, never directly.
     :meth:`open` forks the handle's template into a new :class:`Template` for the
     duration of a block, in whatever event loop runs it: trio or asyncio, one
-    ``run`` after another, in any thread, and as many at once as you like. What a block does to its template (``require``, ``eval``,
-    ``send_args``...) ends with the block; the handle's template stays as it was.
+    ``run`` after another, in any thread, and as many at once as you like. What a
+    block does to its template (``require``, ``eval``, ``send_args``...) ends with
+    the block; the handle's template stays as it was.
 
     The handle owns its process: it ends when you call :meth:`close` (or leave a
     ``with`` block on the handle), and at the latest when this interpreter exits.
