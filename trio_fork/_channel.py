@@ -118,27 +118,33 @@ class Channel:
         self, op: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()
     ) -> Reply:
         """Send a command that is answered; the channel owns ``fds`` and closes them."""
-        seq = self._send(op, payload, fds)
-        reply = self._replies[seq] = Reply()
+        self._check_sendable(fds)
+        # Registered before sending: a send that finds the template gone breaks the
+        # channel there and then, and must fail this command's waiters with the rest.
+        reply = self._replies[self._sent] = Reply()
         if op == FORK:
-            reply.slot = self._exits[seq] = ExitSlot()
+            reply.slot = self._exits[self._sent] = ExitSlot()
+        self._send(op, payload, fds)
         return reply
 
     def spawn(self, payload: bytes, fds: list[int]) -> tuple[int, ExitSlot]:
         """Send SPAWN: its sequence number, and the slot where its end is reported."""
-        seq = self._send(SPAWN, payload, fds)
-        slot = self._exits[seq] = ExitSlot()
-        return seq, slot
+        self._check_sendable(fds)
+        slot = self._exits[self._sent] = ExitSlot()  # before sending, as in command()
+        return self._send(SPAWN, payload, fds), slot
 
     def kill(self, seq: int) -> None:
         """Have the template SIGKILL what command ``seq`` made, if it still lives."""
         if seq in self._exits and not self._closed and self._broken is None:
             self._send(KILL, SEQ.pack(seq), ())
 
-    def _send(self, op: int, payload: bytes, fds: list[int] | tuple[int, ...]) -> int:
+    def _check_sendable(self, fds: list[int] | tuple[int, ...]) -> None:
         if self._closed or self._broken is not None or self._handed_over:
             close_all(list(fds))
             self.check()
+
+    def _send(self, op: int, payload: bytes, fds: list[int] | tuple[int, ...]) -> int:
+        self._check_sendable(fds)
         seq = self._sent
         self._sent += 1
         idle = not self._outbox
@@ -211,13 +217,20 @@ class Channel:
                 self._outbox.popleft()
 
     async def run(self) -> None:
-        """Read replies and flush writes until the channel closes or breaks."""
+        """Read replies and flush writes until the channel closes or breaks.
+
+        Not cancellable: a cancelled block must still be able to use its template
+        while it cleans up, and cancellation is no reason to call the channel broken.
+        The block that runs this always closes the channel as it ends, and that ends
+        this.
+        """
         self._running = True
         try:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._write)
-                await self._read()
-                task_group.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(self._write)
+                    await self._read()
+                    task_group.cancel_scope.cancel()
         finally:
             self._running = False
             if self._closed:
