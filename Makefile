@@ -4,10 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck docs pytest clean
+.PHONY: demo test lint typecheck docs pytest bench clean
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -m trio_fork demo
+	$(BIN)/python -m trio_fork bench --quick
 
 test: lint typecheck docs pytest
 
@@ -24,15 +25,22 @@ docs: $(VENV)/.installed-test
 pytest: $(VENV)/.installed-test
 	$(BIN)/pytest
 
+# The full benchmark (a few minutes); see bench/README.md.
+bench: $(VENV)/.installed-demo
+	mkdir -p bench/results
+	$(BIN)/python -m trio_fork bench --json bench/results/bench.json \
+		--plot bench/results/spawn-rate.png > bench/results/table.txt
+	cat bench/results/table.txt
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $@ $(VENV)/.installed-demo
 
 clean:

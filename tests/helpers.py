@@ -7,6 +7,7 @@ import pickle
 import struct
 from typing import Any
 
+import anyio
 from anyio.abc import ByteReceiveStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -44,6 +45,13 @@ def process_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+async def wait_until_dead(pid: int, seconds: float = 5.0) -> None:
+    """Poll until ``pid`` is not running: process states have no event to wait on."""
+    with anyio.fail_after(seconds):
+        while process_alive(pid):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
 
 
 def descendants(root: int | None = None) -> dict[int, str]:

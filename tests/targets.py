@@ -7,6 +7,7 @@ reads them with ``tests.helpers.receive``.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import pickle
 import signal
@@ -37,6 +38,11 @@ def describe(arg: Any) -> Any:
         except OSError:
             pass
     return arg
+
+
+def fd_identity_of_pipe(fd: int) -> tuple[int, int]:
+    """A pipe end: its inode (shared by both ends) and access mode (which end)."""
+    return os.fstat(fd).st_ino, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
 
 
 def report_args(sock: socket.socket, *args: Any) -> None:
@@ -88,6 +94,37 @@ def os_exit(sock: socket.socket, code: int) -> None:
 
 def raise_value_error(sock: socket.socket, message: str) -> None:
     raise ValueError(message)
+
+
+def exhaust_memory(sock: socket.socket) -> None:
+    import resource
+
+    limit = 512 * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    blocks = []
+    while True:
+        blocks.append(bytearray(64 * 1024 * 1024))
+
+
+def exit_at(sock: socket.socket, when: float, code: int) -> None:
+    time.sleep(max(0.0, when - time.time()))
+    os._exit(code)
+
+
+def print_without_newline(sock: socket.socket, text: str) -> None:
+    sys.stdout.write(text)
+    sock.sendall(b"ok")
+
+
+def report_cloexec(sock: socket.socket, *fds: int) -> None:
+    def cloexec(fd: int) -> bool:
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+
+    send(sock, {"sock": cloexec(sock.fileno()), "fds": [cloexec(fd) for fd in fds]})
+
+
+def report_fd_count(sock: socket.socket, *fds: int) -> None:
+    send(sock, {"count": len(fds), "identities": sorted({fd_identity_of_pipe(fd) for fd in fds})})
 
 
 def segfault(sock: socket.socket) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import anyio
@@ -14,7 +15,7 @@ import trio
 
 import trio_fork
 from tests import targets
-from tests.helpers import descendants, open_fds, process_exists, receive
+from tests.helpers import descendants, open_fds, process_alive, process_exists, receive
 
 
 @pytest.fixture
@@ -238,3 +239,20 @@ def test_python_version_is_reported_for_handles() -> None:
                     return (await receive(child.stream))["main"]
 
         assert trio.run(main) == {"VERSION": tuple(sys.version_info[:2])}
+
+
+def test_a_handle_started_in_a_worker_thread_outlives_the_thread() -> None:
+    # A template dies with the thread that started it, unless it serves a handle.
+    handles: list[trio_fork.TemplateHandle] = []
+    thread = threading.Thread(target=lambda: handles.append(trio_fork.start_template()))
+    thread.start()
+    thread.join()
+    with handles[0] as handle:
+        time.sleep(0.2)
+        assert process_alive(handle.pid)
+
+        async def main() -> None:
+            async with handle.open() as template, template.spawn(targets.one_byte) as child:
+                assert await child.stream.receive() == b"x"
+
+        trio.run(main)

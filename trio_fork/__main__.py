@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import sys
 
-from ._cli import main
+# Absolute, and guarded: worker pools such as anyio.to_process re-run the parent's main
+# file by path (as "__mp_main__"), where a relative import fails and the command line
+# must not run again.
+from trio_fork._cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

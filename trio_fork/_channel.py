@@ -99,6 +99,7 @@ class Channel:
     _exits: dict[int, ExitSlot] = attrs.field(factory=dict)
     _outbox: deque[Segment] = attrs.field(factory=deque)
     _wake_writer: anyio.Event = attrs.field(factory=anyio.Event)
+    _writer_busy: bool = False
     _broken: BrokenTemplateError | None = None
     _closed: bool = False
     _running: bool = False
@@ -118,39 +119,35 @@ class Channel:
         self, op: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()
     ) -> Reply:
         """Send a command that is answered; the channel owns ``fds`` and closes them."""
-        self._check_sendable(fds)
-        # Registered before sending: a send that finds the template gone breaks the
-        # channel there and then, and must fail this command's waiters with the rest.
-        reply = self._replies[self._sent] = Reply()
+        seq = self._queue(op, payload, fds)
+        reply = self._replies[seq] = Reply()
         if op == FORK:
-            reply.slot = self._exits[self._sent] = ExitSlot()
-        self._send(op, payload, fds)
+            reply.slot = self._exits[seq] = ExitSlot()
+        self._flush()
         return reply
 
     def spawn(self, payload: bytes, fds: list[int]) -> tuple[int, ExitSlot]:
         """Send SPAWN: its sequence number, and the slot where its end is reported."""
-        self._check_sendable(fds)
-        slot = self._exits[self._sent] = ExitSlot()  # before sending, as in command()
-        return self._send(SPAWN, payload, fds), slot
+        seq = self._queue(SPAWN, payload, fds)
+        slot = self._exits[seq] = ExitSlot()
+        self._flush()
+        return seq, slot
 
     def kill(self, seq: int) -> None:
         """Have the template SIGKILL what command ``seq`` made, if it still lives."""
         if seq in self._exits and not self._closed and self._broken is None:
-            self._send(KILL, SEQ.pack(seq), ())
+            self._queue(KILL, SEQ.pack(seq), ())
+            self._flush()
 
-    def _check_sendable(self, fds: list[int] | tuple[int, ...]) -> None:
+    def _queue(self, op: int, payload: bytes, fds: list[int] | tuple[int, ...]) -> int:
+        # What waits for the answer must be registered before the flush: a flush that
+        # finds the template dead fails everything registered, at once.
         if self._closed or self._broken is not None or self._handed_over:
             close_all(list(fds))
             self.check()
-
-    def _send(self, op: int, payload: bytes, fds: list[int] | tuple[int, ...]) -> int:
-        self._check_sendable(fds)
         seq = self._sent
         self._sent += 1
-        idle = not self._outbox
         self._outbox.extend(encode(op, payload, fds))
-        if idle:
-            self._flush()
         return seq
 
     def check(self) -> None:
@@ -200,29 +197,36 @@ class Channel:
         return pid, frame.fds[0], reply.slot
 
     def _flush(self) -> None:
+        if self._writer_busy:
+            return  # the writer task has the socket until it has room again
+        if not self._send_queued():
+            self._writer_busy = True
+            self._wake_writer.set()
+
+    def _send_queued(self) -> bool:
+        """Send what is queued; False if the socket is full."""
         while self._outbox:
             data, fds = self._outbox[0]
             try:
                 sent = self._sock.sendmsg([data], ancillary(fds))
             except BlockingIOError:
-                self._wake_writer.set()
-                return
+                return False
             except OSError as exc:
                 self._break(exc)
-                return
+                return True
             close_all(fds)
             if sent < len(data):
                 self._outbox[0] = (data[sent:], [])
             else:
                 self._outbox.popleft()
+        return True
 
     async def run(self) -> None:
-        """Read replies and flush writes until the channel closes or breaks.
+        """Read replies and flush writes until the channel is closed or breaks.
 
-        Not cancellable: a cancelled block must still be able to use its template
-        while it cleans up, and cancellation is no reason to call the channel broken.
-        The block that runs this always closes the channel as it ends, and that ends
-        this.
+        Not cancellable: when the block that owns the template is cancelled, the
+        blocks nested in it still need this channel while they clean up (the exits
+        of their children and templates are reported here). :meth:`close` ends it.
         """
         self._running = True
         try:
@@ -239,13 +243,17 @@ class Channel:
     async def _write(self) -> None:
         while True:
             await self._wake_writer.wait()
+            if self._closed:
+                return
             self._wake_writer = anyio.Event()
-            while self._outbox and self._broken is None:
+            while self._broken is None:
                 try:
                     await anyio.wait_writable(self._sock)
                 except anyio.ClosedResourceError:
                     return
-                self._flush()
+                if self._send_queued():
+                    break
+            self._writer_busy = False
 
     async def _read(self) -> None:
         reader = FrameReader()
@@ -274,8 +282,8 @@ class Channel:
             cause = exc
         finally:
             reader.close()
-            if not self._closed:
-                self._break(cause)
+        if not self._closed:
+            self._break(cause)
 
     def _dispatch(self, frame: Frame) -> None:
         if self._progress is not None:
@@ -370,6 +378,7 @@ class Channel:
             return
         self._closed = True
         self._fail_all(anyio.ClosedResourceError(f"{self.name} is closed"))
+        self._wake_writer.set()
         anyio.notify_closing(self._sock)
         # While run() unwinds, the descriptor must stay ours: on asyncio, a waiter
         # woken by notify_closing unregisters its descriptor number when it resumes,

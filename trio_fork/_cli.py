@@ -6,6 +6,13 @@ import argparse
 from collections.abc import Sequence
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trio_fork",
@@ -16,9 +23,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument(
         "--backend", choices=["trio", "asyncio"], default="trio", help="the event loop to use"
     )
+    bench = commands.add_parser(
+        "bench",
+        help="spawn rates and memory, side by side with os.fork and the Python peers",
+        description="Measure trio_fork against a minimal fork loop, os.fork() of a growing "
+        "parent, multiprocessing, trio_parallel and anyio.to_process, and check the "
+        "project's performance targets. Progress goes to stderr, results to stdout.",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="a run of seconds instead of minutes, less precise"
+    )
+    bench.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="every figure and ratio as JSON: on stdout instead of the table, or into FILE",
+    )
+    bench.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw spawn rate against parent size (needs matplotlib)",
+    )
+    bench.add_argument(
+        "--backend", choices=["trio", "asyncio"], default="trio", help="the event loop to use"
+    )
+    bench.add_argument(
+        "--rounds",
+        type=_positive_int,
+        help="samples per row (default: 1 with --quick, else 10)",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run
 
         return run(args.backend)
+    if args.command == "bench":
+        from ._bench import output_problem, plot_problem
+        from ._bench import run as run_bench
+
+        for option, path in (("--plot", args.plot), ("--json", args.json)):
+            if path not in (None, "-") and (problem := output_problem(option, path)) is not None:
+                parser.error(problem)
+        if args.plot is not None and (problem := plot_problem()) is not None:
+            parser.error(problem)
+        return run_bench(
+            quick=args.quick,
+            json=args.json,
+            plot=args.plot,
+            backend=args.backend,
+            rounds=args.rounds,
+        )
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse checks

@@ -457,7 +457,11 @@ def _serve_forks(
             )
         if modules:
             _request_sync(channel, reader, buffer, REQUIRE, pickle.dumps(modules))
-        _request_sync(channel, reader, buffer, SERVE_FORKS, fds=[served.detach()])
+        # A template we started dies with the thread that started it (see main() in
+        # _serve), unless told otherwise; the handle may outlive a worker thread.
+        outlive = process is not None and threading.current_thread() is not threading.main_thread()
+        payload = b"outlive the thread" if outlive else b""
+        _request_sync(channel, reader, buffer, SERVE_FORKS, payload, fds=[served.detach()])
     except BaseException:
         requests.close()
         served.close()

@@ -77,6 +77,7 @@ _PR_SET_PDEATHSIG = 1
 _REQUEST_ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 4)
 _PR_SET_CHILD_SUBREAPER = 36
 _SIGKILL = int(signal.SIGKILL)
+_SIGTERM = int(signal.SIGTERM)
 _CO_COROUTINE = 0x80
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -390,7 +391,7 @@ class _Server:
             elif op == FDS:
                 self.queue.extend(frame.fds)
             elif op == SERVE_FORKS:
-                self.serve_forks(frame.fds)
+                self.serve_forks(frame.fds, frame.payload)
             else:
                 raise ValueError(f"unknown command {op}")
         except (_Terminate, _ChannelClosed):
@@ -461,7 +462,7 @@ class _Server:
         finally:
             os.close(pidfd)
 
-    def serve_forks(self, fds: list[int]) -> None:
+    def serve_forks(self, fds: list[int], payload: bytes) -> None:
         if len(fds) != 1:
             raise ValueError("SERVE_FORKS takes exactly one socket")
         if self.forks is not None:
@@ -472,6 +473,11 @@ class _Server:
             raise ValueError("SERVE_FORKS needs a SOCK_SEQPACKET socket")
         if self.wakeup is None:
             self.become_template()
+        if payload == b"outlive the thread":
+            # PR_SET_PDEATHSIG fires when the *thread* that started us ends, and this
+            # template must outlive it; its owner's death still reaches it as end of
+            # file on the channel.
+            _prctl(_PR_SET_PDEATHSIG, 0)
         self.forks = requests
         self.poller.register(requests, select.POLLIN)
 
@@ -522,7 +528,9 @@ class _Server:
     ) -> NoReturn:
         code = 1
         try:
-            _prctl(_PR_SET_PDEATHSIG, _SIGKILL)
+            # A child dies with its template. A new template shuts down instead (see
+            # _on_sigterm), so that it still kills and reaps everything below it.
+            _prctl(_PR_SET_PDEATHSIG, _SIGKILL if payload is not None else _SIGTERM)
             if os.getppid() != self.pid:
                 _exit(1)
             signal.set_wakeup_fd(-1)
@@ -599,16 +607,29 @@ class _Server:
                 return
 
 
-def main(fd: int) -> None:
-    """Run a template started by ``open_template``, serving the socket ``fd``."""
-    global _shutting_down
+def main(fd: int, owner: int, sigint_blocked: bool) -> None:
+    """Run a template started by ``open_template``, serving the socket ``fd``.
+
+    ``owner`` is the pid of the process that started it. ``sigint_blocked`` says
+    that it blocked SIGINT for the start-up, so that a Ctrl-C before SIGINT is
+    ignored here cannot make this template print a KeyboardInterrupt traceback.
+    """
     _capture_fresh_signal_state()
+    if sigint_blocked:
+        _fresh_mask.discard(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sigint_blocked:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGCHLD, _on_sigchld)
     signal.siginterrupt(signal.SIGCHLD, False)
     server = _Server(socket.socket(fileno=fd), [], memoryview(bytearray(RECEIVE_SIZE)))
     try:
+        # If the owner dies, even while this template runs a long command: shut down
+        # as when it closes the channel, and take everything below down too.
+        _prctl(_PR_SET_PDEATHSIG, _SIGTERM)
+        if os.getppid() != owner:
+            raise _Terminate
         server.become_template()
         _settle()
         server.reply(READY, pickle.dumps((os.getpid(), tuple(sys.version_info[:3]))))
@@ -628,17 +649,15 @@ def main_in_fork(fd: int, parent: int) -> NoReturn:
     """
     code = 1
     try:
-        # End with the program even if another process keeps its end of the channel
-        # open. Safe here: the program had one thread, the one that forked us.
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() == parent:
-            # As for a template from open_template: workers must not read the
-            # program's terminal.
-            devnull = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(devnull, 0)
-            os.close(devnull)
-            main(fd)
-            code = 0
+        # As for a template from open_template: workers must not read the program's
+        # terminal.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        # main() ends it with the program (PR_SET_PDEATHSIG): safe, since the program
+        # had one thread, the one that forked it.
+        main(fd, parent, False)
+        code = 0
     except BaseException as exc:
         _print_exception(exc)
     finally:

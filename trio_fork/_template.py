@@ -34,7 +34,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _BOOTSTRAP = """\
 def _bootstrap():
     import importlib.util, sys
-    fd, package_dir, *path = sys.argv[1:]
+    fd, owner, sigint_blocked, package_dir, *path = sys.argv[1:]
     del sys.argv[1:]
     sys.path[:] = path
     for name in ("_protocol", "_serve"):
@@ -45,7 +45,7 @@ def _bootstrap():
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
     del globals()["_bootstrap"]
-    module.main(int(fd))
+    module.main(int(fd), int(owner), sigint_blocked == "1")
 _bootstrap()
 """
 
@@ -238,7 +238,10 @@ class Template:
         try:
             pid, pidfd, slot = await self._channel.forked(forked)
         except BaseException:
+            # It ends when it sees our end closed, or is killed when its pidfd arrives.
             channel.close()
+            assert forked.slot is not None
+            await _gone(forked.slot)
             raise
         template = Template._create(channel, pid, pidfd, slot, None)
         template._shares_main = self._shares_main
@@ -378,6 +381,7 @@ class Template:
         except BaseException:
             ours.close()
             self._channel.kill(seq)
+            await _gone(slot)
             raise
         if started is not None and started.op == STARTED and not started.fds_lost:
             (pid,) = PID.unpack(started.payload)
@@ -392,7 +396,8 @@ class Template:
         ours.close()
         if started is not None:
             close_all(started.fds)
-        # It will not run: wait until it is gone (or was never made) before saying why.
+        # It will not run, or must not without a pidfd: wait until it is gone (or was
+        # never made) before saying why.
         self._channel.kill(seq)
         with anyio.CancelScope(shield=True):
             await slot.event.wait()
@@ -400,6 +405,11 @@ class Template:
             raise slot.error
         if started is not None and started.op == ERROR:
             raise remote_error(started)
+        if started is not None and started.fds_lost:
+            raise OSError(
+                "the pidfd of a new child was lost in transit: the kernel truncated the "
+                "control message (is RLIMIT_NOFILE too low?); the child was killed"
+            )
         if slot.code is None:
             self._channel.check()
         raise BrokenTemplateError(
@@ -490,6 +500,17 @@ def _readable(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(0))
+
+
+async def _gone(slot: ExitSlot) -> None:
+    """After a start was abandoned: wait, shielded, until the process is reaped.
+
+    Bounded, because the report comes from the template, and a template stuck in a
+    long command only reports when it ends; leaving the template's block takes the
+    process down then.
+    """
+    with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+        await slot.event.wait()
 
 
 async def _reap(pidfd: int, slot: ExitSlot) -> None:
@@ -583,9 +604,22 @@ def _launch(
     """Start a template interpreter; our end of its channel is returned blocking."""
     ours, theirs = socket.socketpair()
     path = [os.path.abspath(entry) for entry in sys.path if isinstance(entry, str)]
+    # The template inherits this signal mask: a Ctrl-C during its start-up stays
+    # pending until it ignores SIGINT, instead of printing a traceback there.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    sigint_blocked = "0" if signal.SIGINT in mask else "1"
     try:
         process = subprocess.Popen(
-            [executable, "-c", _BOOTSTRAP, str(theirs.fileno()), _PACKAGE_DIR, *path],
+            [
+                executable,
+                "-c",
+                _BOOTSTRAP,
+                str(theirs.fileno()),
+                str(os.getpid()),
+                sigint_blocked,
+                _PACKAGE_DIR,
+                *path,
+            ],
             stdin=subprocess.DEVNULL,
             pass_fds=(theirs.fileno(),),
             env=env,
@@ -598,6 +632,7 @@ def _launch(
             exc.errno, f"cannot start a template with python={executable!r}{where}: {exc.strerror}"
         ) from None
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
     return process, ours
 

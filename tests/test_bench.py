@@ -1,0 +1,243 @@
+"""``python -m trio_fork bench``: it runs and prints every row and every target.
+
+Benchmarks are not timed tests: nothing here checks a figure, only that each row
+was measured (or says why not) and that the output is well formed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from trio_fork._bench._report import ROWS, TARGETS
+from trio_fork._cli import main
+
+# The rows the issue asks for; the bench's own catalogue must match it exactly.
+EXPECTED_ROWS = {
+    "floor",
+    "os_fork_0",
+    "os_fork_200mb",
+    "os_fork_2gb",
+    "mp_fork",
+    "mp_forkserver",
+    "mp_spawn",
+    "trio_parallel_fresh",
+    "trio_parallel_cached",
+    "anyio_to_process",
+    "trio_fork_seq_0",
+    "trio_fork_32_0",
+    "trio_fork_seq_200mb",
+    "trio_fork_32_200mb",
+    "trio_fork_seq_2gb",
+    "trio_fork_32_2gb",
+    "numpy_first_spawn",
+    "numpy_fresh_start",
+    "numpy_child_pss",
+    "numpy_fresh_pss",
+    "numpy_template_pss",
+    "numpy_child_uss",
+    "numpy_fresh_uss",
+}
+EXPECTED_TARGETS = {
+    "spawn_vs_floor",
+    "concurrent_vs_floor",
+    "spawn_vs_forkserver",
+    "big_parent_vs_small",
+    "big_parent_vs_os_fork",
+    "numpy_start_speedup",
+    "numpy_pss_ratio",
+}
+HIDDEN = ("numpy", "trio_parallel")
+# Rows that need an optional peer (the bench extra) that may not be installed here.
+PEER_ROWS = {"numpy": "numpy_", "trio_parallel": "trio_parallel_"}
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@attrs.frozen
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@attrs.frozen
+class Runs:
+    table: Run
+    json: Run
+    plot: Path
+    json_file: Path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """Two quick runs at once.
+
+    One prints the table and writes a plot and a JSON file; the other prints JSON, on
+    asyncio, with two optional peers hidden.
+    """
+    directory = tmp_path_factory.mktemp("bench")
+    hidden = directory / "hidden"
+    for name in HIDDEN:
+        (hidden / name).mkdir(parents=True)
+        (hidden / name / "__init__.py").write_text(
+            f"raise ImportError('{name} hidden by the test')"
+        )
+    plot = directory / "plot.png"
+    json_file = directory / "bench.json"
+    command = [sys.executable, "-m", "trio_fork", "bench", "--quick"]
+    path = os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")]))
+    started = [
+        subprocess.Popen(
+            [
+                *command,
+                "--json",
+                str(json_file),
+                *(["--plot", str(plot)] if _installed("matplotlib") else []),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        subprocess.Popen(
+            [*command, "--json", "--backend", "asyncio"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": path},
+        ),
+    ]
+    finished = []
+    try:
+        for process in started:
+            stdout, stderr = process.communicate(timeout=100)
+            finished.append(Run(process.returncode, stdout, stderr))
+    finally:
+        for process in started:
+            if process.returncode is None:
+                process.kill()
+                process.communicate()
+    return Runs(finished[0], finished[1], plot, json_file)
+
+
+def test_the_catalogue_has_the_issues_rows_and_targets() -> None:
+    assert {row.key for row in ROWS} == EXPECTED_ROWS
+    assert {target.key for target in TARGETS} == EXPECTED_TARGETS
+
+
+def test_table_prints_every_row_and_target(runs: Runs) -> None:
+    run = runs.table
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    for row in ROWS:
+        [line] = [line for line in lines if line.strip().startswith(row.label + "  ")]
+        # A figure, or a note saying why there is none.
+        figure = line.strip()[len(row.label) :].split()
+        assert figure[0] != "-" or "skipped:" in line, line
+    for target in TARGETS:
+        [line] = [line for line in lines if line.strip().startswith(target.figure + "  ")]
+        assert line.rstrip().endswith(("met", "MISSED")), line
+    assert "Load average" in run.stdout
+
+
+def test_json_file_written_alongside_the_table(runs: Runs) -> None:
+    report = json.loads(runs.json_file.read_text())
+    assert {row["key"] for row in report["rows"]} == EXPECTED_ROWS
+    assert report["settings"]["backend"] == "trio"
+    # Nothing is hidden in this run: every row whose peers are installed has a figure.
+    missing = [name for name in PEER_ROWS if not _installed(name)]
+    for row in report["rows"]:
+        if row["key"].startswith(tuple(PEER_ROWS[name] for name in missing)):
+            assert row["note"].startswith("skipped:"), row
+        else:
+            assert row["value"] is not None, row
+
+
+def test_progress_goes_to_stderr(runs: Runs) -> None:
+    run = runs.table
+    assert "bench [" in run.stderr
+    assert "bench finished" in run.stderr
+    assert "bench [" not in run.stdout
+
+
+def test_plot_is_a_png(runs: Runs) -> None:
+    pytest.importorskip("matplotlib")
+    assert runs.plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def _json(runs: Runs) -> dict[str, Any]:
+    run = runs.json
+    assert run.returncode == 0, run.stderr
+    report: dict[str, Any] = json.loads(run.stdout)
+    return report
+
+
+def test_json_has_every_row_with_a_figure_or_a_skip_note(runs: Runs) -> None:
+    rows = {row["key"]: row for row in _json(runs)["rows"]}
+    assert set(rows) == EXPECTED_ROWS
+    for key, row in rows.items():
+        if key.startswith(HIDDEN):
+            assert row["value"] is None
+            assert row["samples"] == []
+            assert row["note"].startswith("skipped:"), row
+        else:
+            assert row["note"] is None, row
+            assert row["value"] > 0
+            assert len(row["samples"]) >= 1
+
+
+def test_json_explains_why_a_peer_is_skipped(runs: Runs) -> None:
+    rows = {row["key"]: row for row in _json(runs)["rows"]}
+    assert "numpy hidden by the test" in rows["numpy_first_spawn"]["note"]
+    # Hidden, and on asyncio: trio_parallel says the first reason that applies.
+    assert "runs only on Trio" in rows["trio_parallel_fresh"]["note"]
+
+
+def test_json_has_every_target(runs: Runs) -> None:
+    report = _json(runs)
+    targets = {target["key"]: target for target in report["targets"]}
+    assert set(targets) == EXPECTED_TARGETS
+    for key, target in targets.items():
+        if key.startswith("numpy"):
+            assert target["value"] is None
+            assert target["met"] is None
+            assert target["per_round"] == []
+            assert "not measured" in target["note"]
+        else:
+            assert target["value"] > 0
+            assert target["met"] in (True, False)
+            # One round in quick mode, so the ratio in that round is the ratio.
+            assert target["per_round"] == [pytest.approx(target["value"])]
+    assert report["settings"]["mode"] == "quick"
+    assert report["settings"]["backend"] == "asyncio"
+    assert report["machine"]["cpus"] >= 1
+    assert len(report["load_average_before"]) == 3
+
+
+def test_plot_without_matplotlib_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", "--quick", "--plot", str(tmp_path / "plot.png")])
+    assert raised.value.code == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_plot_into_a_missing_directory_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["bench", "--quick", "--plot", str(tmp_path / "missing" / "plot.png")])
+    assert raised.value.code == 2
+    assert "does not exist" in capsys.readouterr().err

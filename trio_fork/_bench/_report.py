@@ -1,0 +1,309 @@
+"""What the bench measures and what it found: the rows, the targets, the results.
+
+The rows and targets are declared here once; the runner fills in samples by row key,
+and the table, the JSON and the plot all read the same :class:`Report`.
+"""
+
+from __future__ import annotations
+
+import enum
+import statistics
+from collections.abc import Mapping
+
+import attrs
+
+
+class Kind(enum.Enum):
+    """What a row's samples are, which decides how they are summarised and shown."""
+
+    SPAWNS = "processes/s"
+    """New processes started, run and reaped per second (median of the rounds)."""
+    CALLS = "calls/s"
+    """Round trips per second to workers that are already running (median)."""
+    LATENCY = "s"
+    """Seconds until a new worker is ready (median)."""
+    MEMORY = "bytes"
+    """Memory per process (mean: PSS adds up over processes, and USS does too)."""
+
+
+@attrs.frozen
+class Row:
+    key: str
+    label: str
+    kind: Kind
+    ballast_mb: int | None = None
+    """Ballast held by the bench process while the row runs, if that is the point."""
+
+
+BALLASTS_MB = (0, 200, 2048)
+
+
+def ballast_name(megabytes: int) -> str:
+    return f"{megabytes // 1024} GB" if megabytes >= 1024 else f"{megabytes} MB"
+
+
+def ballast_key(base: str, megabytes: int) -> str:
+    """The key of row ``base`` measured with ``megabytes`` of ballast: "os_fork_2gb"."""
+    suffix = ballast_name(megabytes).replace(" ", "").lower() if megabytes else "0"
+    return f"{base}_{suffix}"
+
+
+def _by_ballast(base: str, label: str) -> tuple[Row, ...]:
+    return tuple(
+        Row(
+            ballast_key(base, megabytes),
+            label + (f", parent + {ballast_name(megabytes)}" if megabytes else ""),
+            Kind.SPAWNS,
+            megabytes,
+        )
+        for megabytes in BALLASTS_MB
+    )
+
+
+ROWS: tuple[Row, ...] = (
+    Row("floor", "floor: a minimal Python forking itself", Kind.SPAWNS),
+    *_by_ballast("os_fork", "os.fork() of this process"),
+    Row("mp_fork", "multiprocessing, fork", Kind.SPAWNS),
+    Row("mp_forkserver", "multiprocessing, forkserver", Kind.SPAWNS),
+    Row("mp_spawn", "multiprocessing, spawn", Kind.SPAWNS),
+    Row("trio_parallel_fresh", "trio_parallel.run_sync, a fresh worker per call", Kind.SPAWNS),
+    *_by_ballast("trio_fork_seq", "trio_fork spawn, one at a time"),
+    *_by_ballast("trio_fork_32", "trio_fork spawn, 32 at a time"),
+    Row("trio_parallel_cached", "trio_parallel.run_sync, cached workers", Kind.CALLS),
+    Row("anyio_to_process", "anyio.to_process.run_sync (reuses its workers)", Kind.CALLS),
+    Row("numpy_first_spawn", "first spawn from a template that preloaded numpy", Kind.LATENCY),
+    Row("numpy_fresh_start", "fresh interpreter that imports numpy", Kind.LATENCY),
+    Row("numpy_child_pss", "PSS of an idle child of the numpy template", Kind.MEMORY),
+    Row("numpy_fresh_pss", "PSS of an idle fresh interpreter with numpy", Kind.MEMORY),
+    Row("numpy_template_pss", "PSS of the numpy template itself", Kind.MEMORY),
+    Row("numpy_child_uss", "USS (private memory) of an idle child of the template", Kind.MEMORY),
+    Row("numpy_fresh_uss", "USS (private memory) of an idle fresh interpreter", Kind.MEMORY),
+)
+ROW_KEYS = frozenset(row.key for row in ROWS)
+
+
+@attrs.frozen
+class Target:
+    key: str
+    figure: str
+    numerator: str
+    denominator: str
+    at_least: bool
+    """True for "ratio >= bound", False for "ratio <= bound"."""
+    bound: float
+
+    @property
+    def requirement(self) -> str:
+        return f"{'>=' if self.at_least else '<='} {self.bound:g}"
+
+
+# The issue's target table, each as a ratio of two rows measured in the same run.
+TARGETS: tuple[Target, ...] = (
+    Target(
+        "spawn_vs_floor", "sequential spawn rate / floor", "trio_fork_seq_0", "floor", True, 0.7
+    ),
+    Target(
+        "concurrent_vs_floor",
+        "32-way concurrent spawn rate / floor",
+        "trio_fork_32_0",
+        "floor",
+        True,
+        1.0,
+    ),
+    Target(
+        "spawn_vs_forkserver",
+        "sequential spawn rate / multiprocessing forkserver",
+        "trio_fork_seq_0",
+        "mp_forkserver",
+        True,
+        10.0,
+    ),
+    Target(
+        "big_parent_vs_small",
+        "sequential spawn rate with a 2 GB parent / without",
+        "trio_fork_seq_2gb",
+        "trio_fork_seq_0",
+        True,
+        0.9,
+    ),
+    Target(
+        "big_parent_vs_os_fork",
+        "sequential spawn rate with a 2 GB parent / os.fork() of that parent",
+        "trio_fork_seq_2gb",
+        "os_fork_2gb",
+        True,
+        20.0,
+    ),
+    Target(
+        "numpy_start_speedup",
+        "numpy worker start: fresh interpreter time / first spawn time",
+        "numpy_fresh_start",
+        "numpy_first_spawn",
+        True,
+        50.0,
+    ),
+    Target(
+        "numpy_pss_ratio",
+        "PSS of an idle numpy-template child / fresh interpreter with numpy",
+        "numpy_child_pss",
+        "numpy_fresh_pss",
+        False,
+        0.15,
+    ),
+)
+
+
+@attrs.frozen
+class Settings:
+    """How long and how often each row is measured."""
+
+    mode: str
+    backend: str
+    rounds: int
+    """Samples per row (but the memory rows), taken round-robin across all rows."""
+    sample_seconds: float
+    """Each rate sample runs for at least this long ..."""
+    min_iterations: int
+    """... and at least this many iterations."""
+    concurrency: int
+    idle_processes: int
+    """Idle processes of each kind whose PSS is measured."""
+
+    @classmethod
+    def for_mode(cls, *, quick: bool, backend: str, rounds: int | None = None) -> Settings:
+        # Many short rounds rather than a few long ones: the round-robin then spreads
+        # changes in the machine's load more evenly over the rows.
+        if quick:
+            return cls("quick", backend, rounds or 1, 0.2, 3, 32, 8)
+        return cls("full", backend, rounds or 10, 0.5, 5, 32, 8)
+
+
+@attrs.frozen
+class RowResult:
+    row: Row
+    samples: tuple[float, ...] = ()
+    note: str | None = None
+    """Why the row has no samples (a peer that is not installed, say)."""
+    parent_rss: int | None = None
+    """Resident size, in bytes, of the process that forked (for the fork rows)."""
+
+    @property
+    def value(self) -> float | None:
+        if not self.samples:
+            return None
+        if self.row.kind is Kind.MEMORY:
+            return statistics.fmean(self.samples)
+        return statistics.median(self.samples)
+
+
+@attrs.frozen
+class TargetResult:
+    target: Target
+    value: float | None
+    """The ratio of the two rows' figures."""
+    per_round: tuple[float, ...] = ()
+    """The ratio within each round, whose spread shows how much noise the run had."""
+    note: str | None = None
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        if self.target.at_least:
+            return self.value >= self.target.bound
+        return self.value <= self.target.bound
+
+
+@attrs.frozen
+class Report:
+    settings: Settings
+    machine: Mapping[str, object]
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+    started: str
+    """When the run started, ISO 8601 in UTC."""
+    elapsed: float
+    rows: tuple[RowResult, ...]
+
+    def row(self, key: str) -> RowResult:
+        for result in self.rows:
+            if result.row.key == key:
+                return result
+        raise KeyError(key)
+
+    def versus_floor(self, key: str) -> float | None:
+        """A spawn rate row's value as a multiple of the floor's."""
+        result = self.row(key)
+        if result.row.kind is not Kind.SPAWNS:
+            return None
+        return _ratio(result.value, self.row("floor").value)
+
+    def targets(self) -> tuple[TargetResult, ...]:
+        results = []
+        for target in TARGETS:
+            missing = [
+                self.row(key)
+                for key in (target.numerator, target.denominator)
+                if self.row(key).value is None
+            ]
+            if missing:
+                why = "; ".join(f"{row.row.label}: {row.note or 'no samples'}" for row in missing)
+                results.append(TargetResult(target, None, note=f"not measured ({why})"))
+                continue
+            numerator, denominator = self.row(target.numerator), self.row(target.denominator)
+            value = _ratio(numerator.value, denominator.value)
+            per_round: tuple[float, ...] = ()
+            # Rows sampled in the rounds pair up round by round; the memory rows'
+            # samples are processes, which do not.
+            if numerator.row.kind is not Kind.MEMORY:
+                per_round = tuple(
+                    top / bottom
+                    for top, bottom in zip(numerator.samples, denominator.samples, strict=True)
+                )
+            results.append(TargetResult(target, value, per_round))
+        return tuple(results)
+
+    def to_json(self) -> dict[str, object]:
+        """Every figure and every ratio, as plain JSON values."""
+        return {
+            "settings": attrs.asdict(self.settings),
+            "machine": dict(self.machine),
+            "load_average_before": list(self.load_before),
+            "load_average_after": list(self.load_after),
+            "started": self.started,
+            "elapsed_seconds": self.elapsed,
+            "rows": [
+                {
+                    "key": result.row.key,
+                    "label": result.row.label,
+                    "unit": result.row.kind.value,
+                    "value": result.value,
+                    "samples": list(result.samples),
+                    "versus_floor": self.versus_floor(result.row.key),
+                    "parent_ballast_mb": result.row.ballast_mb,
+                    "parent_rss_bytes": result.parent_rss,
+                    "note": result.note,
+                }
+                for result in self.rows
+            ],
+            "targets": [
+                {
+                    "key": result.target.key,
+                    "figure": result.target.figure,
+                    "numerator": result.target.numerator,
+                    "denominator": result.target.denominator,
+                    "value": result.value,
+                    "per_round": list(result.per_round),
+                    "target": result.target.requirement,
+                    "met": result.met,
+                    "note": result.note,
+                }
+                for result in self.targets()
+            ],
+        }
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
