@@ -113,7 +113,7 @@ def measure_open_template(runs: int = 10, early: bool = False, backend: str = "t
 
 def figures(runs: int = 30, backend: str = "trio") -> list[Figure | Ratio]:
     """Every measurement of this module, and the ratios the issue sets targets for."""
-    slow_runs = max(3, runs // 3)
+    slow_runs = max(1, runs // 3)
     rows: list[Figure | Ratio] = []
     for label, preload in (("preload: a test suite's", SUITE_PRELOAD), ("no preload", ())):
         fixture = measure_fork_template(runs, preload, backend)

@@ -403,7 +403,9 @@ def start_early() -> None:
     A template opened after :func:`start_early` is a child of the early template,
     not of this process (see :attr:`Template.pid`); leaving its block still ends it
     and waits until it has been reaped. The early template ends with
-    :func:`stop_early`, at interpreter exit, or when this process dies.
+    :func:`stop_early`, at interpreter exit, or when this process dies. If it is
+    killed from outside, :func:`open_template` raises :exc:`BrokenTemplateError`
+    until :func:`stop_early` (or :func:`start_early` again) is called.
     """
     with _early_lock:
         early = _template._early
