@@ -163,6 +163,13 @@ async def test_an_early_template_killed_from_outside(early: int) -> None:
     with pytest.raises(trio_fork.BrokenTemplateError, match="early template"):
         async with trio_fork.open_template():
             pass
+    # start_early() replaces it (and reaps the dead one).
+    trio_fork.start_early()
+    assert _template._early is not None
+    assert _template._early.pid != early
+    assert not process_exists(early)
+    async with trio_fork.open_template() as template:
+        assert parent_of(template.pid) == _template._early.pid
 
 
 WORKERS = textwrap.dedent(

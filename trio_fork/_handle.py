@@ -397,20 +397,24 @@ def start_early() -> None:
     :func:`start_early` ran.
 
     Call it first thing in the program, before any event loop runs: it blocks while
-    that one interpreter starts (tens of milliseconds). Calling it again does
-    nothing.
+    that one interpreter starts (tens of milliseconds). Calling it again while
+    the early template runs does nothing.
 
     A template opened after :func:`start_early` is a child of the early template,
     not of this process (see :attr:`Template.pid`); leaving its block still ends it
     and waits until it has been reaped. The early template ends with
     :func:`stop_early`, at interpreter exit, or when this process dies. If it is
     killed from outside, :func:`open_template` raises :exc:`BrokenTemplateError`
-    until :func:`stop_early` (or :func:`start_early` again) is called.
+    until :func:`stop_early` is called, or :func:`start_early` again, which replaces
+    it.
     """
     with _early_lock:
         early = _template._early
-        if early is None or early.closed:
-            _template._early = _start([], None, None, None, "early template")
+        if early is not None and not early.closed and not _wait_readable(early._pidfd, 0):
+            return
+        if early is not None:
+            early.close()  # it died: reap it, and start another
+        _template._early = _start([], None, None, None, "early template")
 
 
 def stop_early() -> None:
