@@ -109,6 +109,8 @@ class TemplateHandle:
     _owner: int
     _lock: threading.Lock
     _closed: bool
+    # An open() found the process gone (it may not have finished exiting yet).
+    _broken: bool
 
     @classmethod
     def _create(
@@ -134,6 +136,7 @@ class TemplateHandle:
         self._owner = os.getpid()
         self._lock = threading.Lock()
         self._closed = False
+        self._broken = False
         # Non-blocking for every opener: they send on duplicates, which share it.
         requests.setblocking(False)
         _live.add(self)
@@ -198,7 +201,8 @@ class TemplateHandle:
         try:
             with self._duplicate_requests() as requests:
                 await _send_request(requests, [theirs.fileno(), reaped_write], self)
-        except BaseException:
+        except BaseException as exc:
+            self._broken = self._broken or isinstance(exc, BrokenTemplateError)
             ours.close()
             os.close(reaped_read)
             raise
@@ -223,6 +227,7 @@ class TemplateHandle:
 
     def _check_ready(self, ready: Frame | None) -> tuple[int, int]:
         if ready is None:
+            self._broken = True
             raise BrokenTemplateError(f"the process of {self!r} has died")
         if ready.op == ERROR:
             raise remote_error(ready)
@@ -271,6 +276,9 @@ class TemplateHandle:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+    def _exited(self) -> bool:
+        return _wait_readable(self._pidfd, 0)
 
     def _close_at_exit(self) -> None:
         if os.getpid() == self._owner:
@@ -410,7 +418,7 @@ def start_early() -> None:
     """
     with _early_lock:
         early = _template._early
-        if early is not None and not early.closed and not _wait_readable(early._pidfd, 0):
+        if early is not None and not (early.closed or early._broken or early._exited()):
             return
         if early is not None:
             early.close()  # it died: reap it, and start another
