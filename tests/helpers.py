@@ -81,6 +81,7 @@ def descendants(root: int | None = None) -> dict[int, str]:
     return found
 
 
+<<<<<<< HEAD
 async def until(condition: Callable[[], bool]) -> None:
     """Wait (30 s at most) until ``condition()``, which looks at another process's doing."""
     with anyio.fail_after(30):
@@ -102,3 +103,14 @@ async def cancelled_when(condition: Callable[[], bool]) -> AsyncIterator[anyio.C
         with scope:
             yield scope
         group.cancel_scope.cancel()
+=======
+def open_fds() -> dict[int, str]:
+    """This process's file descriptors: fd -> what it refers to."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass  # the descriptor listdir itself used
+    return fds
+>>>>>>> main

@@ -240,3 +240,18 @@ def not_callable_target() -> None:
 
 
 NOT_CALLABLE = 42
+
+
+async def adopt_and_report(stream: Any) -> None:
+    """Adopt the template whose channel arrives on ``stream``, spawn from it, report."""
+    import trio_fork
+
+    _, fds = await stream.receive_fds(1, 1)
+    with socket.socket(fileno=fds[0]) as channel:
+        async with trio_fork.adopt_template(channel) as template:
+            async with template.spawn(report_raw_args, "from the adopter") as child:
+                data = b"".join([chunk async for chunk in child.stream])
+            reported = pickle.loads(data[_LENGTH.size :])
+            await stream.send(pickle.dumps((template.pid, reported)))
+            # Hold the template until the parent has looked at it.
+            await stream.receive()

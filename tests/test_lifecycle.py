@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import anyio
 import pytest
@@ -182,3 +183,36 @@ async def test_cancelled_spawns_leave_nothing_once_the_template_ends() -> None:
                     await receive(child.stream)
         async with template.spawn(targets.nothing):
             pass
+
+
+async def test_commands_to_a_template_already_dead_fail_promptly() -> None:
+    # The command is flushed at once, finds the template gone and breaks the channel
+    # before its caller starts waiting: the caller must still hear about it.
+    for command in ("spawn", "require", "fork"):
+        async with trio_fork.open_template(preload=["tests.targets"]) as template:
+            os.kill(template.pid, signal.SIGKILL)
+            # Blocking on purpose: the channel's reader task must not run meanwhile.
+            while process_alive(template.pid):
+                time.sleep(0.001)  # noqa: ASYNC251
+            with anyio.fail_after(5), pytest.raises(trio_fork.BrokenTemplateError):
+                if command == "spawn":
+                    async with template.spawn(targets.nothing):
+                        pass
+                elif command == "require":
+                    await template.require("json")
+                else:
+                    async with template.fork():
+                        pass
+
+
+async def test_a_cancelled_block_can_still_use_its_template_in_shielded_cleanup() -> None:
+    # Cancelling the block does not cancel the template's channel: it stays usable
+    # until the block ends it, and a cancellation never turns into BrokenTemplateError.
+    with anyio.move_on_after(0.1) as scope:
+        async with trio_fork.open_template() as template:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True), anyio.fail_after(5):
+                    await template.eval("CLEANED_UP = True")
+    assert scope.cancelled_caught

@@ -11,6 +11,12 @@ from ._child import Child as Child
 from ._errors import BrokenTemplateError as BrokenTemplateError
 from ._errors import BrokenWorkerError as BrokenWorkerError
 from ._errors import RemoteError as RemoteError
+from ._handle import TemplateHandle as TemplateHandle
+from ._handle import fork_main_template as fork_main_template
+from ._handle import start_early as start_early
+from ._handle import start_template as start_template
+from ._handle import stop_early as stop_early
+from ._handover import adopt_template as adopt_template
 from ._pool import Pool as Pool
 from ._pool import PoolStatistics as PoolStatistics
 from ._pool import open_pool as open_pool

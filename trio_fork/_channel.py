@@ -102,6 +102,10 @@ class Channel:
     _writer_busy: bool = False
     _broken: BrokenTemplateError | None = None
     _closed: bool = False
+    _running: bool = False
+    _handed_over: bool = False
+    # Set, if someone waits in hand_over(), whenever a reply or exit report arrives.
+    _progress: anyio.Event | None = None
 
     def __attrs_post_init__(self) -> None:
         self._sock.setblocking(False)
@@ -138,7 +142,7 @@ class Channel:
     def _queue(self, op: int, payload: bytes, fds: list[int] | tuple[int, ...]) -> int:
         # What waits for the answer must be registered before the flush: a flush that
         # finds the template dead fails everything registered, at once.
-        if self._closed or self._broken is not None:
+        if self._closed or self._broken is not None or self._handed_over:
             close_all(list(fds))
             self.check()
         seq = self._sent
@@ -148,6 +152,11 @@ class Channel:
 
     def check(self) -> None:
         """Raise if the channel can no longer carry commands."""
+        if self._handed_over:
+            raise anyio.ClosedResourceError(f"{self.name} was handed over to another owner")
+        self._check_alive()
+
+    def _check_alive(self) -> None:
         if self._closed:
             raise anyio.ClosedResourceError(f"{self.name} is closed")
         if self._broken is not None:
@@ -219,11 +228,17 @@ class Channel:
         blocks nested in it still need this channel while they clean up (the exits
         of their children and templates are reported here). :meth:`close` ends it.
         """
-        with anyio.CancelScope(shield=True):
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._write)
-                await self._read()
-                task_group.cancel_scope.cancel()
+        self._running = True
+        try:
+            with anyio.CancelScope(shield=True):
+                async with anyio.create_task_group() as task_group:
+                    task_group.start_soon(self._write)
+                    await self._read()
+                    task_group.cancel_scope.cancel()
+        finally:
+            self._running = False
+            if self._closed:
+                self._sock.close()
 
     async def _write(self) -> None:
         while True:
@@ -275,6 +290,8 @@ class Channel:
                 self._break(cause)
 
     def _dispatch(self, frame: Frame) -> None:
+        if self._progress is not None:
+            self._progress.set()
         if frame.op == READY and self._ready is not None:
             ready, self._ready = self._ready, None
             self._deliver(ready, frame)
@@ -330,6 +347,34 @@ class Channel:
         self._exits.clear()
         while self._outbox:
             close_all(self._outbox.popleft()[1])
+        if self._progress is not None:
+            self._progress.set()
+
+    async def hand_over(self) -> socket.socket:
+        """Stop using the channel, and return a copy of its socket for a new owner.
+
+        Refuses new commands at once, then waits until every command already sent
+        has been answered and every process made through the channel has been
+        reported: from then on the template sends nothing unasked, so the new owner
+        starts at a frame boundary, owed nothing of ours. If cancelled while
+        waiting, the channel stays ours and usable.
+        """
+        self.check()
+        self._handed_over = True
+        try:
+            while self._replies or self._exits or self._ready is not None:
+                self._check_alive()
+                self._progress = anyio.Event()
+                await self._progress.wait()
+            self._check_alive()
+        except BaseException:
+            self._handed_over = False
+            raise
+        finally:
+            self._progress = None
+        sock = self._sock.dup()
+        self.close()
+        return sock
 
     def close(self) -> None:
         """Close our end: the template sees end of file and shuts down."""
@@ -339,7 +384,11 @@ class Channel:
         self._fail_all(anyio.ClosedResourceError(f"{self.name} is closed"))
         self._wake_writer.set()
         anyio.notify_closing(self._sock)
-        self._sock.close()
+        # While run() unwinds, the descriptor must stay ours: on asyncio, a waiter
+        # woken by notify_closing unregisters its descriptor number when it resumes,
+        # and would unregister a new socket that reused the number (anyio 4.16).
+        if not self._running:
+            self._sock.close()
 
 
 def _discard(frame: Frame) -> None:

@@ -50,9 +50,11 @@ FDS = 4
 FORK = 5  # a new template; answered by FORKED
 SPAWN = 6  # a child running a target; answered only if it fails (ERROR), see STARTED
 KILL = 7  # SIGKILL what the command with this sequence number made; never answered
+SERVE_FORKS = 8  # fork a new template per request on the SOCK_SEQPACKET socket it carries
+HELLO = 9  # answered by READY: pid, Python version and a pidfd; for adopting a channel
 
 # Template to parent: replies (SEQ first) and reports.
-READY = 16  # unasked, once, when a template started by open_template is up
+READY = 16  # unasked, once, when a template started or forked on request is up
 OK = 17
 ERROR = 18
 FORKED = 19  # with the new template's pid and a pidfd

@@ -17,6 +17,12 @@ collector's reach.
 
 A template ends when its owner closes the channel (end of file) or sends SIGTERM:
 it kills and reaps everything below it, then exits.
+
+A template can also serve fork requests (``SERVE_FORKS``): single messages on a
+``SOCK_SEQPACKET`` socket, which any thread or process holding the other end may send
+without a reply owed on the template's own channel. Each makes a new template on the
+socket the request carries; that is how a template outlives one event loop (see
+``trio_fork._handle``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from trio_fork._protocol import (
     FORK,
     FORKED,
     HEADER,
+    HELLO,
     KILL,
     OK,
     PID,
@@ -51,6 +58,7 @@ from trio_fork._protocol import (
     RECEIVE_SIZE,
     REQUIRE,
     SEQ,
+    SERVE_FORKS,
     SPAWN,
     STARTED,
     Frame,
@@ -58,6 +66,7 @@ from trio_fork._protocol import (
     close_all,
     describe_exception,
     encode,
+    parse_ancillary,
     receive,
     send_blocking,
 )
@@ -65,6 +74,7 @@ from trio_fork._protocol import (
 _STARTED_HEADER = HEADER.pack(STARTED, 1, PID.size)
 _NO_SEQ = SEQ.pack(0)
 _PR_SET_PDEATHSIG = 1
+_REQUEST_ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 4)
 _PR_SET_CHILD_SUBREAPER = 36
 _SIGKILL = int(signal.SIGKILL)
 _SIGTERM = int(signal.SIGTERM)
@@ -312,6 +322,10 @@ class _Server:
         self.wakeup: tuple[int, int] | None = None
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
+        # SERVE_FORKS: the request socket, and for each template forked on request
+        # the pipe to close once it is reaped.
+        self.forks: socket.socket | None = None
+        self.reaped: dict[int, int] = {}
 
     def reply(self, op: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()) -> None:
         try:
@@ -339,7 +353,9 @@ class _Server:
                     self.handle(frame)
                     continue
                 for fd, _ in self.poller.poll():
-                    if fd != self.sock.fileno():
+                    if self.forks is not None and fd == self.forks.fileno():
+                        self.fork_on_request()
+                    elif fd != self.sock.fileno():
                         self.reap()
                     elif not receive(self.sock, self.reader, self.buffer):
                         return
@@ -362,6 +378,9 @@ class _Server:
             if op == KILL:
                 self.kill(*SEQ.unpack(frame.payload))
                 return
+            if op == HELLO:
+                self.hello(seq)
+                return
             if op == REQUIRE:
                 for name in pickle.loads(frame.payload):
                     importlib.import_module(name)
@@ -371,6 +390,8 @@ class _Server:
                 self.queue.extend(pickle.loads(frame.payload))
             elif op == FDS:
                 self.queue.extend(frame.fds)
+            elif op == SERVE_FORKS:
+                self.serve_forks(frame.fds, frame.payload)
             else:
                 raise ValueError(f"unknown command {op}")
         except (_Terminate, _ChannelClosed):
@@ -432,7 +453,79 @@ class _Server:
                 os.kill(pid, signal.SIGKILL)
                 return
 
-    def in_new_process(self, fds: list[int], payload: bytes | None) -> NoReturn:
+    def hello(self, seq: int | None) -> None:
+        """READY with our pid and a pidfd: asked by HELLO (seq), or unasked (None)."""
+        pidfd = os.pidfd_open(os.getpid())
+        try:
+            identity = pickle.dumps((os.getpid(), tuple(sys.version_info[:3])))
+            self.reply(READY, (b"" if seq is None else SEQ.pack(seq)) + identity, [pidfd])
+        finally:
+            os.close(pidfd)
+
+    def serve_forks(self, fds: list[int], payload: bytes) -> None:
+        if len(fds) != 1:
+            raise ValueError("SERVE_FORKS takes exactly one socket")
+        if self.forks is not None:
+            raise ValueError("this template already serves fork requests")
+        requests = socket.socket(fileno=fds.pop())
+        if requests.type != socket.SOCK_SEQPACKET:
+            requests.close()
+            raise ValueError("SERVE_FORKS needs a SOCK_SEQPACKET socket")
+        if self.wakeup is None:
+            self.become_template()
+        if payload == b"outlive the thread":
+            # PR_SET_PDEATHSIG fires when the *thread* that started us ends, and this
+            # template must outlive it; its owner's death still reaches it as end of
+            # file on the channel.
+            _prctl(_PR_SET_PDEATHSIG, 0)
+        self.forks = requests
+        self.poller.register(requests, select.POLLIN)
+
+    def fork_on_request(self) -> None:
+        assert self.forks is not None
+        try:
+            data, ancdata, flags, _ = self.forks.recvmsg(
+                1, _REQUEST_ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return
+        fds = parse_ancillary(ancdata)
+        if not data and not fds:
+            # Every requester is gone: stay a template, just stop listening.
+            self.poller.unregister(self.forks)
+            self.forks.close()
+            self.forks = None
+            return
+        if len(fds) != 2 or flags & socket.MSG_CTRUNC:
+            # Not a request we can answer; closing what came tells the sender.
+            close_all(fds)
+            return
+        channel, reaped = fds
+        _flush_stdio()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            # The requester waits on the new channel: tell it there.
+            try:
+                with socket.socket(fileno=os.dup(channel)) as sock:
+                    send_blocking(
+                        sock, encode(ERROR, _NO_SEQ + pickle.dumps(describe_exception(exc)))
+                    )
+            except OSError:
+                pass
+            close_all(fds)
+            return
+        if pid == 0:
+            os.close(reaped)
+            self.in_new_process([channel], None, announce=True)
+        os.close(channel)
+        # Not in self.children: nobody reads our channel for its exit status. The
+        # requester learns that it is reaped when this pipe closes.
+        self.reaped[pid] = reaped
+
+    def in_new_process(
+        self, fds: list[int], payload: bytes | None, announce: bool = False
+    ) -> NoReturn:
         code = 1
         try:
             # A child dies with its template. A new template shuts down instead (see
@@ -447,6 +540,10 @@ class _Server:
             if self.wakeup is not None:
                 os.close(self.wakeup[0])
                 os.close(self.wakeup[1])
+            if self.forks is not None:
+                os.close(self.forks.fileno())
+            for reaped in self.reaped.values():
+                os.close(reaped)
             if self.reader.holds_fds:
                 self.reader.close()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fds[0])
@@ -454,9 +551,14 @@ class _Server:
                 code = _run(sock, self.queue, payload, fds[1:])
             else:
                 server = _Server(sock, list(self.queue), self.buffer)
+                if announce:
+                    server.hello(None)
                 server.serve()
                 server.shutdown()
                 code = 0
+        except (_Terminate, _ChannelClosed):
+            # Ended, or its requester gone, before it served anything: nothing to say.
+            code = 0
         except BaseException as exc:
             _print_exception(exc)
         finally:
@@ -479,6 +581,9 @@ class _Server:
             seq = self.children.pop(pid, None)
             if seq is not None:
                 self.reply(EXITED, EXIT_STATUS.pack(seq, os.waitstatus_to_exitcode(status)))
+            reaped = self.reaped.pop(pid, None)
+            if reaped is not None:
+                os.close(reaped)
 
     def shutdown(self) -> None:
         """Kill and reap everything below this process."""
@@ -539,3 +644,27 @@ def main(fd: int, owner: int, sigint_blocked: bool) -> None:
         pass
     server.shutdown()
     _flush_stdio()
+
+
+def main_in_fork(fd: int, parent: int) -> NoReturn:
+    """Serve ``fd`` in a process just forked from a running program, then exit.
+
+    Used by ``trio_fork.fork_main_template``: the program, with everything it has
+    imported, becomes a template. It never returns into the program's code, and never
+    runs the program's ``atexit`` handlers.
+    """
+    code = 1
+    try:
+        # As for a template from open_template: workers must not read the program's
+        # terminal.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        # main() ends it with the program (PR_SET_PDEATHSIG): safe, since the program
+        # had one thread, the one that forked it.
+        main(fd, parent, False)
+        code = 0
+    except BaseException as exc:
+        _print_exception(exc)
+    finally:
+        _exit(code)

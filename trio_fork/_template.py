@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from ._protocol import ARGS, ERROR, EVAL, FDS, FORK, PID, REQUIRE, STARTED, clos
 
 if TYPE_CHECKING:
     from ._channel import Reply
+    from ._handle import TemplateHandle
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,6 +51,9 @@ _bootstrap()
 
 _CLOSE_TIMEOUT = 5.0
 _PYTHON_VERSION = tuple(sys.version_info[:2])
+
+# Set by trio_fork.start_early(): open_template() then forks from it.
+_early: TemplateHandle | None = None
 
 
 class _HasFileno(Protocol):
@@ -85,6 +90,12 @@ class Template:
     # Whether the template's __main__ is this program's, so that functions defined in
     # this program's __main__ can be found there by name.
     _shares_main: bool
+    # How the end of a template that is neither our child (``_process``) nor reported
+    # on a channel we read (``_exit``) is known: ``_pidfd`` turns readable when it
+    # exits, and ``_reaped``, if set, when the fork server that made it has reaped it.
+    _reaped: int | None
+    # spawn() and fork() blocks open on this template: export() refuses while any is.
+    _blocks: int
 
     @classmethod
     def _create(
@@ -94,6 +105,7 @@ class Template:
         pidfd: int,
         exit: ExitSlot | None,
         process: subprocess.Popen[bytes] | None,
+        reaped: int | None = None,
     ) -> Template:
         self = cls.__new__(cls)
         self._channel = channel
@@ -102,6 +114,8 @@ class Template:
         self._exit = exit
         self._process = process
         self._shares_main = False
+        self._reaped = reaped
+        self._blocks = 0
         channel.name = f"template {pid}"
         return self
 
@@ -112,8 +126,13 @@ class Template:
     def pid(self) -> int:
         """The template's process id.
 
-        A template from :func:`open_template` is a child of this process; one from
-        :meth:`fork` is a child of the template it was forked from.
+        A template from :func:`open_template` is a child of this process, or of the
+        early template once :func:`start_early` has run. One from :meth:`fork` is a
+        child of the template it was forked from, one from
+        :meth:`TemplateHandle.open` a child of the handle's template, and one from
+        :func:`adopt_template` a child of whichever process made it. Whatever its
+        parent, the pid names this template until the block that gave it to you
+        ends (it cannot be reused before), and signals reach it through a pidfd.
         """
         return self._pid
 
@@ -226,8 +245,12 @@ class Template:
             raise
         template = Template._create(channel, pid, pidfd, slot, None)
         template._shares_main = self._shares_main
-        async with template._serving():
-            yield template
+        self._blocks += 1
+        try:
+            async with template._serving():
+                yield template
+        finally:
+            self._blocks -= 1
 
     @asynccontextmanager
     async def spawn(
@@ -285,6 +308,7 @@ class Template:
             BrokenTemplateError: The template died.
         """
         child = await self._start_child(target, args, fds)
+        self._blocks += 1
         try:
             yield child
             await child.stream.aclose()
@@ -292,6 +316,34 @@ class Template:
         except BaseException:
             await child._abort(deliver_cancel)
             raise
+        finally:
+            self._blocks -= 1
+
+    async def export(self) -> socket.socket:
+        """Hand this template's control channel over, to adopt it in another process.
+
+        Python's counterpart of AnyEvent::Fork's ``to_fh``. Waits until every command
+        issued so far has been answered, then returns the channel's socket. Send it
+        to another process (for example with ``child.stream.send_fds``), close your
+        copy, and call :func:`adopt_template` there. From then on this
+        :class:`Template` raises :exc:`anyio.ClosedResourceError`.
+
+        The hand-over moves the channel, not the lifetime: the template still ends
+        when the block that gave it to you ends. It also ends as soon as the
+        adopter's block ends (its channel reaches end of file), whichever comes
+        first.
+
+        Raises:
+            RuntimeError: A :meth:`spawn` or :meth:`fork` block of this template is
+                still open: the exit status of its process would go to the adopter.
+            BrokenTemplateError: The template died.
+        """
+        if self._blocks:
+            raise RuntimeError(
+                f"{self!r} has {self._blocks} spawn() or fork() block(s) open: leave them "
+                "before exporting it"
+            )
+        return await self._channel.hand_over()
 
     async def _request(self, op: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
         await self._channel.wait(self._channel.command(op, payload, fds or ()))
@@ -394,6 +446,8 @@ class Template:
                 self._send_signal(signal.SIGKILL)
                 await self._wait_exit()
             os.close(self._pidfd)
+            if self._reaped is not None:
+                os.close(self._reaped)
 
     def _send_signal(self, sig: int) -> None:
         try:
@@ -404,8 +458,9 @@ class Template:
     def _exited(self) -> bool:
         if self._process is not None:
             return self._process.returncode is not None
-        assert self._exit is not None
-        return self._exit.event.is_set()
+        if self._exit is not None:
+            return self._exit.event.is_set()
+        return _readable(self._pidfd) and (self._reaped is None or _readable(self._reaped))
 
     async def _wait_exit(self) -> None:
         if self._exit is not None:
@@ -415,6 +470,8 @@ class Template:
         await anyio.wait_readable(self._pidfd)
         if self._process is not None:
             self._process.wait()
+        elif self._reaped is not None:
+            await anyio.wait_readable(self._reaped)
 
     async def _handshake(self, ready: Reply, python: str) -> None:
         assert self._process is not None
@@ -437,6 +494,12 @@ class Template:
                 f"{ours}: a template imports from this process's sys.path, so it must "
                 "run the same Python version"
             )
+
+
+def _readable(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 async def _gone(slot: ExitSlot) -> None:
@@ -492,6 +555,11 @@ async def open_template(
             process's).
         cwd: The template's working directory, as in :mod:`subprocess`.
 
+    After :func:`start_early`, unless ``python`` is given, the template is forked
+    from the early template instead of started: the same pristine template, with
+    this process's current ``sys.path``, working directory and environment (or
+    ``cwd`` and ``env``) applied to it. It is then a child of the early template.
+
     Yields:
         Template: The ready template, with ``preload`` imported.
 
@@ -504,10 +572,16 @@ async def open_template(
         RemoteError: A preloaded module failed to import.
     """
     modules = _module_names(preload, "preload")
+    early = _early
+    if early is not None and python is None and not early.closed:
+        async with early._open_aligned(modules, env, cwd) as template:
+            yield template
+        return
     executable = os.fspath(python) if python is not None else sys.executable
     if not executable:
         raise RuntimeError("sys.executable is unknown here: pass python= to open_template")
-    process, channel = _launch(executable, env, cwd)
+    process, ours = _launch(executable, env, cwd)
+    channel = Channel(ours, f"template {process.pid}")
     try:
         pidfd = os.pidfd_open(process.pid)
     except BaseException:
@@ -526,7 +600,8 @@ async def open_template(
 
 def _launch(
     executable: str, env: Mapping[str, str] | None, cwd: str | os.PathLike[str] | None
-) -> tuple[subprocess.Popen[bytes], Channel]:
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start a template interpreter; our end of its channel is returned blocking."""
     ours, theirs = socket.socketpair()
     path = [os.path.abspath(entry) for entry in sys.path if isinstance(entry, str)]
     # The template inherits this signal mask: a Ctrl-C during its start-up stays
@@ -559,7 +634,7 @@ def _launch(
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
-    return process, Channel(ours, f"template {process.pid}")
+    return process, ours
 
 
 def _module_names(modules: Iterable[str], where: str) -> list[str]:

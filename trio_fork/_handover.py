@@ -1,0 +1,93 @@
+"""Adopting a template whose control channel another process handed over."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+
+from ._channel import Channel, receive_frame, remote_error
+from ._errors import BrokenTemplateError
+from ._protocol import ERROR, EXITED, HEADER, HELLO, READY, SEQ, close_all
+from ._template import FileDescriptorLike, Template, _dup
+
+
+@asynccontextmanager
+async def adopt_template(channel: FileDescriptorLike) -> AsyncIterator[Template]:
+    """Take over a template from the channel socket that :meth:`Template.export` gave.
+
+    The counterpart of AnyEvent::Fork's ``new_from_fh``. The template is unchanged:
+    it has whatever was imported, evaluated and queued in it before the hand-over,
+    and the full :class:`Template` API. It is not a child of this process, but
+    :attr:`Template.pid` is its real pid, asked from the template itself.
+
+    Leaving the block ends the template and everything it started (its channel
+    closes, as when an :func:`open_template` block ends), and waits until it has
+    exited; whoever made it reaps it. The exporter's block can also end it first:
+    then this side gets :exc:`BrokenTemplateError`.
+
+    Args:
+        channel: The socket (or its descriptor) received from the exporter. It is
+            duplicated: close your copy once the template is adopted, and do not
+            use it for anything else.
+
+    Raises:
+        TypeError: ``channel`` is not a Unix stream socket.
+        BrokenTemplateError: The template has ended, or ``channel`` does not lead to
+            one.
+    """
+    fd = _dup(channel, "adopt_template", 0)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        sock = None
+    if sock is None or sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        if sock is not None:
+            sock.close()
+        raise TypeError(f"adopt_template: {channel!r} is not a Unix stream socket")
+    try:
+        sock.setblocking(False)
+        pid, pidfd, seq = await _hello(sock)
+    except BaseException:
+        sock.close()
+        raise
+    # The template numbers its commands: ours continue from the exporter's.
+    template = Template._create(Channel(sock, "", sent=seq + 1), pid, pidfd, None, None)
+    async with template._serving():
+        yield template
+
+
+async def _hello(sock: socket.socket) -> tuple[int, int, int]:
+    """The template's pid, a pidfd, and HELLO's sequence number; reads nothing past it."""
+    try:
+        request = memoryview(HEADER.pack(HELLO, 0, 0))
+        while request:
+            try:
+                request = request[sock.send(request) :]
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+        while True:
+            frame = await receive_frame(sock)
+            # Exit reports of processes the exporter forked may still be on their way.
+            if frame is None or frame.op != EXITED:
+                break
+    except OSError as exc:
+        raise BrokenTemplateError("the adopted template died or its channel broke") from exc
+    if frame is None:
+        raise BrokenTemplateError("the adopted template has ended (its channel is closed)")
+    if frame.op == ERROR:
+        raise remote_error(frame)
+    if frame.op != READY or len(frame.fds) != 1:
+        close_all(frame.fds)
+        raise BrokenTemplateError(
+            f"the socket given to adopt_template does not lead to a template (it answered "
+            f"{frame.op})"
+        )
+    (seq,) = SEQ.unpack_from(frame.payload)
+    pid, _ = pickle.loads(frame.payload[SEQ.size :])
+    return int(pid), frame.fds[0], seq
