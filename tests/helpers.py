@@ -81,7 +81,6 @@ def descendants(root: int | None = None) -> dict[int, str]:
     return found
 
 
-<<<<<<< HEAD
 async def until(condition: Callable[[], bool]) -> None:
     """Wait (30 s at most) until ``condition()``, which looks at another process's doing."""
     with anyio.fail_after(30):
@@ -103,7 +102,8 @@ async def cancelled_when(condition: Callable[[], bool]) -> AsyncIterator[anyio.C
         with scope:
             yield scope
         group.cancel_scope.cancel()
-=======
+
+
 def open_fds() -> dict[int, str]:
     """This process's file descriptors: fd -> what it refers to."""
     fds = {}
@@ -113,4 +113,3 @@ def open_fds() -> dict[int, str]:
         except OSError:
             pass  # the descriptor listdir itself used
     return fds
->>>>>>> main
