@@ -61,6 +61,22 @@ async def test_bad_functions_and_arguments() -> None:
     assert await trio_fork.run_sync(operator.neg, 1) == -1
 
 
+async def test_a_function_the_worker_cannot_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with trio_fork.open_worker_context() as context:
+        # The template was given sys.path before this directory joined it.
+        (tmp_path / "trio_fork_late_module.py").write_text("def late():\n    return 1\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import trio_fork_late_module  # type: ignore[import-not-found]
+
+        with pytest.raises(RuntimeError, match="could not load the function to call") as info:
+            await context.run_sync(trio_fork_late_module.late)
+        assert "trio_fork_late_module" in str(info.value)
+        assert isinstance(info.value.__cause__, trio_fork.RemoteError)
+        assert await context.run_sync(operator.pos, 1) == 1
+
+
 async def test_entry_is_a_checkpoint(tmp_path: Path) -> None:
     path = str(tmp_path / "journal")
     with anyio.CancelScope() as scope:
