@@ -79,8 +79,6 @@ class Request:
     cancel_sent: bool = False
     cancelling: bool = False
     """The caller is stopping it: it must never be sent anywhere again."""
-    started: bool = False
-    """Whether the worker may have started it: False when it provably has not."""
     # Serialized events not yet taken; None for callers that do not listen.
     events: deque[bytes] | None = None
     # Set to wake the task waiting on this request: it is done, an event came, it
@@ -221,7 +219,6 @@ class Connection:
             raise BrokenWorkerError(str(self.lost))
         request.id = next(self._ids) & 0xFFFFFFFF
         request.connection = self
-        request.started = True
         self._requests[request.id] = request
         self._nothing_since_send = True
         self._write(encode(CALL, request.id, request.payload), now=len(self._requests) == 1)
@@ -508,7 +505,6 @@ class Connection:
             if not running:
                 # A sync worker runs calls in order: those after the running one
                 # never started, and may safely be sent elsewhere.
-                request.started = False
                 if not request.cancelling and self.requeue is not None:
                     if self.requeue(request):
                         continue
