@@ -323,7 +323,7 @@ def render(results: Results) -> str:
         lines.append("")
     lines.append("targets")
     for what, value, target, met in results.targets():
-        shown = "-" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+        shown = "-" if value is None else f"{value:.2f}" if value < 100 else f"{value:.0f}"
         verdict = {True: "met", False: "NOT met", None: "not measured"}[met]
         lines.append(f"  {what:38} {shown:>10}  (target {target}) {verdict}")
     return "\n".join(lines) + "\n"
