@@ -79,8 +79,23 @@ async def test_require_failure_is_a_remote_error_and_the_template_keeps_working(
         assert error.type_name == "ModuleNotFoundError"
         assert "no_such_module_anywhere" in str(error)
         assert "Remote traceback" in str(error)
-        assert "importlib" in error.remote_traceback
+        assert "No module named 'no_such_module_anywhere'" in error.remote_traceback
         await template.require("json")
+
+
+async def test_a_module_failing_on_import_shows_where(tmp_path: os.PathLike[str]) -> None:
+    with open(os.path.join(tmp_path, "trio_fork_fails_on_import.py"), "w") as file:
+        file.write("SETTING = 1\nraise RuntimeError('bad configuration')\n")
+    sys.path.insert(0, os.fspath(tmp_path))
+    try:
+        async with trio_fork.open_template() as template:
+            with pytest.raises(trio_fork.RemoteError) as info:
+                await template.require("trio_fork_fails_on_import")
+    finally:
+        sys.path.remove(os.fspath(tmp_path))
+    assert info.value.type_name == "RuntimeError"
+    assert 'trio_fork_fails_on_import.py", line 2' in info.value.remote_traceback
+    assert "_serve.py" not in info.value.remote_traceback
 
 
 async def test_eval_runs_in_main_with_args_bound() -> None:

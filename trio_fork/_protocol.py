@@ -15,13 +15,10 @@ notice when the kernel dropped some (``MSG_CTRUNC``).
 
 from __future__ import annotations
 
-import array
 import os
 import socket
 import struct
-import traceback
 from collections import deque
-from typing import NamedTuple
 
 HEADER = struct.Struct("<BII")
 """Opcode, number of file descriptors, payload length."""
@@ -39,7 +36,8 @@ status (``-N`` for death by signal ``N``)."""
 MAX_FDS_PER_MESSAGE = 253
 """The kernel's ``SCM_MAX_FD``: descriptors accepted in one ``sendmsg``."""
 
-ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+_FD = struct.Struct("i")
+ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD.size)
 RECEIVE_SIZE = 65536
 
 # Commands, parent to template.
@@ -67,12 +65,17 @@ STARTED = 20
 Segment = tuple[memoryview, list[int]]
 
 
-class Frame(NamedTuple):
-    op: int
-    payload: bytes
-    fds: list[int]
-    fds_lost: bool
-    """The kernel dropped some of this frame's descriptors (``MSG_CTRUNC``)."""
+class Frame:
+    """One frame: opcode, payload and the descriptors that came with it."""
+
+    __slots__ = ("fds", "fds_lost", "op", "payload")
+
+    def __init__(self, op: int, payload: bytes, fds: list[int], fds_lost: bool) -> None:
+        self.op = op
+        self.payload = payload
+        self.fds = fds
+        self.fds_lost = fds_lost
+        """The kernel dropped some of this frame's descriptors (``MSG_CTRUNC``)."""
 
 
 def _padding(nfds: int, length: int) -> int:
@@ -103,7 +106,7 @@ def ancillary(fds: list[int]) -> list[tuple[int, int, bytes]]:
     """The ``sendmsg`` ancillary data that passes ``fds``."""
     if not fds:
         return []
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
 
 
 def parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -111,9 +114,7 @@ def parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(data[: len(data) - len(data) % received.itemsize])
-            fds.extend(received)
+            fds.extend(fd for (fd,) in _FD.iter_unpack(data[: len(data) - len(data) % _FD.size]))
     return fds
 
 
@@ -204,6 +205,8 @@ def close_all(fds: list[int]) -> None:
 
 def describe_exception(exc: BaseException) -> tuple[str, str, str]:
     """The type name, message and formatted traceback of ``exc``."""
+    import traceback  # only when something failed: templates stay small
+
     cls = type(exc)
     name = (
         cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"

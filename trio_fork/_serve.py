@@ -27,18 +27,17 @@ socket the request carries; that is how a template outlives one event loop (see
 
 from __future__ import annotations
 
-import _signal  # type: ignore[import-not-found]  # the C module under signal, no stub
+# The C modules under signal and pickle: their Python wrappers import enum, re and
+# more, and everything a template imports is copied (page tables at every fork) and
+# torn down (at every child's exit).
+import _pickle
+import _signal  # type: ignore[import-not-found]
 import ctypes
 import gc
-import importlib
 import os
-import pickle
 import select
-import signal
 import socket
 import sys
-from collections.abc import Callable
-from typing import Any, NoReturn
 
 from trio_fork._protocol import (
     ARGS,
@@ -71,13 +70,18 @@ from trio_fork._protocol import (
     send_blocking,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
 _STARTED_HEADER = HEADER.pack(STARTED, 1, PID.size)
 _NO_SEQ = SEQ.pack(0)
 _PR_SET_PDEATHSIG = 1
 _REQUEST_ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 4)
 _PR_SET_CHILD_SUBREAPER = 36
-_SIGKILL = int(signal.SIGKILL)
-_SIGTERM = int(signal.SIGTERM)
+_SIGKILL = int(_signal.SIGKILL)
+_SIGTERM = int(_signal.SIGTERM)
 _CO_COROUTINE = 0x80
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -91,6 +95,8 @@ _restore_handlers: list[tuple[int, Any]] = []
 _restore_mask = False
 _shutting_down = False
 _evals = 0
+# The source of eval'd code, for tracebacks (see _show_sources).
+_sources: dict[str, str] = {}
 
 
 class _Terminate(BaseException):
@@ -112,14 +118,14 @@ def _on_sigchld(signum: int, frame: object) -> None:
 
 
 def _capture_fresh_signal_state() -> None:
-    for sig in signal.valid_signals():
+    for sig in _signal.valid_signals():
         try:
             handler = _signal.getsignal(sig)
         except (OSError, ValueError):
             continue
         if handler is not None:
             _fresh_handlers[sig] = handler
-    _fresh_mask.update(signal.pthread_sigmask(signal.SIG_BLOCK, ()))
+    _fresh_mask.update(_signal.pthread_sigmask(_signal.SIG_BLOCK, ()))
 
 
 def _plan_signal_restore() -> None:
@@ -129,7 +135,7 @@ def _plan_signal_restore() -> None:
         for sig, handler in _fresh_handlers.items()
         if _signal.getsignal(sig) != handler
     ]
-    _restore_mask = set(signal.pthread_sigmask(signal.SIG_BLOCK, ())) != _fresh_mask
+    _restore_mask = set(_signal.pthread_sigmask(_signal.SIG_BLOCK, ())) != _fresh_mask
 
 
 def _restore_fresh_signal_state() -> None:
@@ -138,7 +144,7 @@ def _restore_fresh_signal_state() -> None:
     for sig, handler in _restore_handlers:
         _signal.signal(sig, handler)
     if _restore_mask:
-        signal.pthread_sigmask(signal.SIG_SETMASK, _fresh_mask)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, _fresh_mask)
 
 
 def _settle() -> None:
@@ -171,11 +177,17 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(errno, os.strerror(errno))
 
 
+def _import(name: str) -> Any:
+    # importlib.import_module, without importing importlib into every template.
+    __import__(name)
+    return sys.modules[name]
+
+
 def _resolve(name: str) -> Callable[..., Any]:
     module_name, sep, qualname = name.partition(":")
     if not sep or not module_name or not qualname:
         raise ValueError(f"target {name!r} is not of the form 'module:qualname'")
-    obj: Any = sys.modules.get(module_name) or importlib.import_module(module_name)
+    obj: Any = sys.modules.get(module_name) or _import(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
     if not callable(obj):
@@ -221,6 +233,7 @@ def _print_exception(exc: BaseException) -> None:
     traceback = exc.__traceback__
     if traceback is not None and traceback.tb_frame.f_code is _call.__code__:
         exc = exc.with_traceback(traceback.tb_next)
+    _show_sources()
     if sys.excepthook is sys.__excepthook__:
         # The default hook's printer reads sources from disk; this one also finds
         # code defined with eval().
@@ -229,6 +242,20 @@ def _print_exception(exc: BaseException) -> None:
         tb.print_exception(type(exc), exc, exc.__traceback__)
     else:
         sys.excepthook(type(exc), exc, exc.__traceback__)
+
+
+def _show_sources() -> None:
+    # Only when a traceback is about to be formatted: linecache and what it imports
+    # stay out of templates that never fail.
+    import linecache
+
+    for filename, code in _sources.items():
+        linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+
+
+def _describe(exc: BaseException) -> tuple[str, str, str]:
+    _show_sources()
+    return describe_exception(_from_caller(exc))
 
 
 def _from_caller(exc: BaseException) -> BaseException:
@@ -264,8 +291,8 @@ def _call(
         _print_exception(exc)
         _flush_stdio()
         # Like the interpreter: report death by SIGINT, not an exit code.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+        os.kill(os.getpid(), _signal.SIGINT)
         code = 130
     except BaseException as exc:
         _print_exception(exc)
@@ -288,12 +315,12 @@ def _list_children() -> set[int]:
 def _run(sock: socket.socket, queued: list[Any], payload: bytes, fds: list[int]) -> int:
     """In a new child: run the target a SPAWN command named; the exit code."""
     try:
-        target_name, backend, args = pickle.loads(payload)
+        target_name, backend, args = _pickle.loads(payload)
         target = _resolve(target_name)
         run_backend = backend if _is_async(target) else None
         _restore_fresh_signal_state()
     except BaseException as exc:
-        error = _NO_SEQ + pickle.dumps(describe_exception(exc))
+        error = _NO_SEQ + _pickle.dumps(_describe(exc))
         send_blocking(sock, encode(ERROR, error))
         return 1
     # The child opens its own pidfd: it is alive now, so the pidfd cannot name a
@@ -339,7 +366,7 @@ class _Server:
     def become_template(self) -> None:
         """Get ready to fork: reap children promptly and adopt orphans below us."""
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        _signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         self.poller.register(read_end, select.POLLIN)
         self.wakeup = (read_end, write_end)
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -382,12 +409,12 @@ class _Server:
                 self.hello(seq)
                 return
             if op == REQUIRE:
-                for name in pickle.loads(frame.payload):
-                    importlib.import_module(name)
+                for name in _pickle.loads(frame.payload):
+                    _import(name)
             elif op == EVAL:
-                self.eval(*pickle.loads(frame.payload))
+                self.eval(*_pickle.loads(frame.payload))
             elif op == ARGS:
-                self.queue.extend(pickle.loads(frame.payload))
+                self.queue.extend(_pickle.loads(frame.payload))
             elif op == FDS:
                 self.queue.extend(frame.fds)
             elif op == SERVE_FORKS:
@@ -399,7 +426,7 @@ class _Server:
         except BaseException as exc:
             close_all(frame.fds)
             _settle()
-            self.reply(ERROR, SEQ.pack(seq) + pickle.dumps(describe_exception(_from_caller(exc))))
+            self.reply(ERROR, SEQ.pack(seq) + _pickle.dumps(_describe(exc)))
         else:
             _settle()
             self.reply(OK, SEQ.pack(seq))
@@ -408,10 +435,7 @@ class _Server:
         global _evals
         _evals += 1
         filename = f"<trio_fork eval #{_evals}>"
-        import linecache
-
-        # Registered so that tracebacks, here and in children, show the source.
-        linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+        _sources[filename] = code
         namespace = sys.modules["__main__"].__dict__
         missing = object()
         saved = namespace.get("args", missing)
@@ -450,14 +474,14 @@ class _Server:
         for pid, made_by in self.children.items():
             if made_by == seq:
                 # Not reaped yet, so the pid cannot have been recycled.
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, _signal.SIGKILL)
                 return
 
     def hello(self, seq: int | None) -> None:
         """READY with our pid and a pidfd: asked by HELLO (seq), or unasked (None)."""
         pidfd = os.pidfd_open(os.getpid())
         try:
-            identity = pickle.dumps((os.getpid(), tuple(sys.version_info[:3])))
+            identity = _pickle.dumps((os.getpid(), tuple(sys.version_info[:3])))
             self.reply(READY, (b"" if seq is None else SEQ.pack(seq)) + identity, [pidfd])
         finally:
             os.close(pidfd)
@@ -509,7 +533,7 @@ class _Server:
             try:
                 with socket.socket(fileno=os.dup(channel)) as sock:
                     send_blocking(
-                        sock, encode(ERROR, _NO_SEQ + pickle.dumps(describe_exception(exc)))
+                        sock, encode(ERROR, _NO_SEQ + _pickle.dumps(describe_exception(exc)))
                     )
             except OSError:
                 pass
@@ -523,6 +547,26 @@ class _Server:
         # requester learns that it is reaped when this pipe closes.
         self.reaped[pid] = reaped
 
+    def leave_template(self, death_signal: int) -> None:
+        """In a new process: stop being part of this template."""
+        # Dies, or shuts down (see _on_sigterm), when this template dies.
+        _prctl(_PR_SET_PDEATHSIG, death_signal)
+        if os.getppid() != self.pid:
+            _exit(1)
+        _signal.set_wakeup_fd(-1)
+        # Nothing of the template's machinery may leak into the new process. Raw
+        # closes: the objects that held these die unused with the process.
+        os.close(self.sock.fileno())
+        if self.wakeup is not None:
+            os.close(self.wakeup[0])
+            os.close(self.wakeup[1])
+        if self.forks is not None:
+            os.close(self.forks.fileno())
+        for reaped in self.reaped.values():
+            os.close(reaped)
+        if self.reader.holds_fds:
+            self.reader.close()
+
     def in_new_process(
         self, fds: list[int], payload: bytes | None, announce: bool = False
     ) -> NoReturn:
@@ -530,22 +574,7 @@ class _Server:
         try:
             # A child dies with its template. A new template shuts down instead (see
             # _on_sigterm), so that it still kills and reaps everything below it.
-            _prctl(_PR_SET_PDEATHSIG, _SIGKILL if payload is not None else _SIGTERM)
-            if os.getppid() != self.pid:
-                _exit(1)
-            signal.set_wakeup_fd(-1)
-            # Nothing of the template's machinery may leak into the new process. Raw
-            # closes: the objects that held these die unused with the process.
-            os.close(self.sock.fileno())
-            if self.wakeup is not None:
-                os.close(self.wakeup[0])
-                os.close(self.wakeup[1])
-            if self.forks is not None:
-                os.close(self.forks.fileno())
-            for reaped in self.reaped.values():
-                os.close(reaped)
-            if self.reader.holds_fds:
-                self.reader.close()
+            self.leave_template(_SIGKILL if payload is not None else _SIGTERM)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fds[0])
             if payload is not None:
                 code = _run(sock, self.queue, payload, fds[1:])
@@ -597,7 +626,7 @@ class _Server:
             # Orphans below us are adopted as they appear, so look again each time.
             for pid in (_list_children() | self.children.keys()) - killed:
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, _signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 killed.add(pid)
@@ -616,13 +645,13 @@ def main(fd: int, owner: int, sigint_blocked: bool) -> None:
     """
     _capture_fresh_signal_state()
     if sigint_blocked:
-        _fresh_mask.discard(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _fresh_mask.discard(_signal.SIGINT)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     if sigint_blocked:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGCHLD, _on_sigchld)
-    signal.siginterrupt(signal.SIGCHLD, False)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGINT})
+    _signal.signal(_signal.SIGTERM, _on_sigterm)
+    _signal.signal(_signal.SIGCHLD, _on_sigchld)
+    _signal.siginterrupt(_signal.SIGCHLD, False)
     server = _Server(socket.socket(fileno=fd), [], memoryview(bytearray(RECEIVE_SIZE)))
     global _shutting_down
     try:
@@ -634,7 +663,7 @@ def main(fd: int, owner: int, sigint_blocked: bool) -> None:
                 raise _Terminate
             server.become_template()
             _settle()
-            server.reply(READY, pickle.dumps((os.getpid(), tuple(sys.version_info[:3]))))
+            server.reply(READY, _pickle.dumps((os.getpid(), tuple(sys.version_info[:3]))))
             server.serve()
         finally:
             # The owner closes the channel and then sends SIGTERM: a SIGTERM that

@@ -33,17 +33,17 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # importing the trio_fork package (and with it trio and anyio), then serves.
 _BOOTSTRAP = """\
 def _bootstrap():
-    import importlib.util, sys
+    import sys
     fd, owner, sigint_blocked, package_dir, *path = sys.argv[1:]
     del sys.argv[1:]
     sys.path[:] = path
     for name in ("_protocol", "_serve"):
-        spec = importlib.util.spec_from_file_location(
-            "trio_fork." + name, package_dir + "/" + name + ".py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        filename = package_dir + "/" + name + ".py"
+        module = type(sys)("trio_fork." + name)
+        module.__file__ = filename
+        sys.modules[module.__name__] = module
+        with open(filename, "rb") as file:
+            exec(compile(file.read(), filename, "exec"), module.__dict__)
     del globals()["_bootstrap"]
     module.main(int(fd), int(owner), sigint_blocked == "1")
 _bootstrap()
