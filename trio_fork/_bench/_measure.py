@@ -7,8 +7,10 @@ and warm-up are never timed; each call of the sampler times one sample.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 
 import anyio
 
@@ -73,3 +75,33 @@ async def concurrent_rate(
         for _ in range(width):
             task_group.start_soon(worker)
     return count / (time.perf_counter() - start)
+
+
+async def median_latency(once: Callable[[], Awaitable[float]], seconds: float) -> float:
+    """The median of the latencies that ``once`` returns, over at least ``seconds``.
+
+    At least one call, however long it takes: a row that takes a second per call
+    (trio_parallel starting eight workers) then costs one call per sample, and a row
+    of a few milliseconds gets a median of many, which one hiccup cannot move.
+    ``once`` times itself, so that it can leave out what follows the moment it
+    measures (a pool's workers ending, say).
+    """
+    latencies: list[float] = []
+    start = time.perf_counter()
+    while not latencies or time.perf_counter() - start < seconds:
+        latencies.append(await once())
+    return statistics.median(latencies)
+
+
+def entered_and_left(
+    block: Callable[[], AbstractAsyncContextManager[object]],
+) -> Callable[[], Awaitable[float]]:
+    """A ``once`` for :func:`median_latency`: seconds to enter and leave a new ``block()``."""
+
+    async def once() -> float:
+        start = time.perf_counter()
+        async with block():
+            pass
+        return time.perf_counter() - start
+
+    return once

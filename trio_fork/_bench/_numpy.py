@@ -1,9 +1,10 @@
-"""The rows about a heavy import: a numpy worker from a template, or from scratch.
+"""The rows about a heavy import: numpy workers from a template, or from scratch.
 
 Both kinds of worker do the same: have numpy imported, say so with one byte, and
 (for the memory rows) wait idle until told to go. The memory rows hold several idle
 workers of one kind at a time, and never both kinds at once, so that each kind
-shares pages only with its own.
+shares pages only with its own. A pool row starts several RPC workers at once from
+a numpy template; its peer, trio_parallel starting as many, is in ``_peers``.
 
 Whether numpy can be imported is checked in a template, not in this process: the
 bench must not grow the parent whose fork it times.
@@ -12,6 +13,7 @@ bench must not grow the parent whose fork it times.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -22,12 +24,15 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .._errors import RemoteError
+from .._pool import open_pool
 from .._template import Template, open_template
-from ._measure import Sampler, Unavailable
+from ._measure import Sampler, Unavailable, median_latency
 from ._system import memory_use
 
 if TYPE_CHECKING:
     from anyio.abc import Process
+
+    from ._report import Settings
 
 _TEMPLATE_WORKERS = """
 def numpy_ready(sock):
@@ -85,6 +90,33 @@ async def fresh_starts() -> AsyncIterator[Sampler]:
     """Each sample times a new interpreter that imports numpy."""
     await check_numpy()
     yield fresh_start
+
+
+@asynccontextmanager
+async def pool_starts(settings: Settings) -> AsyncIterator[Sampler]:
+    """A pool of ``settings.pool_workers`` idle workers from one numpy template.
+
+    Timed from asking for the pool until every worker is ready to serve calls: the
+    pool's block starts with its ``idle`` workers ready. The template is opened once
+    for the row, as a program keeps its template and opens pools from it.
+    """
+    await check_numpy()
+    workers = settings.pool_workers
+    async with numpy_template() as template:
+
+        async def once() -> float:
+            start = time.perf_counter()
+            async with open_pool(template, os.getpid, max=workers, idle=workers) as pool:
+                elapsed = time.perf_counter() - start
+                if pool.statistics().idle_workers != workers:
+                    raise RuntimeError(f"the pool was not ready: {pool.statistics()}")
+            return elapsed
+
+        async def sample() -> float:
+            return await median_latency(once, settings.sample_seconds)
+
+        await once()
+        yield sample
 
 
 async def first_spawn(template: Template) -> float:

@@ -21,9 +21,17 @@ class Kind(enum.Enum):
     CALLS = "calls/s"
     """Round trips per second to workers that are already running (median)."""
     LATENCY = "s"
-    """Seconds until a new worker is ready (median)."""
+    """Seconds until something is ready, or done and gone (median)."""
     MEMORY = "bytes"
     """Memory per process (mean: PSS adds up over processes, and USS does too)."""
+
+    def show(self, value: float) -> str:
+        """``value``, a figure of this kind, as the table shows it."""
+        if self is Kind.LATENCY:
+            return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+        if self is Kind.MEMORY:
+            return f"{value / 2**20:.1f} MiB"
+        return f"{value:,.0f}/s" if value >= 100 else f"{value:.1f}/s"
 
 
 @attrs.frozen
@@ -60,44 +68,140 @@ def _by_ballast(base: str, label: str) -> tuple[Row, ...]:
     )
 
 
-ROWS: tuple[Row, ...] = (
-    Row("floor", "floor: a minimal Python forking itself", Kind.SPAWNS),
-    *_by_ballast("os_fork", "os.fork() of this process"),
-    Row("mp_fork", "multiprocessing, fork", Kind.SPAWNS),
-    Row("mp_forkserver", "multiprocessing, forkserver", Kind.SPAWNS),
-    Row("mp_spawn", "multiprocessing, spawn", Kind.SPAWNS),
-    Row("trio_parallel_fresh", "trio_parallel.run_sync, a fresh worker per call", Kind.SPAWNS),
-    *_by_ballast("trio_fork_seq", "trio_fork spawn, one at a time"),
-    *_by_ballast("trio_fork_32", "trio_fork spawn, 32 at a time"),
-    Row("trio_parallel_cached", "trio_parallel.run_sync, cached workers", Kind.CALLS),
-    Row("anyio_to_process", "anyio.to_process.run_sync (reuses its workers)", Kind.CALLS),
-    Row("numpy_first_spawn", "first spawn from a template that preloaded numpy", Kind.LATENCY),
-    Row("numpy_fresh_start", "fresh interpreter that imports numpy", Kind.LATENCY),
-    Row("numpy_child_pss", "PSS of an idle child of the numpy template", Kind.MEMORY),
-    Row("numpy_fresh_pss", "PSS of an idle fresh interpreter with numpy", Kind.MEMORY),
-    Row("numpy_template_pss", "PSS of the numpy template itself", Kind.MEMORY),
-    Row("numpy_child_uss", "USS (private memory) of an idle child of the template", Kind.MEMORY),
-    Row("numpy_fresh_uss", "USS (private memory) of an idle fresh interpreter", Kind.MEMORY),
+RPC_IN_FLIGHT = 256
+"""Calls in flight at once on the pipelined RPC row."""
+POOL_WORKERS = 8
+"""Workers that the pool start-up rows start."""
+
+
+@attrs.frozen
+class Section:
+    """Rows shown together in the table, under a title."""
+
+    title: str
+    rows: tuple[Row, ...]
+    starts: bool = False
+    """Process starts: shown with a ratio to the floor and the size of the parent."""
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section(
+        "New processes per second: start, send one byte back, exit, be reaped",
+        (
+            Row("floor", "floor: a minimal Python forking itself", Kind.SPAWNS),
+            *_by_ballast("os_fork", "os.fork() of this process"),
+            Row("mp_fork", "multiprocessing, fork", Kind.SPAWNS),
+            Row("mp_forkserver", "multiprocessing, forkserver", Kind.SPAWNS),
+            Row("mp_spawn", "multiprocessing, spawn", Kind.SPAWNS),
+            Row(
+                "trio_parallel_fresh",
+                "trio_parallel.run_sync, a fresh worker per call",
+                Kind.SPAWNS,
+            ),
+            *_by_ballast("trio_fork_seq", "trio_fork spawn, one at a time"),
+            *_by_ballast("trio_fork_32", "trio_fork spawn, 32 at a time"),
+        ),
+        starts=True,
+    ),
+    Section(
+        "Calls per second to workers that are already running",
+        (
+            Row("trio_parallel_cached", "trio_parallel.run_sync, cached workers", Kind.CALLS),
+            Row("anyio_to_process", "anyio.to_process.run_sync (reuses its workers)", Kind.CALLS),
+            Row("trio_fork_run_sync", "trio_fork.run_sync (its default pool)", Kind.CALLS),
+            Row(
+                "rpc_pipelined",
+                f"trio_fork RPC to one async worker, {RPC_IN_FLIGHT} calls in flight",
+                Kind.CALLS,
+            ),
+        ),
+    ),
+    Section(
+        "Workers with numpy imported",
+        (
+            Row(
+                "numpy_first_spawn",
+                "first spawn from a template that preloaded numpy",
+                Kind.LATENCY,
+            ),
+            Row("numpy_fresh_start", "fresh interpreter that imports numpy", Kind.LATENCY),
+            Row(
+                "numpy_pool_ready",
+                f"trio_fork pool of {POOL_WORKERS} from a numpy template, all ready",
+                Kind.LATENCY,
+            ),
+            Row(
+                "trio_parallel_numpy_pool",
+                f"trio_parallel starting {POOL_WORKERS} workers that import numpy",
+                Kind.LATENCY,
+            ),
+            Row("numpy_child_pss", "PSS of an idle child of the numpy template", Kind.MEMORY),
+            Row("numpy_fresh_pss", "PSS of an idle fresh interpreter with numpy", Kind.MEMORY),
+            Row("numpy_template_pss", "PSS of the numpy template itself", Kind.MEMORY),
+            Row(
+                "numpy_child_uss",
+                "USS (private memory) of an idle child of the template",
+                Kind.MEMORY,
+            ),
+            Row(
+                "numpy_fresh_uss",
+                "USS (private memory) of an idle fresh interpreter",
+                Kind.MEMORY,
+            ),
+        ),
+    ),
+    Section(
+        "A template of one's own, for a test or a program: set-up + teardown",
+        (
+            Row("fixture_fork_template", "fork_template fixture", Kind.LATENCY),
+            Row("fixture_fresh_template", "fixture starting a fresh template", Kind.LATENCY),
+            Row(
+                "fixture_fork_template_suite",
+                "fork_template fixture, a test suite's preload",
+                Kind.LATENCY,
+            ),
+            Row(
+                "fixture_fresh_template_suite",
+                "fixture starting a fresh template, a test suite's preload",
+                Kind.LATENCY,
+            ),
+            Row("open_template_plain", "open_template() in a program without Early", Kind.LATENCY),
+            Row(
+                "open_template_early",
+                "open_template() in a program that called start_early() first",
+                Kind.LATENCY,
+            ),
+        ),
+    ),
 )
-ROW_KEYS = frozenset(row.key for row in ROWS)
+ROWS: tuple[Row, ...] = tuple(row for section in SECTIONS for row in section.rows)
+ROW_BY_KEY = {row.key: row for row in ROWS}
 
 
 @attrs.frozen
 class Target:
+    """A bound on a ratio of two rows measured in the same run, or on one row's figure."""
+
     key: str
     figure: str
     numerator: str
-    denominator: str
+    denominator: str | None
+    """None for a bound on the numerator's own figure, in its row's unit."""
     at_least: bool
-    """True for "ratio >= bound", False for "ratio <= bound"."""
+    """True for "figure >= bound", False for "figure <= bound"."""
     bound: float
 
     @property
     def requirement(self) -> str:
-        return f"{'>=' if self.at_least else '<='} {self.bound:g}"
+        if self.denominator is None:
+            bound = ROW_BY_KEY[self.numerator].kind.show(self.bound)
+        else:
+            bound = f"{self.bound:g}"
+        return f"{'>=' if self.at_least else '<='} {bound}"
 
 
-# The issue's target table, each as a ratio of two rows measured in the same run.
+# The issues' target tables: ratios of two rows measured in the same run, and (where
+# an issue sets one) a bound on a single figure.
 TARGETS: tuple[Target, ...] = (
     Target(
         "spawn_vs_floor", "sequential spawn rate / floor", "trio_fork_seq_0", "floor", True, 0.7
@@ -150,6 +254,86 @@ TARGETS: tuple[Target, ...] = (
         False,
         0.15,
     ),
+    Target(
+        "fixture_time",
+        "fork_template fixture set-up + teardown",
+        "fixture_fork_template",
+        None,
+        False,
+        0.020,
+    ),
+    Target(
+        "fixture_speedup",
+        "fresh-template fixture / fork_template fixture",
+        "fixture_fresh_template",
+        "fixture_fork_template",
+        True,
+        10.0,
+    ),
+    Target(
+        "fixture_time_suite",
+        "fork_template fixture set-up + teardown, suite preload",
+        "fixture_fork_template_suite",
+        None,
+        False,
+        0.020,
+    ),
+    Target(
+        "fixture_speedup_suite",
+        "fresh-template fixture / fork_template fixture, suite preload",
+        "fixture_fresh_template_suite",
+        "fixture_fork_template_suite",
+        True,
+        10.0,
+    ),
+    Target(
+        "early_speedup",
+        "open_template() without Early / with Early",
+        "open_template_plain",
+        "open_template_early",
+        True,
+        10.0,
+    ),
+    Target(
+        "run_sync_vs_anyio",
+        "sequential run_sync calls/s / anyio.to_process (warm)",
+        "trio_fork_run_sync",
+        "anyio_to_process",
+        True,
+        2.0,
+    ),
+    Target(
+        "run_sync_vs_trio_parallel",
+        "sequential run_sync calls/s / trio_parallel (warm)",
+        "trio_fork_run_sync",
+        "trio_parallel_cached",
+        True,
+        3.0,
+    ),
+    Target(
+        "rpc_pipelined_rate",
+        "pipelined RPC calls/s on one async-backend worker",
+        "rpc_pipelined",
+        None,
+        True,
+        20_000.0,
+    ),
+    Target(
+        "pool_ready_time",
+        f"pool of {POOL_WORKERS} from a numpy template: all ready",
+        "numpy_pool_ready",
+        None,
+        False,
+        0.050,
+    ),
+    Target(
+        "pool_vs_trio_parallel",
+        f"trio_parallel starting {POOL_WORKERS} / pool of {POOL_WORKERS} from a template",
+        "trio_parallel_numpy_pool",
+        "numpy_pool_ready",
+        True,
+        20.0,
+    ),
 )
 
 
@@ -168,6 +352,8 @@ class Settings:
     concurrency: int
     idle_processes: int
     """Idle processes of each kind whose PSS is measured."""
+    rpc_in_flight: int = RPC_IN_FLIGHT
+    pool_workers: int = POOL_WORKERS
 
     @classmethod
     def for_mode(cls, *, quick: bool, backend: str, rounds: int | None = None) -> Settings:
@@ -200,9 +386,9 @@ class RowResult:
 class TargetResult:
     target: Target
     value: float | None
-    """The ratio of the two rows' figures."""
+    """The ratio of the two rows' figures, or the one row's figure."""
     per_round: tuple[float, ...] = ()
-    """The ratio within each round, whose spread shows how much noise the run had."""
+    """The same within each round, whose spread shows how much noise the run had."""
     note: str | None = None
 
     @property
@@ -241,16 +427,20 @@ class Report:
     def targets(self) -> tuple[TargetResult, ...]:
         results = []
         for target in TARGETS:
-            missing = [
-                self.row(key)
-                for key in (target.numerator, target.denominator)
-                if self.row(key).value is None
-            ]
+            keys = [target.numerator]
+            if target.denominator is not None:
+                keys.append(target.denominator)
+            missing = [self.row(key) for key in keys if self.row(key).value is None]
             if missing:
-                why = "; ".join(f"{row.row.label}: {row.note or 'no samples'}" for row in missing)
+                # Rows skipped for one reason (numpy missing, say) give it once.
+                why = "; ".join(dict.fromkeys(row.note or "no samples" for row in missing))
                 results.append(TargetResult(target, None, note=f"not measured ({why})"))
                 continue
-            numerator, denominator = self.row(target.numerator), self.row(target.denominator)
+            numerator = self.row(target.numerator)
+            if target.denominator is None:
+                results.append(TargetResult(target, numerator.value, numerator.samples))
+                continue
+            denominator = self.row(target.denominator)
             value = _ratio(numerator.value, denominator.value)
             per_round: tuple[float, ...] = ()
             # Rows sampled in the rounds pair up round by round; the memory rows'
@@ -292,6 +482,11 @@ class Report:
                     "figure": result.target.figure,
                     "numerator": result.target.numerator,
                     "denominator": result.target.denominator,
+                    "unit": (
+                        "ratio"
+                        if result.target.denominator is not None
+                        else ROW_BY_KEY[result.target.numerator].kind.value
+                    ),
                     "value": result.value,
                     "per_round": list(result.per_round),
                     "target": result.target.requirement,

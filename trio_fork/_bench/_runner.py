@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from . import _numpy, _peers, _spawns
+from . import _calls, _early, _fixtures, _numpy, _peers, _spawns
 from ._measure import Sampler, Unavailable
 from ._report import BALLASTS_MB, ROWS, Kind, Report, RowResult, Settings, ballast_key, ballast_name
 from ._system import Ballast, load_average, machine, memory_use, resident_bytes
@@ -26,16 +26,10 @@ if TYPE_CHECKING:
     from ._progress import Progress
 
 _ROWS = {row.key: row for row in ROWS}
-_NO_BALLAST_ONLY = (
-    "floor",
-    "mp_fork",
-    "mp_forkserver",
-    "mp_spawn",
-    "trio_parallel_fresh",
-    "trio_parallel_cached",
-    "anyio_to_process",
-    "numpy_first_spawn",
-    "numpy_fresh_start",
+# Sampled with no ballast only, in the table's order, after the rows sampled at
+# every parent size.
+_NO_BALLAST_ONLY = tuple(
+    row.key for row in ROWS if row.ballast_mb is None and row.kind is not Kind.MEMORY
 )
 _MEMORY_STEPS = 2
 
@@ -96,14 +90,29 @@ def _probe(
         return _peers.multiprocessing_processes(settings, multiprocessing.get_context("forkserver"))
     if key == "mp_spawn":
         return _peers.multiprocessing_processes(settings, multiprocessing.get_context("spawn"))
-    if key.startswith("trio_parallel_"):
+    if key in ("trio_parallel_fresh", "trio_parallel_cached"):
         return _peers.trio_parallel_calls(settings, fresh=key == "trio_parallel_fresh")
     if key == "anyio_to_process":
         return _peers.anyio_to_process(settings)
+    if key == "trio_fork_run_sync":
+        return _calls.run_sync_calls(settings)
+    if key == "rpc_pipelined":
+        return _calls.pipelined_rpc(settings)
     if key == "numpy_first_spawn":
         return _numpy.first_spawns()
     if key == "numpy_fresh_start":
         return _numpy.fresh_starts()
+    if key == "numpy_pool_ready":
+        return _numpy.pool_starts(settings)
+    if key == "trio_parallel_numpy_pool":
+        return _peers.trio_parallel_pool_starts(settings)
+    if key.startswith("fixture_"):
+        preload = _fixtures.SUITE_PRELOAD if key.endswith("_suite") else ()
+        if key.startswith("fixture_fork_template"):
+            return _fixtures.fork_template_fixture(settings, preload)
+        return _fixtures.fresh_template_fixture(settings, preload)
+    if key.startswith("open_template_"):
+        return _early.open_templates(settings, early=key == "open_template_early")
     raise AssertionError(f"no probe for row {key!r}")
 
 
