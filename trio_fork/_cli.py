@@ -25,10 +25,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     bench = commands.add_parser(
         "bench",
-        help="spawn rates and memory, side by side with os.fork and the Python peers",
+        help="spawn rates, calls, start-up times and memory, side by side with the peers",
         description="Measure trio_fork against a minimal fork loop, os.fork() of a growing "
-        "parent, multiprocessing, trio_parallel and anyio.to_process, and check the "
-        "project's performance targets. Progress goes to stderr, results to stdout.",
+        "parent, multiprocessing, trio_parallel and anyio.to_process: spawns, run_sync and "
+        "RPC calls, pools and numpy workers, the fork_template fixture and Early; then check "
+        "the project's performance targets. Progress goes to stderr, results to stdout.",
     )
     bench.add_argument(
         "--quick", action="store_true", help="a run of seconds instead of minutes, less precise"

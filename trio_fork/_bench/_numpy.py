@@ -74,22 +74,29 @@ async def numpy_template() -> AsyncIterator[Template]:
 
 
 @asynccontextmanager
-async def first_spawns() -> AsyncIterator[Sampler]:
-    """Each sample opens a new numpy template and times its first spawn."""
+async def first_spawns(settings: Settings) -> AsyncIterator[Sampler]:
+    """Each call opens a new numpy template (untimed) and times its first spawn."""
     await check_numpy()
 
-    async def sample() -> float:
+    async def once() -> float:
         async with numpy_template() as template:
             return await first_spawn(template)
+
+    async def sample() -> float:
+        return await median_latency(once, settings.sample_seconds)
 
     yield sample
 
 
 @asynccontextmanager
-async def fresh_starts() -> AsyncIterator[Sampler]:
-    """Each sample times a new interpreter that imports numpy."""
+async def fresh_starts(settings: Settings) -> AsyncIterator[Sampler]:
+    """Each call times a new interpreter that imports numpy."""
     await check_numpy()
-    yield fresh_start
+
+    async def sample() -> float:
+        return await median_latency(fresh_start, settings.sample_seconds)
+
+    yield sample
 
 
 @asynccontextmanager

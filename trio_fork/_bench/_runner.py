@@ -99,9 +99,9 @@ def _probe(
     if key == "rpc_pipelined":
         return _calls.pipelined_rpc(settings)
     if key == "numpy_first_spawn":
-        return _numpy.first_spawns()
+        return _numpy.first_spawns(settings)
     if key == "numpy_fresh_start":
-        return _numpy.fresh_starts()
+        return _numpy.fresh_starts(settings)
     if key == "numpy_pool_ready":
         return _numpy.pool_starts(settings)
     if key == "trio_parallel_numpy_pool":

@@ -40,7 +40,7 @@ def _header(report: Report) -> list[str]:
     return [
         f"trio_fork bench, {settings.mode} mode on {settings.backend}: {rounds}, each rate sample "
         f"at least {settings.sample_seconds:g} s and {settings.min_iterations} iterations, "
-        f"each time the median over at least {settings.sample_seconds:g} s",
+        f"each time sample the median of the calls in at least {settings.sample_seconds:g} s",
         f"Python {machine.get('python')}, Linux {machine.get('kernel')}, {cpus} CPUs "
         f"({machine.get('cpu_model')}), "
         f"{_size(memory) if isinstance(memory, int) else '?'} of memory, "
