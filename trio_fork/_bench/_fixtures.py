@@ -50,7 +50,11 @@ async def fork_template_fixture(
 async def fresh_template_fixture(
     settings: Settings, preload: Sequence[str]
 ) -> AsyncIterator[Sampler]:
-    """Set-up and teardown of a fixture that opens a template of its own per test."""
+    """Set-up and teardown of a fixture that opens a template of its own per test.
+
+    That is ``open_template()`` entered and left, which the Early rows also time, in
+    helper processes (see ``_helper``).
+    """
     once = entered_and_left(lambda: open_template(preload))
 
     async def sample() -> float:

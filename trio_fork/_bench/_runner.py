@@ -5,7 +5,8 @@ sample per row per round, so that a change in the machine's load falls on all ro
 alike rather than on whichever happened to run at the time. Each round walks the
 parent sizes (no ballast, 200 MB, 2 GB) and every other round walks them backwards,
 so that a steady drift in load cancels out between the sizes, and the 2 GB ballast
-is mapped once per two rounds. The memory rows run last, with no ballast.
+is mapped once per two rounds. The memory rows run last, with no ballast. A few
+rows run in helper processes (see ``_helper``), and are sampled in turn all the same.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from . import _calls, _early, _fixtures, _numpy, _peers, _spawns
+from . import _calls, _fixtures, _helper, _numpy, _peers, _spawns
 from ._measure import Sampler, Unavailable
 from ._report import BALLASTS_MB, ROWS, Kind, Report, RowResult, Settings, ballast_key, ballast_name
 from ._system import Ballast, load_average, machine, memory_use, resident_bytes
@@ -72,6 +73,8 @@ class _Results:
 def _probe(
     key: str, settings: Settings, template: Template, results: _Results
 ) -> AbstractAsyncContextManager[Sampler]:
+    if key in _helper.HOSTED_ROWS:
+        return _helper.hosted(settings, key)
     if key == "floor":
 
         def floor_rss(rss: int) -> None:
@@ -102,8 +105,6 @@ def _probe(
         return _numpy.first_spawns(settings)
     if key == "numpy_fresh_start":
         return _numpy.fresh_starts(settings)
-    if key == "numpy_pool_ready":
-        return _numpy.pool_starts(settings)
     if key == "trio_parallel_numpy_pool":
         return _peers.trio_parallel_pool_starts(settings)
     if key.startswith("fixture_"):
@@ -111,8 +112,6 @@ def _probe(
         if key.startswith("fixture_fork_template"):
             return _fixtures.fork_template_fixture(settings, preload)
         return _fixtures.fresh_template_fixture(settings, preload)
-    if key.startswith("open_template_"):
-        return _early.open_templates(settings, early=key == "open_template_early")
     raise AssertionError(f"no probe for row {key!r}")
 
 
