@@ -19,7 +19,8 @@ be wrong for them or for the other rows:
 A helper runs :data:`_PROGRAM`: it imports trio_fork, calls ``start_early()`` if its
 row needs it, and only then imports the bench, sets its row up and warms it up,
 and says ``ready``. Then it takes one sample per request: a line on its stdin, to
-which it answers with a line holding the sample. End of file on stdin ends it.
+which it answers with a line holding the sample. End of file on stdin ends it,
+whether the bench closed it or died; it ignores Ctrl-C, which the bench handles.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ HOSTED_ROWS = {
 # The helper's main program, run with python -c ROOT EARLY KEY SETTINGS. ROOT is
 # where this trio_fork was imported from, so that the helper runs the same one.
 _PROGRAM = """
+import signal
 import sys
 
+# A Ctrl-C goes to the bench, which then closes our stdin: that is how we end.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 sys.path.insert(0, sys.argv[1])
 import trio_fork
 
