@@ -1,7 +1,8 @@
 """Rows that run in a helper process of their own, sampled like the others.
 
-Every row runs in the bench process but three, whose effect on that process would
-be wrong for them or for the other rows:
+Every row runs in the bench process, but for the floor (in a minimal interpreter of
+its own) and four rows whose effect on that process would be wrong for them or for
+the other rows:
 
 - the Early rows. :func:`~trio_fork.start_early` belongs first thing in a program,
   before its heavy imports and before any event loop runs, and from then on it
@@ -10,11 +11,13 @@ be wrong for them or for the other rows:
   are set up, and its other rows must open templates the ordinary way. So
   ``open_template()`` is timed in two helpers that differ in one call alone: one
   calls ``start_early()`` first thing, the other does not.
-- the pool of numpy workers. Starting and ending pools leaves the heap of the
+- the two pool rows. Starting and ending trio_fork pools leaves the heap of the
   process that opens them larger (each worker's connection has receive buffers of
   128 KiB and more, freed in an order that fragments it), by several MiB a sample;
   in the bench process that would grow, round after round, the very parent that the
-  ``os.fork()`` and ``multiprocessing`` fork rows fork.
+  ``os.fork()`` and ``multiprocessing`` fork rows fork. trio_parallel starting eight
+  workers leaves eight threads in its thread cache, and a process with threads
+  forks about a tenth slower. Both sides of the comparison run in helpers alike.
 
 A helper runs :data:`_PROGRAM`: it imports trio_fork, calls ``start_early()`` if its
 row needs it, and only then imports the bench, sets its row up and warms it up,
@@ -35,7 +38,7 @@ import anyio
 import attrs
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from . import _fixtures, _numpy
+from . import _fixtures, _numpy, _peers
 from ._measure import Sampler, Unavailable
 from ._report import Settings
 
@@ -43,6 +46,7 @@ HOSTED_ROWS = {
     "open_template_plain": False,
     "open_template_early": True,
     "numpy_pool_ready": False,
+    "trio_parallel_numpy_pool": False,
 }
 """The rows run in a helper, each with whether the helper calls start_early() first."""
 
@@ -72,6 +76,8 @@ _UNAVAILABLE = b"unavailable: "
 def _row(key: str, settings: Settings) -> AbstractAsyncContextManager[Sampler]:
     if key == "numpy_pool_ready":
         return _numpy.pool_starts(settings)
+    if key == "trio_parallel_numpy_pool":
+        return _peers.trio_parallel_pool_starts(settings)
     # The Early rows: open_template() entered and left, which is exactly what a
     # fixture that starts a fresh template (with no preload) does.
     return _fixtures.fresh_template_fixture(settings, ())

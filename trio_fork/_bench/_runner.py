@@ -105,8 +105,6 @@ def _probe(
         return _numpy.first_spawns(settings)
     if key == "numpy_fresh_start":
         return _numpy.fresh_starts(settings)
-    if key == "trio_parallel_numpy_pool":
-        return _peers.trio_parallel_pool_starts(settings)
     if key.startswith("fixture_"):
         preload = _fixtures.SUITE_PRELOAD if key.endswith("_suite") else ()
         if key.startswith("fixture_fork_template"):
