@@ -114,9 +114,9 @@ async def trio_parallel_pool_starts(settings: Settings) -> AsyncIterator[Sampler
 
     The peer of the numpy pool row: its workers are fresh interpreters, so each one
     imports numpy itself. Timed from the first call until every worker has imported
-    it, in a new worker context each time (its workers end with it). Not warmed up:
-    one start costs seconds, and the numpy check and the other trio_parallel rows
-    have already brought the files it reads into the page cache.
+    it, in a new worker context each time (its workers end with it). Not warmed up,
+    as each call is a first start on purpose: the numpy check and the other
+    trio_parallel rows have already brought the files it reads into the page cache.
     """
     trio_parallel = _trio_parallel(settings)
     await _numpy.check_numpy()
