@@ -55,7 +55,7 @@ from ._protocol import (
     receive,
     send_blocking,
 )
-from ._template import _CLOSE_TIMEOUT, _PYTHON_VERSION, Template, _launch, _module_names
+from ._template import _CLOSE_TIMEOUT, _PYTHON_VERSION, Template, _launch, module_names
 
 # Run in a fork of a template we started (the early one, or a test session's) when
 # this process's sys.path, directory or environment changed since: it makes the fork
@@ -324,7 +324,7 @@ def start_template(
         BrokenTemplateError: The template exited before it was ready.
         RemoteError: A preloaded module failed to import.
     """
-    return _start(_module_names(preload, "preload"), python, env, cwd, "template")
+    return _start(module_names(preload, "preload"), python, env, cwd, "template")
 
 
 def _start(
@@ -375,7 +375,7 @@ def fork_main_template() -> TemplateHandle:
     _check_fork_is_safe()
     ours, theirs = socket.socketpair()
     parent = os.getpid()
-    _flush_stdio()
+    _serve.flush_stdio()
     pid = os.fork()
     if pid == 0:
         ours.close()
@@ -583,16 +583,6 @@ def _running_event_loop() -> str | None:
     except RuntimeError:
         return None
     return "asyncio"
-
-
-def _flush_stdio() -> None:
-    # Or the child would write out a second copy of what is buffered.
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
 
 
 def _signal(pidfd: int, sig: int) -> None:

@@ -29,10 +29,9 @@ from ._rpc import (
     open_call,
     outcome,
     pickle_options,
-    prepare_template,
+    prepare_worker,
     require_event_loop,
     wait_for,
-    worker_options,
 )
 from ._rpc_connection import LOST, Connection, Request
 from ._serializers import PICKLE, Serializer
@@ -326,15 +325,9 @@ async def open_pool(
             workers, or ``init`` raised.
     """
     limits = _limits(max, idle, load, start, stop, retire)
-    options = worker_options(
-        function,
-        init=init,
-        init_args=init_args,
-        serializer=serializer,
-        events=events,
-        exceptions=False,
+    options = await prepare_worker(
+        template, function, init=init, init_args=init_args, serializer=serializer, events=events
     )
-    await prepare_template(template, is_async_function(function))
     async with run_pool(template, function, limits, options) as pool:
         yield pool
 

@@ -13,7 +13,7 @@ import pytest
 
 from ._handle import TemplateHandle, start_template
 from ._isolated import LeftoverProcessesError, open_isolated_template
-from ._template import Template, _module_names
+from ._template import Template, module_names
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -40,7 +40,7 @@ def trio_fork_session_template(pytestconfig: pytest.Config) -> Iterator[Template
     A :class:`~trio_fork.TemplateHandle`: ``fork_template`` forks it for each test, and
     a test can open more forks of it with ``async with handle.open() as template``.
     """
-    preload = _module_names(pytestconfig.getini("trio_fork_preload"), "trio_fork_preload")
+    preload = module_names(pytestconfig.getini("trio_fork_preload"), "trio_fork_preload")
     with start_template(preload=preload) as handle:
         yield handle
 
@@ -57,7 +57,7 @@ async def fork_template(
     At teardown it ends, and everything it started ends with it; if a process it
     started outlived the block that started it, the test fails and says which.
     """
-    preload = _module_names(
+    preload = module_names(
         [name for marker in request.node.iter_markers("trio_fork_preload") for name in marker.args],
         "the trio_fork_preload marker",
     )

@@ -104,6 +104,28 @@ def pickle_options(options: dict[str, Any]) -> bytes:
     return pickle.dumps(options, pickle.HIGHEST_PROTOCOL)
 
 
+async def prepare_worker(
+    template: Template,
+    function: str | Callable[..., Any],
+    *,
+    init: str | Callable[..., Any] | None,
+    init_args: Iterable[Any],
+    serializer: Serializer | object,
+    events: bool,
+) -> dict[str, Any]:
+    """Check the settings of workers of ``function``; make ``template`` able to fork them."""
+    options = worker_options(
+        function,
+        init=init,
+        init_args=init_args,
+        serializer=serializer,
+        events=events,
+        exceptions=False,
+    )
+    await prepare_template(template, is_async_function(function))
+    return options
+
+
 def is_async_function(function: str | Callable[..., Any]) -> bool:
     """Whether ``function`` is known here to be async (a string is resolved only there)."""
     return not isinstance(function, str) and inspect.iscoroutinefunction(function)
@@ -381,15 +403,9 @@ async def open_rpc(
         RemoteError: The function or ``init`` could not be found, or ``init`` raised.
         BrokenWorkerError: The worker died before it was ready.
     """
-    options = worker_options(
-        function,
-        init=init,
-        init_args=init_args,
-        serializer=serializer,
-        events=events,
-        exceptions=False,
+    options = await prepare_worker(
+        template, function, init=init, init_args=init_args, serializer=serializer, events=events
     )
-    await prepare_template(template, is_async_function(function))
     async with template.spawn(_rpc_worker.serve, pickle_options(options)) as child:
         connection = Connection(child, child.stream.extra(SocketAttribute.raw_socket))
         body_error: BaseException | None = None

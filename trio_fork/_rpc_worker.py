@@ -13,7 +13,6 @@ before it started). That is what lets the parent always know the worker's state.
 
 from __future__ import annotations
 
-import importlib
 import io
 import itertools
 import os
@@ -41,8 +40,8 @@ from trio_fork._rpc_wire import (
     encode,
     send_blocking,
 )
+from trio_fork._serve import is_async, resolve
 
-_CO_COROUTINE = 0x80
 # The most buffers handed to one sendmsg (the kernel's limit is 1024).
 _MAX_BUFFERS = 512
 # Frames held back for a batch before they are sent anyway, so that the other side
@@ -68,8 +67,8 @@ def serve(sock: socket.socket, pickled_options: bytes) -> None:
         options = _Unpickler(io.BytesIO(pickled_options)).load()
         function = _resolve(options["function"], "function")
         init = None if options["init"] is None else _resolve(options["init"], "init")
-        concurrent = _is_async(function)
-        if init is not None and _is_async(init) and not concurrent:
+        concurrent = is_async(function)
+        if init is not None and is_async(init) and not concurrent:
             raise TypeError(
                 f"init {options['init']!r} is async, but the function is not: an async "
                 "init needs an async function (whose worker runs an event loop)"
@@ -176,24 +175,10 @@ class _Unpickler(pickle.Unpickler):
 
 def _resolve(reference: object, what: str) -> Callable[..., Any]:
     if isinstance(reference, str):
-        module_name, _, qualname = reference.partition(":")
-        obj: Any = sys.modules.get(module_name) or importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    else:
-        obj = reference
-    if not callable(obj):
+        return resolve(reference, what)
+    if not callable(reference):
         raise TypeError(f"{what} {reference!r} is not callable")
-    return obj  # type: ignore[no-any-return]
-
-
-def _is_async(obj: Any) -> bool:
-    # inspect.iscoroutinefunction, without importing inspect into every template.
-    code = getattr(getattr(obj, "__func__", obj), "__code__", None)
-    if code is None:
-        call = getattr(type(obj), "__call__", None)  # noqa: B004 (want the code object)
-        code = getattr(getattr(call, "__func__", call), "__code__", None)
-    return bool(code is not None and code.co_flags & _CO_COROUTINE)
+    return reference
 
 
 def _fail(sock: socket.socket, exc: BaseException) -> None:
@@ -388,7 +373,7 @@ class _AsyncWorker(_Calls):
         """Run ``init`` and report ready; False if the worker cannot serve."""
         try:
             if init is not None:
-                if _is_async(init):
+                if is_async(init):
                     await init(*init_args)
                 else:
                     init(*init_args)

@@ -48,7 +48,7 @@ from ._rpc import (
 )
 from ._rpc_connection import Request, wait_until
 from ._serializers import PICKLE
-from ._template import open_template
+from ._template import module_names, open_template
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -394,12 +394,7 @@ def _settings(
     init: Callable[[], object] | str | None,
     retire: int | Callable[[], object] | str | None,
 ) -> _Settings:
-    if isinstance(preload, str):
-        raise TypeError(f"preload: expected module names, got the string {preload!r} (a 1-tuple?)")
-    modules = tuple(preload)
-    for name in modules:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"preload: module names are non-empty strings, not {name!r}")
+    modules = tuple(module_names(preload, "preload"))
     if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)):
         raise TypeError(
             f"idle_timeout must be a number of seconds, not {type(idle_timeout).__name__}"

@@ -155,7 +155,9 @@ def _settle() -> None:
     gc.freeze()
 
 
-def _flush_stdio() -> None:
+def flush_stdio() -> None:
+    """Flush stdout and stderr, before a fork or an exit that skips the interpreter's."""
+    # Before a fork, or the new process would write out a second copy of the buffer.
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -167,7 +169,7 @@ def _flush_stdio() -> None:
 def _exit(code: int) -> NoReturn:
     # Never run the template's atexit handlers or the destructors of inherited
     # objects in a forked process: they belong to the template.
-    _flush_stdio()
+    flush_stdio()
     os._exit(code)
 
 
@@ -183,20 +185,22 @@ def _import(name: str) -> Any:
     return sys.modules[name]
 
 
-def _resolve(name: str) -> Callable[..., Any]:
+def resolve(name: str, what: str = "target") -> Callable[..., Any]:
+    """The callable ``"module:qualname"`` names, importing the module if need be."""
     module_name, sep, qualname = name.partition(":")
     if not sep or not module_name or not qualname:
-        raise ValueError(f"target {name!r} is not of the form 'module:qualname'")
+        raise ValueError(f"{what} {name!r} is not of the form 'module:qualname'")
     obj: Any = sys.modules.get(module_name) or _import(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
     if not callable(obj):
-        raise TypeError(f"target {name!r} is not callable")
+        raise TypeError(f"{what} {name!r} is not callable")
     return obj  # type: ignore[no-any-return]
 
 
-def _is_async(obj: Any) -> bool:
-    # inspect.iscoroutinefunction without importing inspect into every template.
+def is_async(obj: Any) -> bool:
+    """Whether calling ``obj`` returns a coroutine (``async def``)."""
+    # inspect.iscoroutinefunction, without importing inspect into every template.
     code = getattr(getattr(obj, "__func__", obj), "__code__", None)
     if code is None:
         call = getattr(type(obj), "__call__", None)  # noqa: B004 (want the code object)
@@ -289,7 +293,7 @@ def _call(
         code = _exit_code(exc)
     except KeyboardInterrupt as exc:
         _print_exception(exc)
-        _flush_stdio()
+        flush_stdio()
         # Like the interpreter: report death by SIGINT, not an exit code.
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
         os.kill(os.getpid(), _signal.SIGINT)
@@ -316,8 +320,8 @@ def _run(sock: socket.socket, queued: list[Any], payload: bytes, fds: list[int])
     """In a new child: run the target a SPAWN command named; the exit code."""
     try:
         target_name, backend, args = _pickle.loads(payload)
-        target = _resolve(target_name)
-        run_backend = backend if _is_async(target) else None
+        target = resolve(target_name)
+        run_backend = backend if is_async(target) else None
         _restore_fresh_signal_state()
     except BaseException as exc:
         error = _NO_SEQ + _pickle.dumps(_describe(exc))
@@ -454,7 +458,7 @@ class _Server:
             raise ValueError("FORK takes one socket, SPAWN a socket and the target's fds")
         if self.wakeup is None:
             self.become_template()
-        _flush_stdio()
+        flush_stdio()
         pid = os.fork()
         if pid == 0:
             self.in_new_process(fds, payload)
@@ -525,7 +529,7 @@ class _Server:
             close_all(fds)
             return
         channel, reaped = fds
-        _flush_stdio()
+        flush_stdio()
         try:
             pid = os.fork()
         except OSError as exc:
@@ -672,7 +676,7 @@ def main(fd: int, owner: int, sigint_blocked: bool) -> None:
     except (_Terminate, _ChannelClosed):
         pass
     server.shutdown()
-    _flush_stdio()
+    flush_stdio()
 
 
 def main_in_fork(fd: int, parent: int) -> NoReturn:

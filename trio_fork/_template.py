@@ -150,7 +150,7 @@ class Template:
             TypeError: A name is not a non-empty string.
             RemoteError: An import failed; the modules before it stay imported.
         """
-        names = _module_names(modules, "require")
+        names = module_names(modules, "require")
         await self._request(REQUIRE, pickle.dumps(names))
 
     async def eval(self, code: str, *args: object) -> None:
@@ -571,7 +571,7 @@ async def open_template(
             another Python version.
         RemoteError: A preloaded module failed to import.
     """
-    modules = _module_names(preload, "preload")
+    modules = module_names(preload, "preload")
     early = _early
     if early is not None and python is None and not early.closed:
         async with early._open_aligned(modules, env, cwd) as template:
@@ -637,7 +637,7 @@ def _launch(
     return process, ours
 
 
-def _module_names(modules: Iterable[str], where: str) -> list[str]:
+def module_names(modules: Iterable[str], where: str) -> list[str]:
     if isinstance(modules, str):
         raise TypeError(f"{where}: expected module names, got the string {modules!r} (a 1-tuple?)")
     names = list(modules)
