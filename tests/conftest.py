@@ -4,7 +4,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import descendants, open_fds
+from tests.helpers import descendants
+from tests.targets import open_fds
 
 # For running small example suites that use the trio_fork plugin.
 pytest_plugins = ["pytester"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -47,6 +48,16 @@ def process_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def dead_within(pids: list[int], seconds: float) -> bool:
+    """Poll, blocking, until no process of ``pids`` runs; whether that came in time."""
+    deadline = time.monotonic() + seconds
+    while any(process_alive(pid) for pid in pids):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 async def wait_until_dead(pid: int, seconds: float = 5.0) -> None:
@@ -102,14 +113,3 @@ async def cancelled_when(condition: Callable[[], bool]) -> AsyncIterator[anyio.C
         with scope:
             yield scope
         group.cancel_scope.cancel()
-
-
-def open_fds() -> dict[int, str]:
-    """This process's file descriptors: fd -> what it refers to."""
-    fds = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass  # the descriptor listdir itself used
-    return fds

@@ -145,7 +145,11 @@ def report_length(sock: socket.socket, data: bytes) -> None:
     send(sock, (len(data), data[:4], data[-4:]))
 
 
-def _open_fds() -> dict[int, str]:
+def open_fds() -> dict[int, str]:
+    """This process's file descriptors: fd -> what it refers to.
+
+    Here, in the standard-library-only targets, so that children and tests share it.
+    """
     fds = {}
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -169,7 +173,7 @@ def report_environment(sock: socket.socket, *queued: Any) -> None:
             "main_has_args": "args" in vars(main),
             "path": list(sys.path),
             "stdin": os.readlink("/proc/self/fd/0"),
-            "fds": _open_fds(),
+            "fds": open_fds(),
             "sock": sock.fileno(),
             "blocking": sock.getblocking(),
         },

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 import trio_fork
 from tests import targets
-from tests.helpers import descendants, process_alive, process_exists, receive
+from tests.helpers import dead_within, descendants, process_alive, process_exists, receive
 from trio_fork import _template
 
 pytestmark = pytest.mark.anyio
@@ -216,7 +215,4 @@ def test_everything_ends_when_the_program_is_killed(tmp_path: Path) -> None:
         assert all(process_alive(pid) for pid in pids)
         program.send_signal(signal.SIGKILL)
         program.wait()
-    deadline = time.monotonic() + 10
-    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not any(process_alive(pid) for pid in pids)
+    assert dead_within(pids, 10)

@@ -15,7 +15,8 @@ import trio
 
 import trio_fork
 from tests import targets
-from tests.helpers import descendants, open_fds, process_alive, process_exists, receive
+from tests.helpers import descendants, process_alive, process_exists, receive
+from tests.targets import open_fds
 
 
 @pytest.fixture

@@ -8,13 +8,12 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 import trio_fork
-from tests.helpers import process_alive, process_exists
+from tests.helpers import dead_within, process_alive, process_exists
 
 
 @pytest.mark.anyio
@@ -146,7 +145,4 @@ def test_everything_ends_when_the_program_is_killed(tmp_path: Path) -> None:
         assert all(process_alive(pid) for pid in pids)
         program.send_signal(signal.SIGKILL)
         program.wait()
-    deadline = time.monotonic() + 10
-    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not any(process_alive(pid) for pid in pids)
+    assert dead_within(pids, 10)

@@ -33,16 +33,6 @@ pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _open_fds() -> dict[int, str]:
-    fds = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            pass
-    return fds
-
-
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as file:
         for line in file:
@@ -286,12 +276,12 @@ class _CancelAtYield:
 async def _every_cancellation_point(operation: Callable[[], Awaitable[None]]) -> int:
     """Cancel ``operation`` at each of its yields in turn; how many there were."""
     for n in range(1000):
-        fds_before = _open_fds()
+        fds_before = targets.open_fds()
         with anyio.CancelScope() as scope:
             trampoline = _CancelAtYield(operation(), scope, n)
             await trampoline
         assert not descendants(), f"processes left after a cancel at yield {n}"
-        leaked = {fd: name for fd, name in _open_fds().items() if fds_before.get(fd) != name}
+        leaked = {fd: name for fd, name in targets.open_fds().items() if fds_before.get(fd) != name}
         assert not leaked, f"descriptors leaked after a cancel at yield {n}: {leaked}"
         if not scope.cancel_called:
             return n
@@ -351,18 +341,22 @@ async def test_a_preload_that_hangs_can_be_cancelled(tmp_path: Path) -> None:
 
 async def test_signals_go_through_a_pidfd() -> None:
     async with trio_fork.open_template(preload=["tests.targets"]) as template:
-        pidfds_before = [fd for fd, name in _open_fds().items() if name == "anon_inode:[pidfd]"]
+        pidfds_before = [
+            fd for fd, name in targets.open_fds().items() if name == "anon_inode:[pidfd]"
+        ]
         async with template.spawn(targets.sleep_forever) as child:
             await receive(child.stream)
             pidfds = [
                 fd
-                for fd, name in _open_fds().items()
+                for fd, name in targets.open_fds().items()
                 if name == "anon_inode:[pidfd]" and _pidfd_pid(fd) == child.pid
             ]
             assert len(pidfds) == 1
             child.kill()
         assert child.returncode == -signal.SIGKILL
-        pidfds_after = [fd for fd, name in _open_fds().items() if name == "anon_inode:[pidfd]"]
+        pidfds_after = [
+            fd for fd, name in targets.open_fds().items() if name == "anon_inode:[pidfd]"
+        ]
         assert pidfds_after == pidfds_before  # the template's own, no more
         child.send_signal(signal.SIGTERM)  # reaped: nothing is sent to anyone
 
@@ -529,13 +523,13 @@ async def _soak(spawns: int) -> None:
         for _ in range(50):
             async with template.spawn(targets.one_byte) as child:
                 await child.stream.receive()
-        fds = len(_open_fds())
+        fds = len(targets.open_fds())
         parent_rss, template_rss = _rss_kib(os.getpid()), _rss_kib(template.pid)
         for _ in range(spawns):
             async with template.spawn(targets.one_byte) as child:
                 await child.stream.receive()
             assert child.returncode == 0
-        assert len(_open_fds()) == fds
+        assert len(targets.open_fds()) == fds
         # Generous bounds: the allocators keep some memory, a leak grows with the count.
         assert _rss_kib(os.getpid()) - parent_rss < 4096
         assert _rss_kib(template.pid) - template_rss < 2048

@@ -52,7 +52,8 @@ class Child:
         return self
 
     def __repr__(self) -> str:
-        return f"<trio_fork.Child {self.pid}: {_status(self.returncode)}>"
+        status = "running" if self.returncode is None else describe_exit(self.returncode)
+        return f"<trio_fork.Child {self.pid}: {status}>"
 
     @property
     def returncode(self) -> int | None:
@@ -152,9 +153,8 @@ class Child:
             pass
 
 
-def _status(code: int | None) -> str:
-    if code is None:
-        return "running"
+def describe_exit(code: int) -> str:
+    """An exit status in words: "exited with status 3", "killed by SIGKILL"."""
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"

@@ -26,6 +26,7 @@ from ._errors import BrokenWorkerError
 from ._rpc_connection import LOST, Connection, Request, unwrap_error, wait_until
 from ._rpc_wire import CANCELLED, ERROR, RESULT
 from ._serializers import PICKLE, Serializer, check_serializer
+from ._template import check_name
 
 if TYPE_CHECKING:
     from ._template import Template
@@ -133,10 +134,7 @@ def is_async_function(function: str | Callable[..., Any]) -> bool:
 
 def check_reference(obj: object, what: str) -> str | Callable[..., Any]:
     if isinstance(obj, str):
-        module_name, sep, qualname = obj.partition(":")
-        if not (sep and module_name and qualname):
-            raise ValueError(f"{what} {obj!r} is not of the form 'package.module:qualname'")
-        return obj
+        return check_name(obj, what)
     if not callable(obj):
         raise TypeError(
             f"{what} must be a 'module:qualname' string or a callable, not {type(obj).__name__}"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import pickle
-import signal
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ import anyio.lowlevel
 import attrs
 import sniffio
 
+from ._child import describe_exit
 from ._errors import BrokenTemplateError, BrokenWorkerError, RemoteError
 from ._rpc_wire import (
     CALL,
@@ -524,9 +524,4 @@ class Connection:
 def _describe_status(status: int | None) -> str:
     if status is None:
         return "died (its exit status was lost with its template)"
-    if status < 0:
-        try:
-            return f"was killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"was killed by signal {-status}"
-    return f"exited with status {status}"
+    return f"was {describe_exit(status)}" if status < 0 else describe_exit(status)

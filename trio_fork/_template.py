@@ -647,12 +647,17 @@ def module_names(modules: Iterable[str], where: str) -> list[str]:
     return names
 
 
+def check_name(name: str, what: str) -> str:
+    """``name`` if it is of the form ``"package.module:qualname"``, else ValueError."""
+    module_name, sep, qualname = name.partition(":")
+    if not (sep and module_name and qualname):
+        raise ValueError(f"{what} {name!r} is not of the form 'package.module:qualname'")
+    return name
+
+
 def _target_name(target: object) -> str:
     if isinstance(target, str):
-        module_name, sep, name = target.partition(":")
-        if not (sep and module_name and name):
-            raise ValueError(f"target {target!r} is not of the form 'package.module:qualname'")
-        return target
+        return check_name(target, "target")
     if not callable(target):
         raise TypeError(
             f"target must be a 'module:qualname' string or a callable, not {type(target).__name__}"
