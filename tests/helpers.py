@@ -26,6 +26,15 @@ async def receive(stream: ByteReceiveStream) -> Any:
     return pickle.loads(data)
 
 
+def parent_side_modules(modules: object) -> list[str]:
+    """The modules of trio_fork's parent side among ``modules`` (a template has none)."""
+    return [
+        name
+        for name in modules  # type: ignore[attr-defined]
+        if name.startswith("trio_fork.") and not name.startswith("trio_fork.worker")
+    ]
+
+
 def fd_identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino

@@ -103,7 +103,7 @@ async def test_missing_interpreter() -> None:
 
 
 async def test_an_interpreter_of_another_python_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("trio_fork._template._PYTHON_VERSION", (3, 99))
+    monkeypatch.setattr("trio_fork._process.PYTHON_VERSION", (3, 99))
     with pytest.raises(trio_fork.BrokenTemplateError, match=r"runs Python 3\.\d+ but"):
         async with trio_fork.open_template():
             pass

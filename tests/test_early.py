@@ -15,8 +15,15 @@ import pytest
 
 import trio_fork
 from tests import targets
-from tests.helpers import dead_within, descendants, process_alive, process_exists, receive
-from trio_fork import _template
+from tests.helpers import (
+    dead_within,
+    descendants,
+    parent_side_modules,
+    process_alive,
+    process_exists,
+    receive,
+)
+from trio_fork import _open
 
 pytestmark = pytest.mark.anyio
 
@@ -26,8 +33,8 @@ def early() -> Iterator[int]:
     """The early template's pid."""
     trio_fork.start_early()
     try:
-        assert _template._early is not None
-        yield _template._early.pid
+        assert _open._early.handle is not None
+        yield _open._early.handle.pid
     finally:
         trio_fork.stop_early()
 
@@ -69,8 +76,9 @@ async def test_a_template_is_the_one_open_template_would_start(
     assert forked["main"] == started["main"] == {}
     assert forked["main_has_args"] is False
     assert forked["stdin"] == "/dev/null"
-    heavy = {"trio", "anyio", "attrs", "sniffio", "trio_fork"}
+    heavy = {"trio", "anyio", "attrs", "sniffio"}
     assert not heavy & set(forked["modules"])  # type: ignore[call-overload]
+    assert parent_side_modules(forked["modules"]) == []
     assert set(forked["modules"]) - set(started["modules"]) <= {"tests", "tests.targets"}  # type: ignore[call-overload]
 
 
@@ -148,8 +156,8 @@ async def test_a_template_killed_from_outside(early: int) -> None:
 
 async def test_start_and_stop(early: int) -> None:
     trio_fork.start_early()
-    assert _template._early is not None
-    assert _template._early.pid == early
+    assert _open._early.handle is not None
+    assert _open._early.handle.pid == early
     trio_fork.stop_early()
     trio_fork.stop_early()
     assert not process_exists(early)
@@ -164,11 +172,11 @@ async def test_an_early_template_killed_from_outside(early: int) -> None:
             pass
     # start_early() replaces it (and reaps the dead one).
     trio_fork.start_early()
-    assert _template._early is not None
-    assert _template._early.pid != early
+    assert _open._early.handle is not None
+    assert _open._early.handle.pid != early
     assert not process_exists(early)
     async with trio_fork.open_template() as template:
-        assert parent_of(template.pid) == _template._early.pid
+        assert parent_of(template.pid) == _open._early.handle.pid
 
 
 WORKERS = textwrap.dedent(
@@ -194,7 +202,7 @@ PROGRAM = textwrap.dedent(
         async with trio_fork.open_template(preload=["workers"]) as template:
             async with template.spawn("workers:sleep_forever") as child:
                 pid = (await child.stream.receive()).decode()
-                early = trio_fork._template._early.pid
+                early = trio_fork._open._early.handle.pid
                 print(early, template.pid, pid, flush=True)
                 await trio.sleep_forever()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from trio_fork._call import Request
 from trio_fork._pool_state import CLOSING, Actions, Limits, PoolState, Slot
-from trio_fork._rpc_connection import Request
 
 
 def limits(**overrides: object) -> Limits:
@@ -160,7 +160,8 @@ def test_requeued_calls_go_first_to_the_next_worker() -> None:
     slot = state.slots[0]
     assert slot.assigned == 2
     # The worker dies running "first"; "second" never started and comes back.
-    assert state.requeue(second)
+    state.requeue(second)
+    assert list(state.queue) == [second]
     gone = state.worker_gone(slot, 1.0)
     assert len(gone.start) == 1
     assert ready(state, gone).send == [(gone.start[0], second)]

@@ -10,7 +10,7 @@ import pytest
 
 import trio_fork
 from tests import targets
-from tests.helpers import receive
+from tests.helpers import parent_side_modules, receive
 
 pytestmark = pytest.mark.anyio
 
@@ -28,9 +28,11 @@ async def test_template_is_a_direct_child_that_imports_only_the_standard_library
         assert ppid == os.getpid()
         env = await environment(template)
     modules = set(env["modules"])  # type: ignore[arg-type]
-    for heavy in ("trio", "anyio", "attrs", "sniffio", "trio_fork"):
+    for heavy in ("trio", "anyio", "attrs", "sniffio"):
         assert heavy not in modules
-    assert "trio_fork._serve" in modules
+    # The package's __init__ loads its public names lazily: nothing of the parent side.
+    assert parent_side_modules(modules) == []
+    assert "trio_fork.worker._template" in modules
 
 
 async def test_template_gets_our_sys_path_and_devnull_stdin() -> None:
@@ -95,7 +97,7 @@ async def test_a_module_failing_on_import_shows_where(tmp_path: os.PathLike[str]
         sys.path.remove(os.fspath(tmp_path))
     assert info.value.type_name == "RuntimeError"
     assert 'trio_fork_fails_on_import.py", line 2' in info.value.remote_traceback
-    assert "_serve.py" not in info.value.remote_traceback
+    assert "trio_fork/worker/" not in info.value.remote_traceback
 
 
 async def test_eval_runs_in_main_with_args_bound() -> None:
@@ -122,7 +124,7 @@ async def test_eval_error_carries_the_remote_traceback_with_source() -> None:
         assert info.value.type_name == "ZeroDivisionError"
         assert "return 1 / 0" in info.value.remote_traceback
         # It starts at the user's code, not in trio_fork's serve loop.
-        assert "_serve.py" not in info.value.remote_traceback
+        assert "trio_fork/worker/" not in info.value.remote_traceback
         with pytest.raises(trio_fork.RemoteError) as syntax:
             await template.eval("def (")
         assert syntax.value.type_name == "SyntaxError"

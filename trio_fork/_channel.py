@@ -1,50 +1,30 @@
-"""The parent's end of a command channel, and async I/O on raw process sockets.
+"""The parent's end of a template's command channel.
 
-Commands are numbered in the order they are sent; a template answers them one at a
-time, in order, and each reply carries the number of its command, so a command may
-also go unanswered: a SPAWN that works is confirmed by the child itself. Commands
-are written as soon as they are issued: a frame goes into a write queue whole, and
-the queue is flushed on the spot when the socket has room (nearly always), or by the
-writer task when it has not. A caller cancelled while waiting for its reply
-therefore never leaves half a frame behind; its reply is discarded when it arrives,
-and a process made for it is killed.
+Commands are numbered in the order they are sent, and the number travels as the
+frame's id; a template answers them one at a time, in order, each reply carrying the
+id of its command, so a command may also go unanswered: a SPAWN that works is
+confirmed by the child itself. Commands are written as soon as they are issued: a
+frame goes into the transport's write queue whole, and the queue is flushed on the
+spot when the channel has room (nearly always), or by the writer task when it has
+not. A caller cancelled while waiting for its reply therefore never leaves half a
+frame behind; its reply is discarded when it arrives, and a process made for it is
+killed.
 """
 
 from __future__ import annotations
 
-import pickle
 import signal
 import socket
-from collections import deque
+import struct
 
 import anyio
 import anyio.lowlevel
 import attrs
 
 from ._errors import BrokenTemplateError, RemoteError
-from ._protocol import (
-    ANCILLARY_SIZE,
-    ERROR,
-    EXIT_STATUS,
-    EXITED,
-    FORK,
-    FORKED,
-    HEADER,
-    KILL,
-    PID,
-    READY,
-    RECEIVE_SIZE,
-    SEQ,
-    SPAWN,
-    Frame,
-    FrameReader,
-    Segment,
-    ancillary,
-    close_all,
-    encode,
-    parse_ancillary,
-    receive,
-)
+from ._process import signal_pidfd
+from ._transport import Transport
+from .worker import _wire
 
 # Receives in a row before the reader lets other tasks run.
 _FAIRNESS = 16
@@ -68,36 +48,32 @@ class Reply:
     """The answer to one command, once it arrives."""
 
     event: anyio.Event = attrs.field(factory=anyio.Event)
-    frame: Frame | None = None
+    frame: _wire.Frame | None = None
     error: BaseException | None = None
     slot: ExitSlot | None = None
     abandoned: bool = False
 
 
-def remote_error(frame: Frame) -> RemoteError:
-    """The RemoteError an ERROR frame describes."""
-    type_name, message, remote_traceback = pickle.loads(frame.payload[SEQ.size :])
-    return RemoteError(type_name, message, remote_traceback)
+def remote_error(frame: _wire.Frame) -> RemoteError:
+    """The RemoteError an ERROR frame describes.
 
-
-def kill_pidfd(pidfd: int) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    Raises:
+        ProtocolError: The payload is not a description.
+    """
+    type_name, message, remote_traceback = _wire.unpack_strings(frame.payload, 3)[:3]
+    return RemoteError(str(type_name), str(message), str(remote_traceback))
 
 
 @attrs.define(eq=False)
 class Channel:
     """Commands to a template, and its replies and exit reports."""
 
-    _sock: socket.socket
+    _transport: Transport
     name: str
-    _sent: int = 0
+    _sent: int = 1  # ids count from 1: 0 is a template's unasked READY
     _ready: Reply | None = None
     _replies: dict[int, Reply] = attrs.field(factory=dict)
     _exits: dict[int, ExitSlot] = attrs.field(factory=dict)
-    _outbox: deque[Segment] = attrs.field(factory=deque)
     _wake_writer: anyio.Event = attrs.field(factory=anyio.Event)
     _writer_busy: bool = False
     _broken: BrokenTemplateError | None = None
@@ -107,8 +83,9 @@ class Channel:
     # Set, if someone waits in hand_over(), whenever a reply or exit report arrives.
     _progress: anyio.Event | None = None
 
-    def __attrs_post_init__(self) -> None:
-        self._sock.setblocking(False)
+    @property
+    def carries_fds(self) -> bool:
+        return self._transport.carries_fds
 
     def expect_ready(self) -> Reply:
         """Where the READY of a template being started arrives."""
@@ -119,50 +96,50 @@ class Channel:
         self, op: int, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()
     ) -> Reply:
         """Send a command that is answered; the channel owns ``fds`` and closes them."""
-        seq = self._queue(op, payload, fds)
-        reply = self._replies[seq] = Reply()
-        if op == FORK:
-            reply.slot = self._exits[seq] = ExitSlot()
+        id = self._queue(op, payload, fds)
+        reply = self._replies[id] = Reply()
+        if op == _wire.FORK:
+            reply.slot = self._exits[id] = ExitSlot()
         self._flush()
         return reply
 
     def spawn(self, payload: bytes, fds: list[int]) -> tuple[int, ExitSlot]:
-        """Send SPAWN: its sequence number, and the slot where its end is reported."""
-        seq = self._queue(SPAWN, payload, fds)
-        slot = self._exits[seq] = ExitSlot()
+        """Send SPAWN: its id, and the slot where its end is reported."""
+        id = self._queue(_wire.SPAWN, payload, fds)
+        slot = self._exits[id] = ExitSlot()
         self._flush()
-        return seq, slot
+        return id, slot
 
-    def kill(self, seq: int) -> None:
-        """Have the template SIGKILL what command ``seq`` made, if it still lives."""
-        if seq in self._exits and not self._closed and self._broken is None:
-            self._queue(KILL, SEQ.pack(seq), ())
+    def kill(self, id: int) -> None:
+        """Have the template SIGKILL what command ``id`` made, if it still lives."""
+        if id in self._exits and not self._closed and self._broken is None:
+            self._queue(_wire.KILL, b"", (), id)
             self._flush()
 
-    def _queue(self, op: int, payload: bytes, fds: list[int] | tuple[int, ...]) -> int:
+    def _queue(
+        self, op: int, payload: bytes, fds: list[int] | tuple[int, ...], id: int | None = None
+    ) -> int:
         # What waits for the answer must be registered before the flush: a flush that
         # finds the template dead fails everything registered, at once.
         if self._closed or self._broken is not None or self._handed_over:
-            close_all(list(fds))
+            _wire.close_all(list(fds))
             self.check()
-        seq = self._sent
-        self._sent += 1
-        self._outbox.extend(encode(op, payload, fds))
-        return seq
+        if id is None:
+            id = self._sent
+            self._sent = (self._sent + 1) & 0xFFFFFFFF or 1
+        self._transport.put(_wire.encode(op, id, payload, fds))
+        return id
 
     def check(self) -> None:
         """Raise if the channel can no longer carry commands."""
         if self._handed_over:
             raise anyio.ClosedResourceError(f"{self.name} was handed over to another owner")
-        self._check_alive()
-
-    def _check_alive(self) -> None:
         if self._closed:
             raise anyio.ClosedResourceError(f"{self.name} is closed")
         if self._broken is not None:
             raise BrokenTemplateError(str(self._broken)) from self._broken.__cause__
 
-    async def wait(self, reply: Reply) -> Frame:
+    async def wait(self, reply: Reply) -> _wire.Frame:
         """The reply's frame; an ERROR reply is raised as :exc:`RemoteError`."""
         try:
             await reply.event.wait()
@@ -173,7 +150,7 @@ class Channel:
             # A fresh exception per waiter: tracebacks must not pile up on a shared one.
             raise type(reply.error)(str(reply.error)) from reply.error.__cause__
         assert reply.frame is not None
-        if reply.frame.op == ERROR:
+        if reply.frame.op == _wire.ERROR:
             raise remote_error(reply.frame)
         return reply.frame
 
@@ -193,33 +170,20 @@ class Channel:
                 "the pidfd of a new process was lost in transit: the kernel truncated the "
                 "control message (is RLIMIT_NOFILE too low?)"
             )
-        (pid,) = PID.unpack_from(frame.payload, SEQ.size)
+        (pid,) = _wire.PID.unpack(frame.payload)
         return pid, frame.fds[0], reply.slot
 
     def _flush(self) -> None:
         if self._writer_busy:
-            return  # the writer task has the socket until it has room again
-        if not self._send_queued():
-            self._writer_busy = True
-            self._wake_writer.set()
-
-    def _send_queued(self) -> bool:
-        """Send what is queued; False if the socket is full."""
-        while self._outbox:
-            data, fds = self._outbox[0]
-            try:
-                sent = self._sock.sendmsg([data], ancillary(fds))
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                self._break(exc)
-                return True
-            close_all(fds)
-            if sent < len(data):
-                self._outbox[0] = (data[sent:], [])
-            else:
-                self._outbox.popleft()
-        return True
+            return  # the writer task has the channel until it has room again
+        try:
+            if self._transport.flush():
+                return
+        except OSError as exc:
+            self._break(exc)
+            return
+        self._writer_busy = True
+        self._wake_writer.set()
 
     async def run(self) -> None:
         """Read replies and flush writes until the channel is closed or breaks.
@@ -238,7 +202,7 @@ class Channel:
         finally:
             self._running = False
             if self._closed:
-                self._sock.close()
+                self._transport.close()
 
     async def _write(self) -> None:
         while True:
@@ -248,77 +212,85 @@ class Channel:
             self._wake_writer = anyio.Event()
             while self._broken is None:
                 try:
-                    await anyio.wait_writable(self._sock)
+                    await self._transport.wait_writable()
                 except anyio.ClosedResourceError:
                     return
-                if self._send_queued():
-                    break
+                try:
+                    if self._transport.flush():
+                        break
+                except OSError as exc:
+                    self._break(exc)
             self._writer_busy = False
 
     async def _read(self) -> None:
-        reader = FrameReader()
-        buffer = memoryview(bytearray(RECEIVE_SIZE))
+        transport = self._transport
         cause: BaseException | None = None
+        message: str | None = None
         try:
             streak = 0
             while True:
                 try:
-                    if not receive(self._sock, reader, buffer):
+                    if not transport.receive():
+                        if transport.reader.in_frame:
+                            message = f"{self.name} sent a frame cut short"
                         break
                 except BlockingIOError:
                     streak = 0
                     try:
-                        await anyio.wait_readable(self._sock)
+                        await transport.wait_readable()
                     except anyio.ClosedResourceError:
                         return
                     continue
-                while (frame := reader.next_frame()) is not None:
+                while (frame := transport.next_frame()) is not None:
                     self._dispatch(frame)
                 streak += 1
                 if streak == _FAIRNESS:
                     streak = 0
                     await anyio.lowlevel.checkpoint()
+        except (_wire.ProtocolError, struct.error) as exc:
+            cause, message = exc, f"{self.name} broke the protocol: {exc}"
         except OSError as exc:
             cause = exc
         finally:
-            reader.close()
             # Also when this task is cancelled in spite of the shield in run(): asyncio
             # cancels every task it finds when asyncio.run() ends, and the exits this
             # channel would have reported must not be waited for, forever, by blocks
             # cleaning up in those tasks (they fall back to the pidfd).
             if not self._closed:
-                self._break(cause)
+                self._break(cause, message)
 
-    def _dispatch(self, frame: Frame) -> None:
+    def _dispatch(self, frame: _wire.Frame) -> None:
         if self._progress is not None:
             self._progress.set()
-        if frame.op == READY and self._ready is not None:
+        op = frame.op
+        if op == _wire.READY and frame.id == 0 and self._ready is not None:
             ready, self._ready = self._ready, None
             self._deliver(ready, frame)
             return
-        if frame.op == EXITED:
-            seq, code = EXIT_STATUS.unpack(frame.payload)
-            slot = self._exits.pop(seq, None)
+        if op == _wire.EXITED:
+            (code,) = _wire.EXIT_STATUS.unpack(frame.payload)
+            slot = self._exits.pop(frame.id, None)
             if slot is not None:
                 slot.code = code
                 slot.event.set()
             return
-        (seq,) = SEQ.unpack_from(frame.payload)
-        reply = self._replies.pop(seq, None)
-        if frame.op == ERROR:
+        if op not in (_wire.OK, _wire.ERROR, _wire.FORKED, _wire.READY):
+            _discard(frame)
+            raise _wire.ProtocolError(f"unknown frame {op}")
+        reply = self._replies.pop(frame.id, None)
+        if op == _wire.ERROR:
             # No process was made: nothing will be reported for it.
-            slot = self._exits.pop(seq, None)
+            slot = self._exits.pop(frame.id, None)
             if reply is None and slot is not None:
                 slot.error = remote_error(frame)
                 slot.event.set()
                 return
         if reply is None:
             _discard(frame)
-            self._break(None, f"{self.name} sent an unexpected reply")
-            return
+            raise _wire.ProtocolError("a reply to no command")
         self._deliver(reply, frame)
 
-    def _deliver(self, reply: Reply, frame: Frame) -> None:
+    def _deliver(self, reply: Reply, frame: _wire.Frame) -> None:
         if reply.abandoned:
             _discard(frame)
         else:
@@ -345,13 +317,12 @@ class Channel:
         self._ready = None
         self._replies.clear()
         self._exits.clear()
-        while self._outbox:
-            close_all(self._outbox.popleft()[1])
+        self._transport.outbox.clear()
         if self._progress is not None:
             self._progress.set()
 
     async def hand_over(self) -> socket.socket:
-        """Stop using the channel, and return a copy of its socket for a new owner.
+        """Stop using the channel, and return its transport for a new owner.
 
         Refuses new commands at once, then waits until every command already sent
         has been answered and every process made through the channel has been
@@ -372,9 +343,14 @@ class Channel:
             raise
         finally:
             self._progress = None
-        sock = self._sock.dup()
+        assert self._transport.sock is not None
+        sock = self._transport.sock.dup()
         self.close()
         return sock
+
+    def _check_alive(self) -> None:
+        if self._broken is not None:
+            raise BrokenTemplateError(str(self._broken)) from self._broken.__cause__
 
     def close(self) -> None:
         """Close our end: the template sees end of file and shuts down."""
@@ -383,60 +359,17 @@ class Channel:
         self._closed = True
         self._fail_all(anyio.ClosedResourceError(f"{self.name} is closed"))
         self._wake_writer.set()
-        anyio.notify_closing(self._sock)
+        self._transport.notify_closing()
         # While run() unwinds, the descriptor must stay ours: on asyncio, a waiter
         # woken by notify_closing unregisters its descriptor number when it resumes,
         # and would unregister a new socket that reused the number (anyio 4.16).
         if not self._running:
-            self._sock.close()
+            self._transport.close()
 
 
-def _discard(frame: Frame) -> None:
+def _discard(frame: _wire.Frame) -> None:
     # A reply nobody waits for any more: a template forked for it must not live on.
-    if frame.op == FORKED:
+    if frame.op == _wire.FORKED:
         for pidfd in frame.fds:
-            kill_pidfd(pidfd)
-    close_all(frame.fds)
-
-
-async def _receive_into(sock: socket.socket, data: bytearray, size: int, fds: list[int]) -> bool:
-    """Receive until ``data`` holds ``size`` bytes, never more; False at end of file."""
-    while len(data) < size:
-        try:
-            chunk, ancdata, _, _ = sock.recvmsg(
-                size - len(data), ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC
-            )
-        except BlockingIOError:
-            await anyio.wait_readable(sock)
-            continue
-        fds.extend(parse_ancillary(ancdata))
-        if not chunk:
-            return False
-        data += chunk
-    return True
-
-
-async def receive_frame(sock: socket.socket) -> Frame | None:
-    """One frame, reading no byte past it; None at end of file before it.
-
-    For the first frame a new child sends on its own socket, before its target runs
-    and starts using the socket for itself.
-    """
-    data = bytearray()
-    fds: list[int] = []
-    try:
-        # Every first frame is at least this long (STARTED is exactly): one recvmsg.
-        if not await _receive_into(sock, data, HEADER.size + PID.size, fds):
-            if data:
-                raise ConnectionResetError("end of file in the middle of a frame")
-            return None
-        op, nfds, length = HEADER.unpack_from(data)
-        if not await _receive_into(sock, data, HEADER.size + length, fds):
-            raise ConnectionResetError("end of file in the middle of a frame")
-    except BaseException:
-        close_all(fds)
-        raise
-    if len(fds) != nfds:
-        close_all(fds)
-        return Frame(op, bytes(data[HEADER.size :]), [], True)
-    return Frame(op, bytes(data[HEADER.size :]), fds, False)
+            signal_pidfd(pidfd, signal.SIGKILL)
+    _wire.close_all(frame.fds)

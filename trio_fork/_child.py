@@ -10,17 +10,137 @@ from typing import TYPE_CHECKING, final
 import anyio
 import attrs
 
+from ._construct import NoPublicConstructor
 from ._errors import BrokenTemplateError
+from ._process import signal_pidfd
 
 if TYPE_CHECKING:
     from anyio.abc import UNIXSocketStream
 
     from ._channel import ExitSlot
 
+# After a killed child is known dead (its pidfd), how long to wait for its template
+# to report the exit status before leaving without it: a template busy in a long
+# command, or stopped, reports late or never.
+_REPORT_GRACE = 1.0
+
+
+@attrs.define(eq=False)
+class Process:
+    """A process that a template made, as this process sees it: its pidfd and its end.
+
+    Any number of tasks may wait for it. The template reports its exit status;
+    if the template died first, the pidfd tells when the process is gone. Only the
+    block that made the process closes the pidfd (:meth:`close`), after its own wait.
+    """
+
+    pid: int
+    _pidfd: int | None
+    _exit: ExitSlot
+    _dead: bool = False
+    _watching: bool = False
+    _changed: anyio.Event = attrs.field(factory=anyio.Event)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exit.code
+
+    async def wait(self) -> int:
+        """The exit status, once reaped; :exc:`BrokenTemplateError` if it is lost."""
+        if self._exit.code is None:
+            await self._exit.event.wait()
+        if self._exit.code is None:
+            await self._wait_dead()
+            raise BrokenTemplateError(
+                f"the template of process {self.pid} died and took its exit status with it"
+            )
+        return self._exit.code
+
+    async def _wait_dead(self) -> None:
+        """Wait until the pidfd says the process has exited (one task watches it)."""
+        while not self._dead and self._pidfd is not None:
+            if self._watching:
+                await self._changed.wait()
+                continue
+            self._watching = True
+            try:
+                await anyio.wait_readable(self._pidfd)
+                self._dead = True
+            finally:
+                self._watching = False
+                self._changed.set()
+                self._changed = anyio.Event()
+
+    def send_signal(self, sig: int) -> None:
+        if self._exit.code is None and self._pidfd is not None:
+            signal_pidfd(self._pidfd, sig)
+
+    async def end(self, deliver_cancel: Callable[[], Awaitable[object]] | None) -> None:
+        """End the process early and wait, shielded, until it is gone.
+
+        Bounded: once the pidfd says it is dead, the template's report is awaited
+        only briefly.
+        """
+        with anyio.CancelScope(shield=True):
+            if deliver_cancel is None:
+                self.send_signal(signal.SIGKILL)
+                await self._wait_reported()
+            else:
+                await self._deliver(deliver_cancel)
+
+    async def _wait_reported(self) -> None:
+        if self._exit.event.is_set():
+            return
+        async with anyio.create_task_group() as task_group:
+
+            async def report_or_grace() -> None:
+                await self._wait_dead()
+                with anyio.move_on_after(_REPORT_GRACE):
+                    await self._exit.event.wait()
+                task_group.cancel_scope.cancel()
+
+            task_group.start_soon(report_or_grace)
+            await self._exit.event.wait()
+            task_group.cancel_scope.cancel()
+
+    async def _deliver(self, deliver_cancel: Callable[[], Awaitable[object]]) -> None:
+        failures: list[BaseException] = []
+
+        async def run_hook() -> None:
+            try:
+                await deliver_cancel()
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                failures.append(exc)
+                self.send_signal(signal.SIGKILL)
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(run_hook)
+            await self._wait_reported()
+            task_group.cancel_scope.cancel()
+        if failures:
+            raise failures[0]
+
+    async def wait_quietly(self) -> None:
+        try:
+            await self.wait()
+        except BrokenTemplateError:
+            pass
+
+    def close(self) -> None:
+        """Close the pidfd: the process's block is over."""
+        if self._pidfd is not None:
+            pidfd, self._pidfd = self._pidfd, None
+            if self._watching:
+                anyio.notify_closing(pidfd)
+            os.close(pidfd)
+            self._changed.set()
+
 
 @final
-@attrs.define(eq=False, init=False)
-class Child:
+@attrs.define(eq=False)
+class Child(metaclass=NoPublicConstructor):
     """A process forked from a template, running its target.
 
     Made by :meth:`Template.spawn`, never directly. The child is not a child of this
@@ -39,17 +159,7 @@ class Child:
 
     pid: int
     stream: UNIXSocketStream
-    _pidfd: int | None
-    _exit: ExitSlot
-
-    @classmethod
-    def _create(cls, pid: int, stream: UNIXSocketStream, pidfd: int, exit: ExitSlot) -> Child:
-        self = cls.__new__(cls)
-        self.pid = pid
-        self.stream = stream
-        self._pidfd = pidfd
-        self._exit = exit
-        return self
+    _process: Process
 
     def __repr__(self) -> str:
         status = "running" if self.returncode is None else describe_exit(self.returncode)
@@ -61,10 +171,12 @@ class Child:
 
         As in :mod:`subprocess`: the exit code, or ``-N`` if signal ``N`` killed it.
         """
-        return self._exit.code
+        return self._process.returncode
 
     async def wait(self) -> int:
         """Wait until the child has exited and been reaped; its exit status.
+
+        Any number of tasks may wait at once; each gets the status.
 
         Returns:
             int: The exit status, as :attr:`returncode` then has it.
@@ -73,17 +185,7 @@ class Child:
             BrokenTemplateError: The template died first and the status died with
                 it. The child is gone by then: children die with their template.
         """
-        if self._exit.code is None:
-            await self._exit.event.wait()
-        if self._exit.code is None:
-            if self._pidfd is not None:
-                await anyio.wait_readable(self._pidfd)
-            self._close_pidfd()
-            raise BrokenTemplateError(
-                f"the template of child {self.pid} died and took its exit status with it"
-            )
-        self._close_pidfd()
-        return self._exit.code
+        return await self._process.wait()
 
     def send_signal(self, sig: int) -> None:
         """Send signal ``sig`` to the child; nothing once it has exited.
@@ -91,12 +193,7 @@ class Child:
         Args:
             sig: A signal number, such as :data:`signal.SIGUSR1`.
         """
-        if self._exit.code is not None or self._pidfd is None:
-            return
-        try:
-            signal.pidfd_send_signal(self._pidfd, sig)
-        except ProcessLookupError:
-            pass
+        self._process.send_signal(sig)
 
     def terminate(self) -> None:
         """Send SIGTERM: by default it ends the child, which may catch it to clean up."""
@@ -105,52 +202,6 @@ class Child:
     def kill(self) -> None:
         """Send SIGKILL, which ends the child at once."""
         self.send_signal(signal.SIGKILL)
-
-    def _close_pidfd(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
-
-    async def _abort(self, deliver_cancel: Callable[[Child], Awaitable[object]] | None) -> None:
-        """End the child early and wait, shielded, until it is reaped.
-
-        The stream stays open until then, so ``deliver_cancel`` may ask the child to
-        stop with a message as well as with a signal.
-        """
-        with anyio.CancelScope(shield=True):
-            try:
-                if deliver_cancel is None:
-                    self.kill()
-                    await self._wait_quietly()
-                else:
-                    await self._deliver(deliver_cancel)
-            finally:
-                await self.stream.aclose()
-
-    async def _deliver(self, deliver_cancel: Callable[[Child], Awaitable[object]]) -> None:
-        failures: list[BaseException] = []
-
-        async def run_hook() -> None:
-            try:
-                await deliver_cancel(self)
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as exc:
-                failures.append(exc)
-                self.kill()
-
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(run_hook)
-            await self._wait_quietly()
-            task_group.cancel_scope.cancel()
-        if failures:
-            raise failures[0]
-
-    async def _wait_quietly(self) -> None:
-        try:
-            await self.wait()
-        except BrokenTemplateError:
-            pass
 
 
 def describe_exit(code: int) -> str:

@@ -9,7 +9,8 @@ import time
 import anyio
 
 from ._errors import RemoteError
-from ._template import Template, open_template
+from ._open import open_template
+from ._template import Template
 
 # Worker code is defined in the template with eval(), so this module never has to
 # be imported there; children find the functions in the template's __main__.

@@ -15,12 +15,10 @@ template is not only dead but gone.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import errno
 import os
 import pickle
-import select
 import signal
 import socket
 import stat
@@ -35,50 +33,37 @@ from typing import final
 
 import anyio
 import attrs
-import sniffio
 
-from . import _serve, _template
-from ._channel import Channel, receive_frame, remote_error
+from ._arguments import module_names
+from ._channel import Channel, remote_error
+from ._construct import NoPublicConstructor
 from ._errors import BrokenTemplateError
-from ._protocol import (
-    ERROR,
-    OK,
-    READY,
-    RECEIVE_SIZE,
-    REQUIRE,
-    SERVE_FORKS,
-    Frame,
-    FrameReader,
-    ancillary,
-    close_all,
-    encode,
-    receive,
-    send_blocking,
+from ._process import (
+    CLOSE_TIMEOUT,
+    check_fork_is_safe,
+    check_ready,
+    launch,
+    readable,
+    reap,
+    signal_pidfd,
 )
-from ._template import _CLOSE_TIMEOUT, _PYTHON_VERSION, Template, _launch, module_names
+from ._template import Template
+from ._transport import Transport, receive_frame
+from .worker import _template as _worker_template
+from .worker import _wire
+from .worker._template import align
 
-# Run in a fork of a template we started (the early one, or a test session's) when
-# this process's sys.path, directory or environment changed since: it makes the fork
-# what open_template() would start now. It binds no name, so __main__ stays pristine.
-_ALIGN = """\
-__import__("sys").path[:] = args[0]
-__import__("os").chdir(args[1])
-__import__("os").environ.clear()
-__import__("os").environ.update(args[2])
-"""
-
-# What _ALIGN applies: sys.path, working directory, environment.
+# What align() applies: sys.path, working directory, environment.
 _Setup = tuple[list[str], str, dict[str, str]]
 
 # Every handle alive in this process, so that a forked copy of the process can let go
 # of them (see _forget_all_in_child).
 _live: weakref.WeakSet[TemplateHandle] = weakref.WeakSet()
-_early_lock = threading.Lock()
 
 
 @final
-@attrs.define(eq=False, init=False)
-class TemplateHandle:
+@attrs.define(eq=False)
+class TemplateHandle(metaclass=NoPublicConstructor):
     """A template process owned by synchronous code, usable from any event loop.
 
     Made by :func:`start_template` or :func:`fork_main_template`, never directly.
@@ -101,47 +86,20 @@ class TemplateHandle:
     _channel: socket.socket
     _requests: socket.socket
     _process: subprocess.Popen[bytes] | None
-    # Whether the template's __main__ is this program's (see Template._shares_main).
-    _shares_main: bool
     # The sys.path, directory and environment of a template started by us; None for
-    # a copy of this program.
+    # a copy of this program, whose __main__ is ours (see Template.shares_main).
     _setup: _Setup | None
-    _owner: int
-    _lock: threading.Lock
-    _closed: bool
+    _owner: int = attrs.field(factory=os.getpid)
+    _lock: threading.Lock = attrs.field(factory=threading.Lock)
+    _closed: bool = False
     # An open() found the process gone (it may not have finished exiting yet).
-    _broken: bool
+    _broken: bool = False
 
-    @classmethod
-    def _create(
-        cls,
-        kind: str,
-        pid: int,
-        pidfd: int,
-        channel: socket.socket,
-        requests: socket.socket,
-        process: subprocess.Popen[bytes] | None,
-        setup: _Setup | None,
-    ) -> TemplateHandle:
-        self = cls.__new__(cls)
-        self._kind = kind
-        # Forked from this program (no interpreter started): its __main__ is ours.
-        self._shares_main = process is None
-        self._setup = setup
-        self._pid = pid
-        self._pidfd = pidfd
-        self._channel = channel
-        self._requests = requests
-        self._process = process
-        self._owner = os.getpid()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._broken = False
+    def __attrs_post_init__(self) -> None:
         # Non-blocking for every opener: they send on duplicates, which share it.
-        requests.setblocking(False)
+        self._requests.setblocking(False)
         _live.add(self)
         atexit.register(self._close_at_exit)
-        return self
 
     def __repr__(self) -> str:
         state = " (closed)" if self._closed else ""
@@ -189,7 +147,7 @@ class TemplateHandle:
             # Usually nothing changed since the handle's template started; then the
             # fork is right as it is, and saves a round trip.
             if setup != self._setup:
-                await template.eval(_ALIGN, *setup)
+                await template._invoke(align, *setup)
             if preload:
                 await template.require(*preload)
             yield template
@@ -216,26 +174,32 @@ class TemplateHandle:
         except BaseException:
             # The request may yet be served: whatever it forks must not outlive us.
             ours.close()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_TIMEOUT):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
                 await anyio.wait_readable(reaped_read)
             os.close(reaped_read)
             raise
-        template = Template._create(Channel(ours, ""), pid, pidfd, None, None, reaped=reaped_read)
-        template._shares_main = self._shares_main
+        template = Template._create(
+            Channel(Transport(ours), ""),
+            pid,
+            pidfd,
+            None,
+            None,
+            reaped=reaped_read,
+            shares_main=self._setup is None,
+        )
         async with template._serving():
             yield template
 
-    def _check_ready(self, ready: Frame | None) -> tuple[int, int]:
+    def _check_ready(self, ready: _wire.Frame | None) -> tuple[int, int]:
         if ready is None:
             self._broken = True
             raise BrokenTemplateError(f"the process of {self!r} has died")
-        if ready.op == ERROR:
+        if ready.op == _wire.ERROR:
             raise remote_error(ready)
-        if ready.op != READY or len(ready.fds) != 1:
-            close_all(ready.fds)
+        if ready.op != _wire.READY or len(ready.fds) != 1:
+            _wire.close_all(ready.fds)
             raise BrokenTemplateError(f"{self!r} answered a fork request with {ready.op}")
-        pid, _ = pickle.loads(ready.payload)
-        return int(pid), ready.fds[0]
+        return check_ready(ready, repr(self)), ready.fds[0]
 
     def _duplicate_requests(self) -> socket.socket:
         # A duplicate per opener: close() may close the original meanwhile, and
@@ -261,10 +225,10 @@ class TemplateHandle:
         self._requests.close()
         self._channel.close()
         # End of file alone would end it too; SIGTERM does not wait for it to notice.
-        _signal(self._pidfd, signal.SIGTERM)
-        if not _wait_readable(self._pidfd, _CLOSE_TIMEOUT):
-            _signal(self._pidfd, signal.SIGKILL)
-        _reap(self._pid, self._pidfd, self._process)
+        signal_pidfd(self._pidfd, signal.SIGTERM)
+        if not readable(self._pidfd, CLOSE_TIMEOUT):
+            signal_pidfd(self._pidfd, signal.SIGKILL)
+        reap(self._pid, self._pidfd, self._process)
 
     def __enter__(self) -> TemplateHandle:
         return self
@@ -278,7 +242,7 @@ class TemplateHandle:
         self.close()
 
     def _exited(self) -> bool:
-        return _wait_readable(self._pidfd, 0)
+        return readable(self._pidfd)
 
     def _close_at_exit(self) -> None:
         if os.getpid() == self._owner:
@@ -324,10 +288,10 @@ def start_template(
         BrokenTemplateError: The template exited before it was ready.
         RemoteError: A preloaded module failed to import.
     """
-    return _start(module_names(preload, "preload"), python, env, cwd, "template")
+    return start_handle(module_names(preload, "preload"), python, env, cwd, "template")
 
 
-def _start(
+def start_handle(
     modules: list[str],
     python: str | os.PathLike[str] | None,
     env: Mapping[str, str] | None,
@@ -337,7 +301,7 @@ def _start(
     executable = os.fspath(python) if python is not None else sys.executable
     if not executable:
         raise RuntimeError("sys.executable is unknown here: pass python= to start_template")
-    process, channel = _launch(executable, env, cwd)
+    process, channel = launch(executable, env, cwd)
     try:
         setup = _setup_now(env, cwd)
         pidfd = os.pidfd_open(process.pid)
@@ -372,14 +336,14 @@ def fork_main_template() -> TemplateHandle:
         RuntimeError: An event loop is running, or this process has other threads:
             forking it then is unsafe (a copied lock could be held forever).
     """
-    _check_fork_is_safe()
+    check_fork_is_safe("fork_main_template()")
     ours, theirs = socket.socketpair()
     parent = os.getpid()
-    _serve.flush_stdio()
+    _wire.flush_stdio()
     pid = os.fork()
     if pid == 0:
         ours.close()
-        _serve.main_in_fork(theirs.detach(), parent)
+        _worker_template.main_in_fork(theirs.detach(), parent)
     theirs.close()
     try:
         pidfd = os.pidfd_open(pid)
@@ -389,52 +353,6 @@ def fork_main_template() -> TemplateHandle:
         os.waitpid(pid, 0)
         raise
     return _serve_forks("main-program template", pid, pidfd, ours, None, [], sys.executable, None)
-
-
-def start_early() -> None:
-    """Keep a pristine template, and make :func:`open_template` fork it from now on.
-
-    Python's counterpart of AnyEvent::Fork::Early. It starts one small template
-    interpreter (only the standard library imported) and keeps it; afterwards every
-    :func:`open_template` without ``python=`` asks it to fork instead of starting an
-    interpreter, so opening a template costs a fork, not an interpreter start-up. The
-    template you get is the one you would have got: :func:`open_template` applies
-    this process's current ``sys.path``, working directory and environment (or its
-    ``env`` and ``cwd`` arguments) to it. Settings an interpreter reads only when it
-    starts, such as ``PYTHONHASHSEED`` or ``-X`` options, are those of the moment
-    :func:`start_early` ran.
-
-    Call it first thing in the program, before any event loop runs: it blocks while
-    that one interpreter starts (tens of milliseconds). Calling it again while
-    the early template runs does nothing.
-
-    A template opened after :func:`start_early` is a child of the early template,
-    not of this process (see :attr:`Template.pid`); leaving its block still ends it
-    and waits until it has been reaped. The early template ends with
-    :func:`stop_early`, at interpreter exit, or when this process dies. If it is
-    killed from outside, :func:`open_template` raises :exc:`BrokenTemplateError`
-    until :func:`stop_early` is called, or :func:`start_early` again, which replaces
-    it.
-    """
-    with _early_lock:
-        early = _template._early
-        if early is not None and not (early.closed or early._broken or early._exited()):
-            return
-        if early is not None:
-            early.close()  # it died: reap it, and start another
-        _template._early = _start([], None, None, None, "early template")
-
-
-def stop_early() -> None:
-    """End the early template; :func:`open_template` starts interpreters again.
-
-    Templates opened from it and still in use end too. Does nothing if
-    :func:`start_early` has not run.
-    """
-    with _early_lock:
-        early, _template._early = _template._early, None
-    if early is not None:
-        early.close()
 
 
 def _serve_forks(
@@ -451,70 +369,60 @@ def _serve_forks(
     requests, served = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         channel.setblocking(True)
-        reader = FrameReader()
-        buffer = memoryview(bytearray(RECEIVE_SIZE))
-        ready = _receive_sync(channel, reader, buffer)
-        if ready is None or ready.op != READY:
-            _signal(pidfd, signal.SIGKILL)
-            code = _reap(pid, pidfd, process)
+        reader = _wire.FrameReader()
+        ready = _receive_sync(channel, reader)
+        if ready is None:
+            signal_pidfd(pidfd, signal.SIGKILL)
+            code = reap(pid, pidfd, process)
             pidfd = -1
-            raise BrokenTemplateError(
-                f"the {kind} ({python}) exited with status {code} before it was ready "
-                "(its stderr may say why)"
-            )
-        _, version = pickle.loads(ready.payload)
-        if tuple(version[:2]) != _PYTHON_VERSION:
-            raise BrokenTemplateError(
-                f"the {kind} ({python}) runs Python {'.'.join(map(str, version[:2]))} but "
-                f"this process runs {'.'.join(map(str, _PYTHON_VERSION))}: a template "
-                "imports from this process's sys.path, so it must run the same version"
-            )
+            check_ready(None, f"{kind} ({python})", code)
+        check_ready(ready, f"{kind} ({python})")
         if modules:
-            _request_sync(channel, reader, buffer, REQUIRE, pickle.dumps(modules))
+            _request_sync(channel, reader, _wire.REQUIRE, pickle.dumps(modules))
         # A template we started dies with the thread that started it (see main() in
-        # _serve), unless told otherwise; the handle may outlive a worker thread.
+        # trio_fork.worker._template), unless told otherwise; the handle may outlive
+        # a worker thread.
         outlive = process is not None and threading.current_thread() is not threading.main_thread()
         payload = b"outlive the thread" if outlive else b""
-        _request_sync(channel, reader, buffer, SERVE_FORKS, payload, fds=[served.detach()])
+        _request_sync(channel, reader, _wire.SERVE_FORKS, payload, fds=[served.detach()])
     except BaseException:
         requests.close()
         served.close()
         channel.close()
         if pidfd >= 0:
-            _signal(pidfd, signal.SIGKILL)
-            _reap(pid, pidfd, process)
+            signal_pidfd(pidfd, signal.SIGKILL)
+            reap(pid, pidfd, process)
         raise
     return TemplateHandle._create(kind, pid, pidfd, channel, requests, process, setup)
 
 
 def _request_sync(
     sock: socket.socket,
-    reader: FrameReader,
-    buffer: memoryview,
+    reader: _wire.FrameReader,
     op: int,
     payload: bytes = b"",
     fds: list[int] | None = None,
 ) -> None:
     try:
-        send_blocking(sock, encode(op, payload, fds or []))
+        _wire.send_blocking(sock, _wire.encode(op, 1, payload, fds or []))
     except OSError as exc:
         raise BrokenTemplateError("the template died before it was ready") from exc
     finally:
-        close_all(fds or [])
-    reply = _receive_sync(sock, reader, buffer)
+        _wire.close_all(fds or [])
+    reply = _receive_sync(sock, reader)
     if reply is None:
         raise BrokenTemplateError("the template died before it was ready")
-    if reply.op == ERROR:
+    if reply.op == _wire.ERROR:
         raise remote_error(reply)
-    if reply.op != OK:
-        close_all(reply.fds)
+    if reply.op != _wire.OK:
+        _wire.close_all(reply.fds)
         raise BrokenTemplateError(f"the template answered {reply.op} instead of OK")
 
 
-def _receive_sync(sock: socket.socket, reader: FrameReader, buffer: memoryview) -> Frame | None:
+def _receive_sync(sock: socket.socket, reader: _wire.FrameReader) -> _wire.Frame | None:
     try:
         while (frame := reader.next_frame()) is None:
-            if not receive(sock, reader, buffer):
+            if not reader.receive(sock):
                 return None
     except OSError:
         return None
@@ -524,7 +432,7 @@ def _receive_sync(sock: socket.socket, reader: FrameReader, buffer: memoryview) 
 async def _send_request(requests: socket.socket, fds: list[int], handle: TemplateHandle) -> None:
     while True:
         try:
-            requests.sendmsg([b"F"], ancillary(fds))
+            requests.sendmsg([b"F"], _wire.ancillary(fds))
             return
         except BlockingIOError:
             # The handle's process has a backlog of requests: wait for room.
@@ -555,71 +463,12 @@ def _setup_now(env: Mapping[str, str] | None, cwd: str | os.PathLike[str] | None
     return path, where, environment
 
 
-def _check_fork_is_safe() -> None:
-    library = _running_event_loop()
-    if library is not None:
-        raise RuntimeError(
-            f"fork_main_template() must run before any event loop starts, but {library} "
-            "is running here: a forked copy of a running event loop is unsafe to use"
-        )
-    others = len(os.listdir("/proc/self/task")) - 1
-    if others:
-        current = threading.current_thread()
-        names = [thread.name for thread in threading.enumerate() if thread is not current]
-        raise RuntimeError(
-            f"fork_main_template() needs a single-threaded process, but {others} other "
-            f"thread(s) run here ({', '.join(names) or 'none started by Python'}): a "
-            "forked copy could inherit a lock that one of them holds, and hang"
-        )
-
-
-def _running_event_loop() -> str | None:
-    try:
-        return sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        pass
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-    return "asyncio"
-
-
-def _signal(pidfd: int, sig: int) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_readable(fd: int, timeout: float) -> bool:
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(int(timeout * 1000)))
-
-
-def _reap(pid: int, pidfd: int, process: subprocess.Popen[bytes] | None) -> int | None:
-    """Wait for our child to exit and reap it; its exit status (None if not ours to know)."""
-    try:
-        if process is not None:
-            return process.wait()
-        try:
-            _, status = os.waitpid(pid, 0)
-        except ChildProcessError:
-            # Someone else in this process reaped it (a waitpid(-1) somewhere).
-            return None
-        return os.waitstatus_to_exitcode(status)
-    finally:
-        os.close(pidfd)
-
-
 def _forget_all_in_child() -> None:
     # A forked copy of this process must not keep the handles' sockets open (their
     # processes end when their owner's end closes), nor end processes it does not own.
     for handle in list(_live):
         handle._forget()
     _live.clear()
-    _template._early = None
 
 
 os.register_at_fork(after_in_child=_forget_all_in_child)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
 
-from ._channel import Channel, receive_frame, remote_error
+from ._arguments import FileDescriptorLike, dup_fd
+from ._channel import Channel, remote_error
 from ._errors import BrokenTemplateError
-from ._protocol import ERROR, EXITED, HEADER, HELLO, READY, SEQ, close_all
-from ._template import FileDescriptorLike, Template, _dup
+from ._process import check_ready
+from ._template import Template
+from ._transport import Transport, receive_frame
+from .worker import _wire
 
 
 @asynccontextmanager
@@ -40,7 +42,7 @@ async def adopt_template(channel: FileDescriptorLike) -> AsyncIterator[Template]
         BrokenTemplateError: The template has ended, or ``channel`` does not lead to
             one.
     """
-    fd = _dup(channel, "adopt_template", 0)
+    fd = dup_fd(channel, "adopt_template", 0)
     try:
         sock = socket.socket(fileno=fd)
     except OSError:
@@ -52,20 +54,19 @@ async def adopt_template(channel: FileDescriptorLike) -> AsyncIterator[Template]
         raise TypeError(f"adopt_template: {channel!r} is not a Unix stream socket")
     try:
         sock.setblocking(False)
-        pid, pidfd, seq = await _hello(sock)
+        pid, pidfd = await _hello(sock)
     except BaseException:
         sock.close()
         raise
-    # The template numbers its commands: ours continue from the exporter's.
-    template = Template._create(Channel(sock, "", sent=seq + 1), pid, pidfd, None, None)
+    template = Template._create(Channel(Transport(sock), ""), pid, pidfd, None, None)
     async with template._serving():
         yield template
 
 
-async def _hello(sock: socket.socket) -> tuple[int, int, int]:
-    """The template's pid, a pidfd, and HELLO's sequence number; reads nothing past it."""
+async def _hello(sock: socket.socket) -> tuple[int, int]:
+    """The template's pid and a pidfd, asked with HELLO; reads nothing past the answer."""
     try:
-        request = memoryview(HEADER.pack(HELLO, 0, 0))
+        request = memoryview(_wire.HEADER.pack(_wire.HELLO, 0, _HELLO_ID, 0))
         while request:
             try:
                 request = request[sock.send(request) :]
@@ -74,20 +75,22 @@ async def _hello(sock: socket.socket) -> tuple[int, int, int]:
         while True:
             frame = await receive_frame(sock)
             # Exit reports of processes the exporter forked may still be on their way.
-            if frame is None or frame.op != EXITED:
+            if frame is None or frame.op != _wire.EXITED:
                 break
     except OSError as exc:
         raise BrokenTemplateError("the adopted template died or its channel broke") from exc
     if frame is None:
         raise BrokenTemplateError("the adopted template has ended (its channel is closed)")
-    if frame.op == ERROR:
+    if frame.op == _wire.ERROR:
         raise remote_error(frame)
-    if frame.op != READY or len(frame.fds) != 1:
-        close_all(frame.fds)
+    if frame.op != _wire.READY or frame.id != _HELLO_ID or len(frame.fds) != 1:
+        _wire.close_all(frame.fds)
         raise BrokenTemplateError(
             f"the socket given to adopt_template does not lead to a template (it answered "
             f"{frame.op})"
         )
-    (seq,) = SEQ.unpack_from(frame.payload)
-    pid, _ = pickle.loads(frame.payload[SEQ.size :])
-    return int(pid), frame.fds[0], seq
+    return check_ready(frame, "adopted template"), frame.fds[0]
+
+
+# Any id but 0 (an unasked READY); the adopter's own commands count from 1.
+_HELLO_ID = 0xFFFFFFFF

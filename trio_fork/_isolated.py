@@ -5,12 +5,12 @@ What the ``fork_template`` fixture does, without pytest: the benchmarks time it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import final
 
 from ._handle import TemplateHandle
+from ._process import descendants
 from ._template import Template
 
 
@@ -34,33 +34,13 @@ async def open_isolated_template(
         yield template
         # Spawn and fork blocks wait for their process: what is below the template
         # now was left behind, and the template (a subreaper) adopted it.
-        leftovers = [_describe(pid, template.pid) for pid in _descendants(template.pid)]
+        leftovers = [_describe(pid, template.pid) for pid in descendants(template.pid)]
     if leftovers:
         raise LeftoverProcessesError(
             f"{len(leftovers)} process(es) started by the test outlived the block that "
             "started them, and were killed at teardown:\n"
             + "\n".join(f"  {leftover}" for leftover in leftovers)
         )
-
-
-def _descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        try:
-            threads = os.listdir(f"/proc/{parent}/task")
-        except FileNotFoundError:
-            continue
-        for tid in threads:
-            try:
-                with open(f"/proc/{parent}/task/{tid}/children") as file:
-                    children = [int(child) for child in file.read().split()]
-            except OSError:
-                continue
-            found.extend(children)
-            frontier.extend(children)
-    return found
 
 
 def _describe(pid: int, template: int) -> str:

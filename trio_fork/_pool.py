@@ -17,24 +17,17 @@ from typing import TYPE_CHECKING, Any, final
 import anyio
 import attrs
 import sniffio
-from anyio.abc import SocketAttribute
 
-from . import _rpc_worker
+from ._arguments import Serializer
+from ._call import LOST, Call, Request, make_request, open_call, outcome, wait_for
+from ._connection import Connection
+from ._construct import NoPublicConstructor
 from ._errors import BrokenWorkerError
 from ._pool_state import STARTING, Actions, Limits, PoolState, Slot
-from ._rpc import (
-    Call,
-    is_async_function,
-    make_request,
-    open_call,
-    outcome,
-    pickle_options,
-    prepare_worker,
-    require_event_loop,
-    wait_for,
-)
-from ._rpc_connection import LOST, Connection, Request
-from ._serializers import PICKLE, Serializer
+from ._rpc import is_async_function, prepare_worker, require_event_loop
+from ._transport import Transport
+from .worker._rpc import WorkerSpec
+from .worker._serializers import PICKLE
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -67,8 +60,8 @@ class PoolStatistics:
 
 
 @final
-@attrs.define(eq=False, init=False)
-class Pool:
+@attrs.define(eq=False)
+class Pool(metaclass=NoPublicConstructor):
     """Workers forked from one template, serving calls to one function.
 
     Made by :func:`open_pool`. Calls can be made from any number of tasks; each goes
@@ -77,40 +70,21 @@ class Pool:
 
     _state: PoolState
     _template: Template
-    _pickled_options: bytes
-    _serializer: Serializer
+    _spec: WorkerSpec
     _task_group: TaskGroup
-    _timer: anyio.CancelScope
-    _timer_deadline: float
-    _opening: set[Slot]
-    _opened: anyio.Event
-    _open_error: BaseException | None
-    _all_gone: anyio.Event
     _event_loop_imported: bool
-    _now: Callable[[], float]
+    _timer: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
+    _timer_deadline: float = math.inf
+    _opening: set[Slot] = attrs.field(factory=set)
+    _opened: anyio.Event = attrs.field(factory=anyio.Event)
+    _open_error: BaseException | None = None
+    _all_gone: anyio.Event = attrs.field(factory=anyio.Event)
+    _now: Callable[[], float] = attrs.field(factory=lambda: event_loop_clock())
 
-    @classmethod
-    def _create(
-        cls,
-        template: Template,
-        function: str | Callable[..., Any],
-        limits: Limits,
-        options: dict[str, Any],
-    ) -> Pool:
-        self = cls.__new__(cls)
-        self._state = PoolState(limits)
-        self._template = template
-        self._pickled_options = pickle_options(options)
-        self._serializer = options["serializer"]
-        self._timer = anyio.CancelScope()
-        self._timer_deadline = math.inf
-        self._opening = set()
-        self._opened = anyio.Event()
-        self._open_error = None
-        self._all_gone = anyio.Event()
-        self._event_loop_imported = is_async_function(function)
-        self._now = event_loop_clock()
-        return self
+    @property
+    def _serializer(self) -> Serializer:
+        serializer: Serializer = self._spec.serializer
+        return serializer
 
     def __repr__(self) -> str:
         stats = self.statistics()
@@ -206,18 +180,14 @@ class Pool:
 
     def _abandon(self) -> None:
         """The pool is going away at once: calls still queued fail."""
-        state = self._state
-        state.closing = True
-        while state.queue:
-            request = state.queue.popleft()
-            request.finish(LOST, anyio.ClosedResourceError("the pool was closed"))
+        self._apply(self._state.abandon(anyio.ClosedResourceError("the pool was closed")))
 
     async def _run_worker(self, slot: Slot) -> None:
         error: BaseException | None = None
         try:
-            async with self._template.spawn(_rpc_worker.serve, self._pickled_options) as child:
-                connection = Connection(child, child.stream.extra(SocketAttribute.raw_socket))
-                slot.connection = connection
+            async with self._template._spawn_worker(self._spec) as (process, sock):
+                connection = Connection(process, Transport(sock))
+                self._state.worker_started(slot, connection)
                 async with anyio.create_task_group() as task_group:
                     task_group.start_soon(connection.run)
                     await connection.wait_ready()
@@ -252,7 +222,7 @@ class Pool:
         def finished(connection: Connection, request: Request) -> None:
             if connection.lost is not None:
                 # Its loss is reported once, below, when every request is settled.
-                slot.assigned -= 1
+                self._state.call_lost(slot)
                 return
             self._apply(self._state.call_finished(slot, self._now()))
 
@@ -325,26 +295,22 @@ async def open_pool(
             workers, or ``init`` raised.
     """
     limits = _limits(max, idle, load, start, stop, retire)
-    options = await prepare_worker(
+    spec = await prepare_worker(
         template, function, init=init, init_args=init_args, serializer=serializer, events=events
     )
-    async with run_pool(template, function, limits, options) as pool:
+    async with run_pool(template, limits, spec) as pool:
         yield pool
 
 
 @asynccontextmanager
-async def run_pool(
-    template: Template,
-    function: str | Callable[..., Any],
-    limits: Limits,
-    options: dict[str, Any],
-) -> AsyncIterator[Pool]:
-    """The lifetime of a pool whose template is ready and options checked."""
-    pool = Pool._create(template, function, limits, options)
+async def run_pool(template: Template, limits: Limits, spec: WorkerSpec) -> AsyncIterator[Pool]:
+    """The lifetime of a pool whose template is ready and settings checked."""
     body_error: BaseException | None = None
     timer = anyio.CancelScope()
     async with anyio.create_task_group() as task_group:
-        pool._task_group = task_group
+        pool = Pool._create(
+            PoolState(limits), template, spec, task_group, is_async_function(spec.function)
+        )
         task_group.start_soon(_run_in, timer, pool._run_timer)
         try:
             await pool._open()

@@ -15,6 +15,7 @@ closed, and so is a worker that has been given ``retire`` calls, once they are d
 
 from __future__ import annotations
 
+import enum
 import math
 from collections import deque
 from typing import TYPE_CHECKING
@@ -22,12 +23,23 @@ from typing import TYPE_CHECKING
 import attrs
 
 if TYPE_CHECKING:
-    from ._rpc_connection import Connection, Request
+    from ._call import Request
+    from ._connection import Connection
 
-STARTING = "starting"
-READY = "ready"
-CLOSING = "closing"
-GONE = "gone"
+
+class Status(enum.Enum):
+    """Where a worker is in its life."""
+
+    STARTING = "starting"
+    READY = "ready"
+    CLOSING = "closing"
+    GONE = "gone"
+
+
+STARTING = Status.STARTING
+READY = Status.READY
+CLOSING = Status.CLOSING
+GONE = Status.GONE
 
 
 @attrs.define(eq=False)
@@ -36,7 +48,7 @@ class Slot:
 
     number: int
     generation: int
-    status: str = STARTING
+    status: Status = STARTING
     connection: Connection | None = None
     assigned: int = 0
     """Calls sent and not yet answered."""
@@ -111,12 +123,27 @@ class PoolState:
             return False
         return True
 
-    def requeue(self, request: Request) -> bool:
+    def requeue(self, request: Request) -> None:
         """A call that provably never started on a worker that died: send it again."""
         request.connection = None
         request.id = 0
         self.queue.appendleft(request)
-        return True
+
+    def worker_started(self, slot: Slot, connection: Connection) -> None:
+        """A worker process exists: calls will go through ``connection``."""
+        slot.connection = connection
+
+    def call_lost(self, slot: Slot) -> None:
+        """A call of a worker that died was settled (its loss comes once, later)."""
+        slot.assigned -= 1
+
+    def abandon(self, error: BaseException) -> Actions:
+        """The pool is going away at once: calls still queued fail with ``error``."""
+        self.closing = True
+        actions = Actions()
+        while self.queue:
+            actions.fail.append((self.queue.popleft(), error))
+        return actions
 
     def worker_ready(self, slot: Slot, now: float) -> Actions:
         slot.status = READY
@@ -197,7 +224,7 @@ class PoolState:
         return deadline
 
     def statistics(self) -> dict[str, int]:
-        counts = {STARTING: 0, READY: 0, CLOSING: 0}
+        counts = dict.fromkeys(Status, 0)
         busy = running = 0
         for slot in self.slots:
             counts[slot.status] += 1

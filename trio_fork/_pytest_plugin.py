@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from ._arguments import module_names
 from ._handle import TemplateHandle, start_template
 from ._isolated import LeftoverProcessesError, open_isolated_template
-from ._template import Template, module_names
+from ._template import Template
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -1,23 +1,21 @@
 """``run_sync``: run a function in a worker process, as ``trio_parallel.run_sync`` does.
 
-Workers are forked from a template by a pool whose function calls the function that
-comes with each call. ``run_sync`` uses a default pool that belongs to the current
-event loop run: it starts with the first call and ends with the run (in a trio
-system task, or an asyncio task that ``asyncio.run`` cancels at the end).
-``open_worker_context`` makes a pool of one's own, for isolation or other settings.
+Workers are forked from a template by a pool whose function
+(:func:`trio_fork.worker._apply.apply`) calls the function that comes with each call.
+``run_sync`` uses a default pool that belongs to the current event loop run: it starts
+with the first call and ends with the run (in a trio system task, or an asyncio task
+that ``asyncio.run`` cancels at the end). ``open_worker_context`` makes a pool of
+one's own, for isolation or other settings.
 
-Functions and classes defined in ``__main__`` travel by reference, like everything
-pickled. The first call that refers to one loads the main module into the template,
-as :mod:`multiprocessing`'s forkserver does: under the name ``__mp_main__``, so that
-its ``if __name__ == "__main__":`` block does not run; the workers started before are
-replaced. Functions in other modules (test modules too) are imported by the worker,
-from the ``sys.path`` the template was given.
+A call that refers to this program's ``__main__`` loads it into the template first
+(see :mod:`._main_module`); the workers started before are replaced. Functions in
+other modules (test modules too) are imported by the worker, from the ``sys.path``
+the template was given.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import pickle
 import sys
@@ -31,24 +29,17 @@ import anyio
 import anyio.lowlevel
 import attrs
 import sniffio
-import trio
 
-from . import _rpc_worker
-from ._errors import RemoteError
+from ._arguments import check_reference, module_names
+from ._call import Request, abort, make_request, outcome, wait_for, wait_until
+from ._construct import NoPublicConstructor
+from ._main_module import load_main, refers_to_main
+from ._open import open_template
 from ._pool import run_pool
 from ._pool_state import Limits
-from ._rpc import (
-    abort,
-    check_reference,
-    make_request,
-    outcome,
-    prepare_template,
-    wait_for,
-    worker_options,
-)
-from ._rpc_connection import Request, wait_until
-from ._serializers import PICKLE
-from ._template import module_names, open_template
+from ._rpc import prepare_template, worker_spec
+from .worker._apply import apply, loading
+from .worker._serializers import PICKLE
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -74,30 +65,18 @@ class WorkerContextStatistics:
 
 
 @final
-@attrs.define(eq=False, init=False)
-class WorkerContext:
+@attrs.define(eq=False)
+class WorkerContext(metaclass=NoPublicConstructor):
     """Workers of one configuration, made by :func:`open_worker_context`."""
 
     _template: Template
     _pool: Pool
     _main_loaded: bool
-    _main_lock: anyio.Lock
-    _checkpoint_if_cancelled: Callable[[], Awaitable[None]]
-
-    @classmethod
-    def _create(cls, template: Template, pool: Pool, main_loaded: bool) -> WorkerContext:
-        self = cls.__new__(cls)
-        self._template = template
-        self._pool = pool
-        self._main_loaded = main_loaded
-        self._main_lock = anyio.Lock()
-        # The backend's own, looked up once: anyio's looks the backend up each time.
-        self._checkpoint_if_cancelled = (
-            trio.lowlevel.checkpoint_if_cancelled
-            if sniffio.current_async_library() == "trio"
-            else anyio.lowlevel.checkpoint_if_cancelled
-        )
-        return self
+    _main_lock: anyio.Lock = attrs.field(factory=anyio.Lock)
+    # The backend's own, looked up once: anyio's looks the backend up each time.
+    _checkpoint_if_cancelled: Callable[[], Awaitable[None]] = attrs.field(
+        factory=lambda: _native_checkpoint_if_cancelled()
+    )
 
     def __repr__(self) -> str:
         stats = self.statistics()
@@ -144,11 +123,11 @@ class WorkerContext:
         return WorkerContextStatistics(stats.idle_workers, stats.busy_workers)
 
     async def _load_main_for(self, *objects: object) -> None:
-        if not _refers_to_main(objects):
+        if not refers_to_main(objects):
             return  # "__main__" was only data
         async with self._main_lock:
             if not self._main_loaded:
-                await _load_main(self._template)
+                await load_main(self._template)
                 self._main_loaded = True
                 self._pool._renew()
 
@@ -311,7 +290,7 @@ _runs: weakref.WeakKeyDictionary[object, _Run] = weakref.WeakKeyDictionary()
 def _this_run() -> _Run:
     key: object
     if sniffio.current_async_library() == "trio":
-        key = trio.lowlevel.current_trio_token()
+        key = sys.modules["trio"].lowlevel.current_trio_token()
     else:
         key = asyncio.get_running_loop()
     run = _runs.get(key)
@@ -326,7 +305,7 @@ async def _default_context(run: _Run) -> WorkerContext:
         run.default = default = _Default()
         settings = _default_settings or _settings((), _DEFAULT_IDLE_TIMEOUT, None, None)
         if sniffio.current_async_library() == "trio":
-            trio.lowlevel.spawn_system_task(_hold_default, run, default, settings)
+            sys.modules["trio"].lowlevel.spawn_system_task(_hold_default, run, default, settings)
         else:
             default.owner = asyncio.get_running_loop().create_task(
                 _hold_default(run, default, settings), name="trio_fork default worker context"
@@ -361,7 +340,7 @@ async def _hold_default(run: _Run, default: _Default, settings: _Settings) -> No
 
 @asynccontextmanager
 async def _open_context(settings: _Settings) -> AsyncIterator[WorkerContext]:
-    if _rpc_worker.LOADING_MAIN:
+    if loading.main:
         # The program's top-level code is running in a template, which is loading
         # it for its workers: going on would start templates without end.
         raise RuntimeError(
@@ -369,22 +348,23 @@ async def _open_context(settings: _Settings) -> AsyncIterator[WorkerContext]:
             "this program's main module: put the code that runs the program under "
             "'if __name__ == \"__main__\":'"
         )
-    options = worker_options(
-        _rpc_worker.apply,
+    spec = worker_spec(
+        apply,
         init=settings.init,
         init_args=(),
         serializer=PICKLE,
         events=False,
         exceptions=True,
+        retire=settings.retire,
     )
-    options["retire"] = settings.retire
     async with open_template(preload=settings.preload) as template:
         await prepare_template(template, False)
+        await template.require("trio_fork.worker._apply")
         main_loaded = False
-        if _refers_to_main((settings.init, settings.retire)):
-            await _load_main(template)
+        if refers_to_main((settings.init, settings.retire)):
+            await load_main(template)
             main_loaded = True
-        async with run_pool(template, _rpc_worker.apply, settings.limits, options) as pool:
+        async with run_pool(template, settings.limits, spec) as pool:
             yield WorkerContext._create(template, pool, main_loaded)
 
 
@@ -478,59 +458,7 @@ def _pickled_function(fn: Callable[..., Any]) -> bytes:
     return pickled
 
 
-class _MainFinder(pickle.Pickler):
-    """Pickles to nowhere, noting whether anything refers to ``__main__``."""
-
-    found = False
-
-    def reducer_override(self, obj: Any) -> Any:
-        if getattr(obj, "__module__", None) == "__main__":
-            self.found = True
-        return NotImplemented
-
-
-def _refers_to_main(objects: object) -> bool:
-    finder = _MainFinder(io.BytesIO(), pickle.HIGHEST_PROTOCOL)
-    finder.dump(objects)
-    return finder.found
-
-
-def _main_location() -> tuple[str | None, str | None]:
-    """How to load this process's main module elsewhere: by module name, or by path."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    name = getattr(spec, "name", None)
-    if isinstance(name, str):
-        # ``python -m package`` runs package.__main__, whose code is all "main"
-        # code: there is nothing to load without running the program again.
-        if name == "__main__" or name.endswith(".__main__"):
-            return None, None
-        return name, None
-    path = getattr(main, "__file__", None)
-    if isinstance(path, str) and os.path.basename(path) not in ("ipython", "ipython3"):
-        return None, os.path.abspath(path)
-    return None, None
-
-
-async def _load_main(template: Template) -> None:
-    name, path = _main_location()
-    if name is None and path is None:
-        raise TypeError(
-            "this program's __main__ cannot be loaded in a worker (an interactive "
-            "session, python -c, or a package's __main__): define the functions and "
-            "classes you send to workers in a module"
-        )
-    try:
-        await template.eval(
-            "import sys\nsys.modules['trio_fork._rpc_worker'].adopt_main(*args)", name, path
-        )
-    except RemoteError as exc:
-        raise RemoteError(
-            exc.type_name,
-            f"loading the main module {name or path} into the worker template failed "
-            f"(does its top-level code run the program? put that under "
-            f"'if __name__ == \"__main__\":'): {exc.message}",
-            exc.remote_traceback,
-        ) from None
-    # As multiprocessing does: what workers pickle from their __mp_main__ finds ours.
-    sys.modules.setdefault("__mp_main__", sys.modules["__main__"])
+def _native_checkpoint_if_cancelled() -> Callable[[], Awaitable[None]]:
+    if sniffio.current_async_library() == "trio":
+        return sys.modules["trio"].lowlevel.checkpoint_if_cancelled  # type: ignore[no-any-return]
+    return anyio.lowlevel.checkpoint_if_cancelled

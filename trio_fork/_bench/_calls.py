@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from .._open import open_template
 from .._rpc import open_rpc
 from .._run_sync import run_sync
-from .._template import open_template
 from ._measure import Sampler, concurrent_rate, sequential_rate
 
 if TYPE_CHECKING:

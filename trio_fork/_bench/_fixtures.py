@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .._handle import start_template
 from .._isolated import open_isolated_template
-from .._template import open_template
+from .._open import open_template
 from ._measure import Sampler, entered_and_left, median_latency
 
 if TYPE_CHECKING:

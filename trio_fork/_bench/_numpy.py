@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .._errors import RemoteError
+from .._open import open_template
 from .._pool import open_pool
-from .._template import Template, open_template
+from .._template import Template
 from ._measure import Sampler, Unavailable, median_latency
 from ._system import memory_use
 

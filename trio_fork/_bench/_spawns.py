@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .._template import Template, open_template
+from .._open import open_template
+from .._template import Template
 from . import _forkloop
 from ._measure import Sampler, concurrent_rate, sequential_rate
 

@@ -1,4 +1,4 @@
-"""The parent's end of one RPC worker: requests out, replies and events in.
+"""The parent's end of one RPC worker: calls out, replies and events in.
 
 A request stays registered from the moment it is sent until the worker has answered
 it (result, error, or ``CANCELLED``) or has died. Nothing is abandoned on the way: a
@@ -9,129 +9,54 @@ Replies are read by the callers waiting for them, not by a task of their own: on
 waiting caller at a time reads the socket and hands out every frame it finds, and
 when its own reply has come it passes the job to another waiting caller. A caller
 that waits alone thus reads its reply itself, without a hand-off between tasks,
-which roughly triples the rate of back-to-back calls. Writes go into a queue of
-whole frames that is flushed at once when the socket has room (nearly always) or by
-a writer task when it has not, so a cancelled caller never leaves half a frame.
+which roughly triples the rate of back-to-back calls. (On asyncio a reader callback
+that stays registered does the reading instead.) Writes go into the transport's
+queue of whole frames, flushed at once when the socket has room (nearly always) or
+by a writer task when it has not, so a cancelled caller never leaves half a frame.
+
+The connection owns the worker's socket; a worker that breaks the protocol is
+killed, and its calls fail with :exc:`BrokenWorkerError`.
 """
 
 from __future__ import annotations
 
-import itertools
-import pickle
+import signal
 import socket
-from collections import deque
+import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import attrs
 import sniffio
 
-from ._child import describe_exit
+from ._call import LOST, Request, sleep_until_woken, wait_until
+from ._child import Process, describe_exit
 from ._errors import BrokenTemplateError, BrokenWorkerError, RemoteError
-from ._rpc_wire import (
+from ._transport import Transport
+from .worker import _wire
+from .worker._wire import (
     CALL,
     CANCEL,
     CANCELLED,
     ERROR,
     EVENT,
     FAILED,
-    READY,
     RESULT,
     RETIRING,
-    FrameDecoder,
+    WORKER_READY,
+    ProtocolError,
     encode,
 )
 
-if TYPE_CHECKING:
-    from ._child import Child
-
 # Frames handed out in a row before the reading caller lets other tasks run.
 _FAIRNESS = 256
-_MAX_BUFFERS = 512
 # Frames held back for a batch before they are sent anyway, so that the other side
 # starts on the first ones while this side is still producing the rest.
 _BATCH = 32
 # How long a worker that closed its socket may take to exit before it is killed.
 _EXIT_GRACE = 5.0
-
-LOST = 0
-"""A request's kind when its worker died before answering it."""
-
-
-@attrs.define(eq=False, slots=True)
-class Request:
-    """One call, from the moment it is made until its outcome is known.
-
-    ``kind`` is -1 until then, and ``RESULT``, ``ERROR``, ``CANCELLED`` or
-    :data:`LOST` after; ``value`` is the result's payload, the error's description,
-    or the :exc:`BrokenWorkerError` of a lost request.
-    """
-
-    payload: bytes
-    kill_on_cancel: bool
-    id: int = 0
-    kind: int = -1
-    value: Any = None
-    connection: Connection | None = None
-    """Where it was sent; None while a pool holds it back."""
-    cancel_sent: bool = False
-    cancelling: bool = False
-    """The caller is stopping it: it must never be sent anywhere again."""
-    # Serialized events not yet taken; None for callers that do not listen.
-    events: deque[bytes] | None = None
-    # Set to wake the task waiting on this request: it is done, an event came, it
-    # was sent, or it is this task's turn to read.
-    turn: anyio.Event | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.kind >= 0
-
-    def finish(self, kind: int, value: Any) -> None:
-        self.kind = kind
-        self.value = value
-        self.wake()
-
-    def wake(self) -> None:
-        if self.turn is not None:
-            self.turn.set()
-
-
-async def sleep_until_woken(request: Request) -> None:
-    request.turn = turn = anyio.Event()
-    try:
-        await turn.wait()
-    finally:
-        request.turn = None
-
-
-async def wait_until(request: Request, condition: Callable[[], bool]) -> None:
-    """Wait until ``condition()`` holds, reading the socket when it is our turn."""
-    while not condition():
-        connection = request.connection
-        if connection is not None and connection.readable:
-            await connection.read_for(request, condition)
-        else:
-            await sleep_until_woken(request)
-
-
-def unwrap_error(value: tuple[str, str, str, bytes], originals: bool) -> BaseException:
-    """The exception to raise for an ERROR reply's description."""
-    type_name, message, remote_traceback, original = value
-    error = RemoteError(type_name, message, remote_traceback)
-    if not (originals and original):
-        return error
-    try:
-        exc = pickle.loads(original)
-    except Exception:
-        return error
-    if not isinstance(exc, BaseException):
-        return error
-    # As concurrent.futures does: the remote traceback is shown as the cause.
-    exc.__cause__ = error
-    return exc
 
 
 @attrs.define(eq=False)
@@ -140,16 +65,15 @@ class Connection:
 
     ``on_finished`` is called (synchronously) each time a request's outcome becomes
     known, which is how a pool keeps count of each worker's load. ``requeue`` is
-    offered each request that provably never started when the worker dies; if it
-    returns True it has taken the request back. ``on_lost`` is called once the
-    worker is gone and every request it held is settled; ``on_retiring`` when the
-    worker says it will exit after its current call.
+    given back each request that provably never started when the worker dies.
+    ``on_lost`` is called once the worker is gone and every request it held is
+    settled; ``on_retiring`` when the worker says it will exit after its current call.
     """
 
-    child: Child
-    _sock: socket.socket
+    process: Process
+    _transport: Transport
     on_finished: Callable[[Connection, Request], None] | None = None
-    requeue: Callable[[Request], bool] | None = None
+    requeue: Callable[[Request], None] | None = None
     on_lost: Callable[[Connection], None] | None = None
     on_retiring: Callable[[Connection], None] | None = None
     concurrent: bool = False
@@ -162,13 +86,11 @@ class Connection:
     _ready: bool = False
     _ready_waiter: Request = attrs.field(factory=lambda: Request(b"", False))
     _requests: dict[int, Request] = attrs.field(factory=dict)
-    _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
-    _decoder: FrameDecoder = attrs.field(factory=FrameDecoder)
+    _next_id: int = 1
     _reading: bool = False
     _nothing_since_send: bool = False
     _followers: dict[Request, None] = attrs.field(factory=dict)
     _end_of_file: anyio.Event = attrs.field(factory=anyio.Event)
-    _outbox: deque[memoryview] = attrs.field(factory=deque)
     _writer_busy: bool = False
     _eof_sent: bool = False
     _wake_writer: anyio.Event = attrs.field(factory=anyio.Event)
@@ -177,9 +99,12 @@ class Connection:
     _wait_readable: Callable[[socket.socket], Awaitable[None]] = attrs.field(init=False)
     _closed_error: type[Exception] = attrs.field(init=False)
     _loop: Any = None
+    _sock: socket.socket = attrs.field(init=False)
+    _broke_protocol: str | None = None
 
     def __attrs_post_init__(self) -> None:
-        self._sock.setblocking(False)
+        assert self._transport.sock is not None
+        self._sock = self._transport.sock
         self._ready_waiter.connection = self
         # The backend's own wait, looked up once: anyio's looks the backend up on
         # every call, and every call of ours waits.
@@ -200,7 +125,7 @@ class Connection:
 
     @property
     def pid(self) -> int:
-        return self.child.pid
+        return self.process.pid
 
     @property
     def load(self) -> int:
@@ -217,7 +142,8 @@ class Connection:
             raise anyio.ClosedResourceError(f"the RPC to worker {self.pid} is closed")
         if self.lost is not None:
             raise BrokenWorkerError(str(self.lost))
-        request.id = next(self._ids) & 0xFFFFFFFF
+        request.id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
         request.connection = self
         self._requests[request.id] = request
         self._nothing_since_send = True
@@ -241,7 +167,7 @@ class Connection:
         return next(iter(self._requests.values()), None) is request
 
     def kill(self) -> None:
-        self.child.kill()
+        self.process.send_signal(signal.SIGKILL)
 
     def close_write(self) -> None:
         """End of file to the worker (after what is queued): it exits when idle."""
@@ -311,7 +237,7 @@ class Connection:
                 status = await self._wait_exit()
                 task_group.cancel_scope.cancel()
             self._drain()
-            what = _describe_status(status)
+            what = self._broke_protocol or _describe_status(status)
         finally:
             if self._loop is not None:
                 self._loop.remove_reader(self._sock)
@@ -322,7 +248,7 @@ class Connection:
 
     async def _wait_exit(self) -> int | None:
         try:
-            return await self.child.wait()
+            return await self.process.wait()
         except BrokenTemplateError:
             return None
 
@@ -332,7 +258,7 @@ class Connection:
         await anyio.sleep(_EXIT_GRACE)
         self.kill()
 
-    def _write(self, buffers: list[bytes], *, now: bool = True) -> None:
+    def _write(self, segments: list[_wire.Segment], *, now: bool = True) -> None:
         """Queue a frame; send it at once if ``now``, else with the others of this batch.
 
         A lone call goes out at once; calls made while others are in flight (many
@@ -340,21 +266,22 @@ class Connection:
         which runs after them: one system call and one wake-up of the worker per
         batch instead of per call.
         """
-        if now and not self._outbox and len(buffers) == 1:
-            # The common case, kept short: one frame, and the socket has room.
+        outbox = self._transport.outbox
+        if now and not outbox and len(segments[0][0]) == 1:
+            # The common case, kept short: one buffer, and the socket has room.
+            data = segments[0][0][0]
             try:
-                sent = self._sock.send(buffers[0])
+                sent = self._sock.send(data)
             except BlockingIOError:
                 sent = 0
             except OSError:
                 return  # the worker is gone: its exit fails the requests
-            if sent == len(buffers[0]):
+            if sent == len(data):
                 return
-            buffers = [buffers[0][sent:]]
-        for buffer in buffers:
-            self._outbox.append(memoryview(buffer))
+            segments = [([data[sent:]], [])]
+        outbox.put(segments)
         if self._writer_busy:
-            if len(self._outbox) >= _BATCH and self._flush():
+            if len(outbox) >= _BATCH and self._flush():
                 self._writer_busy = False
             return
         if now and self._flush():
@@ -364,26 +291,10 @@ class Connection:
 
     def _flush(self) -> bool:
         """Send what the socket takes; whether the queue is now empty."""
-        outbox = self._outbox
-        while outbox:
-            try:
-                if len(outbox) == 1:
-                    sent = self._sock.send(outbox[0])
-                else:
-                    sent = self._sock.sendmsg(itertools.islice(outbox, _MAX_BUFFERS))
-            except BlockingIOError:
-                return False
-            except OSError:
-                # The worker is gone: its exit fails the requests.
-                outbox.clear()
-                break
-            while sent:
-                if sent >= len(outbox[0]):
-                    sent -= len(outbox.popleft())
-                else:
-                    outbox[0] = outbox[0][sent:]
-                    sent = 0
-        return True
+        try:
+            return self._transport.flush()
+        except OSError:
+            return True  # the worker is gone: its exit fails the requests
 
     async def _write_later(self) -> None:
         while True:
@@ -396,17 +307,17 @@ class Connection:
                 self._send_eof()
 
     async def _read(self, request: Request, condition: Callable[[], bool]) -> None:
-        decoder = self._decoder
+        transport = self._transport
         sock = self._sock
         handled = 0
         # A lone call just sent has no reply yet: do not ask the socket for one.
         skip_receive = self._nothing_since_send and len(self._requests) == 1
-        while not condition() and request.connection is self:
+        while not condition() and request.connection is self and self.readable:
             try:
                 if skip_receive:
                     skip_receive = False
                     raise BlockingIOError
-                received = decoder.receive(sock)
+                received = transport.receive(fds=False)
             except BlockingIOError:
                 handled = 0
                 try:
@@ -417,13 +328,10 @@ class Connection:
             except OSError:
                 received = 0
             if not received:
-                self.readable = False
-                self._end_of_file.set()
+                self._at_end_of_file()
                 return
             self._nothing_since_send = False
-            while (frame := decoder.next_frame()) is not None:
-                self._dispatch(*frame)
-                handled += 1
+            handled += self._hand_out()
             if handled >= _FAIRNESS:
                 handled = 0
                 await anyio.lowlevel.checkpoint()
@@ -431,57 +339,85 @@ class Connection:
     def _on_readable(self) -> None:
         """asyncio's reader callback: hand out what has come."""
         try:
-            received = self._decoder.receive(self._sock)
+            received = self._transport.receive(fds=False)
         except BlockingIOError:
             return
         except OSError:
             received = 0
         if not received:
-            self._loop.remove_reader(self._sock)
-            self.readable = False
-            self._end_of_file.set()
+            self._at_end_of_file()
             return
-        while (frame := self._decoder.next_frame()) is not None:
-            self._dispatch(*frame)
+        self._hand_out()
+
+    def _at_end_of_file(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._sock)
+        if self.readable and self._transport.reader.in_frame and self._broke_protocol is None:
+            self._break_protocol(ProtocolError("end of file in the middle of a frame"))
+        self.readable = False
+        self._end_of_file.set()
 
     def _drain(self) -> None:
         """Hand out whatever a dead worker left in the socket."""
         while self.readable:
             try:
-                received = self._decoder.receive(self._sock)
+                if not self._transport.receive(fds=False):
+                    break
             except OSError:
                 break
-            if not received:
-                break
-            while (frame := self._decoder.next_frame()) is not None:
-                self._dispatch(*frame)
+            self._hand_out()
 
-    def _dispatch(self, kind: int, call_id: int, payload: bytes) -> None:
+    def _hand_out(self) -> int:
+        """Dispatch every complete frame received; how many."""
+        count = 0
+        try:
+            while self.readable and (frame := self._transport.next_frame()) is not None:
+                self._dispatch(frame)
+                count += 1
+        except (ProtocolError, struct.error) as exc:
+            self._break_protocol(exc)
+        return count
+
+    def _break_protocol(self, exc: BaseException) -> None:
+        """The worker sent what is not a frame of ours: it is broken; kill it."""
+        if self._broke_protocol is None:
+            self._broke_protocol = f"broke the protocol ({exc}) and was killed"
+        if self._loop is not None and self.readable:
+            self._loop.remove_reader(self._sock)
+        self.readable = False
+        self._end_of_file.set()
+        self.kill()
+
+    def _dispatch(self, frame: _wire.Frame) -> None:
+        kind = frame.op
         if kind == EVENT:
-            request = self._requests.get(call_id)
+            request = self._requests.get(frame.id)
             if request is not None and request.events is not None:
-                request.events.append(payload)
+                request.events.append(frame.payload)
                 request.wake()
             return
         if kind in (RESULT, ERROR, CANCELLED):
-            request = self._requests.pop(call_id, None)
+            value: Any = frame.payload
+            if kind == ERROR:
+                value = _wire.unpack_strings(frame.payload, 3)
+            request = self._requests.pop(frame.id, None)
             if request is None:
                 return
-            value: Any = payload
-            if kind == ERROR:
-                value = pickle.loads(payload)
             request.finish(kind, value)
             self._finished(request)
-        elif kind == READY:
-            self.concurrent = bool(pickle.loads(payload)["concurrent"])
+        elif kind == WORKER_READY:
+            self.concurrent = _wire.WORKER.unpack(frame.payload)[1]
             self._set_ready()
         elif kind == FAILED:
-            self.failure = RemoteError(*pickle.loads(payload))
+            name, message, text = _wire.unpack_strings(frame.payload, 3)[:3]
+            self.failure = RemoteError(str(name), str(message), str(text))
             self._set_ready()
         elif kind == RETIRING:
             self.closing = True
             if self.on_retiring is not None:
                 self.on_retiring(self)
+        else:
+            raise ProtocolError(f"unknown frame {kind}")
 
     def _set_ready(self) -> None:
         self._ready = True
@@ -506,8 +442,8 @@ class Connection:
                 # A sync worker runs calls in order: those after the running one
                 # never started, and may safely be sent elsewhere.
                 if not request.cancelling and self.requeue is not None:
-                    if self.requeue(request):
-                        continue
+                    self.requeue(request)
+                    continue
             detail = "while running this call" if running else "before this call started"
             request.finish(LOST, BrokenWorkerError(f"worker {self.pid} {what} {detail}"))
             self._finished(request)

@@ -1,0 +1,287 @@
+"""Becoming a child: leaving the template, a fresh signal state, running the target.
+
+Standard library only. A freshly forked child pays a copy-on-write page fault for
+every page it writes, and in Python touching an object writes its reference count.
+So a child does as little as it can before its target runs: everything it needs
+arrives with the ``SPAWN`` command, the signal handlers it must restore are worked
+out in the template beforehand (:meth:`ProcessState.settle`), and the template's
+objects are frozen out of the garbage collector's reach.
+"""
+
+from __future__ import annotations
+
+import _pickle
+import _signal  # type: ignore[import-not-found]
+import gc
+import os
+import socket
+import sys
+
+from . import _wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+_CO_COROUTINE = 0x80
+_STARTED = _wire.HEADER.pack(_wire.STARTED, 1, 0, _wire.PID.size)
+_libc: Any = None
+
+
+def prctl(option: int, value: int) -> None:
+    """``prctl(2)`` with one argument: the only foreign call a template makes."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        import ctypes
+
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def exit(code: int) -> NoReturn:
+    """Exit a forked process without running what belongs to the template.
+
+    No ``atexit`` handler, no destructor of an inherited object: they are the
+    template's.
+    """
+    _wire.flush_stdio()
+    os._exit(code)
+
+
+class Terminate(BaseException):
+    """Raised by SIGTERM to interrupt whatever a template is doing and end it."""
+
+
+class ProcessState:
+    """What a template keeps for the processes it forks: signals and eval'd sources."""
+
+    def __init__(self, sigint_blocked: bool) -> None:
+        # The signal state of a fresh Python program, captured when the template
+        # starts and given back to every child before it runs its target.
+        self.fresh_handlers: dict[int, Any] = {}
+        for sig in _signal.valid_signals():
+            try:
+                handler = _signal.getsignal(sig)
+            except (OSError, ValueError):
+                continue
+            if handler is not None:
+                self.fresh_handlers[sig] = handler
+        self.fresh_mask = set(_signal.pthread_sigmask(_signal.SIG_BLOCK, ()))
+        # What a child must change to get back there, worked out in the template.
+        self.restore_handlers: list[tuple[int, Any]] = []
+        self.restore_mask = False
+        self.shutting_down = False
+        self.evals = 0
+        self.sources: dict[str, str] = {}  # of eval'd code, for tracebacks
+        if sigint_blocked:
+            self.fresh_mask.discard(_signal.SIGINT)
+        _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+        if sigint_blocked:
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGINT})
+        _signal.signal(_signal.SIGTERM, self.on_sigterm)
+        # Only so that the wakeup fd is written; reaping happens in the serve loop.
+        _signal.signal(_signal.SIGCHLD, self.on_sigchld)
+        _signal.siginterrupt(_signal.SIGCHLD, False)
+
+    def on_sigterm(self, signum: int, frame: object) -> None:
+        if not self.shutting_down:
+            raise Terminate
+
+    def on_sigchld(self, signum: int, frame: object) -> None:
+        pass
+
+    def settle(self) -> None:
+        """After the template's state changed: keep what children must do small."""
+        self.restore_handlers = [
+            (sig, handler)
+            for sig, handler in self.fresh_handlers.items()
+            if _signal.getsignal(sig) != handler
+        ]
+        self.restore_mask = set(_signal.pthread_sigmask(_signal.SIG_BLOCK, ())) != self.fresh_mask
+        # Objects that exist now are shared with every child; the collector must never
+        # walk them there, or each child would copy the pages they live on.
+        gc.freeze()
+
+    def restore(self) -> None:
+        """In a new child: the signal handling of a fresh Python program."""
+        # _signal's functions, not signal's wrappers: those build enums, and in a new
+        # child every object touched is a page copied.
+        for sig, handler in self.restore_handlers:
+            _signal.signal(sig, handler)
+        if self.restore_mask:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, self.fresh_mask)
+
+    def eval(self, code: str, args: list[Any]) -> None:
+        """Run ``code`` in ``__main__``, with ``args`` bound while it runs."""
+        self.evals += 1
+        filename = f"<trio_fork eval #{self.evals}>"
+        self.sources[filename] = code
+        namespace = sys.modules["__main__"].__dict__
+        missing = object()
+        saved = namespace.get("args", missing)
+        namespace["args"] = args
+        try:
+            exec(compile(code, filename, "exec"), namespace)
+        finally:
+            if saved is missing:
+                namespace.pop("args", None)
+            else:
+                namespace["args"] = saved
+
+    def show_sources(self) -> None:
+        """Let tracebacks show the source of eval'd code (only when one is printed)."""
+        import linecache
+
+        for filename, code in self.sources.items():
+            linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
+
+
+def resolve(name: str, what: str = "target") -> Callable[..., Any]:
+    """The callable ``"module:qualname"`` names, importing the module if need be.
+
+    A name without a module (``"doit"``) is looked up in ``__main__``.
+    """
+    module_name, sep, qualname = name.rpartition(":")
+    if not sep:
+        module_name = "__main__"
+    if not module_name or not qualname:
+        raise ValueError(f"{what} {name!r} is not of the form 'module:qualname'")
+    obj: Any = sys.modules.get(module_name)
+    if obj is None:
+        __import__(module_name)
+        obj = sys.modules[module_name]
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{what} {name!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def is_async(obj: Any) -> bool:
+    """Whether calling ``obj`` returns a coroutine (``async def``)."""
+    # inspect.iscoroutinefunction, without importing inspect into every template.
+    code = getattr(getattr(obj, "__func__", obj), "__code__", None)
+    if code is None:
+        call = getattr(type(obj), "__call__", None)  # noqa: B004 (want the code object)
+        code = getattr(getattr(call, "__func__", call), "__code__", None)
+    return bool(code is not None and code.co_flags & _CO_COROUTINE)
+
+
+def run(
+    sock: socket.socket, queued: list[Any], payload: bytes, fds: list[int], state: ProcessState
+) -> int:
+    """In a new child: run the target a SPAWN command named; the exit code."""
+    try:
+        target_name, backend, args = _pickle.loads(payload)
+        target = resolve(target_name)
+        run_backend = backend if is_async(target) else None
+        state.restore()
+    except BaseException as exc:
+        state.show_sources()
+        _wire.send_blocking(sock, _wire.encode(_wire.ERROR, 0, _wire.error_payload(exc)))
+        return 1
+    # The child opens its own pidfd: it is alive now, so the pidfd cannot name a
+    # recycled pid, and the template has nothing to do for it.
+    pid = os.getpid()
+    pidfd = os.pidfd_open(pid)
+    sock.sendmsg(
+        [_STARTED + _wire.PID.pack(pid)],
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, pidfd.to_bytes(4, sys.byteorder))],
+    )
+    os.close(pidfd)
+    return call(target, [sock, *queued, *args, *fds], run_backend, state)
+
+
+def _run_async(target: Callable[..., Any], args: list[Any], backend: str) -> None:
+    import anyio
+    from anyio.abc import UNIXSocketStream
+
+    async def main() -> None:
+        async with await UNIXSocketStream.from_socket(args[0]) as stream:
+            await target(stream, *args[1:])
+
+    anyio.run(main, backend=backend)
+
+
+def call(
+    target: Callable[..., Any], args: list[Any], backend: str | None, state: ProcessState
+) -> int:
+    """Run a child's target as a program's main code would run; the exit code."""
+    try:
+        if backend is None:
+            target(*args)
+        else:
+            _run_async(target, args, backend)
+        code = 0
+    except SystemExit as exc:
+        code = exit_code(exc)
+    except KeyboardInterrupt as exc:
+        print_exception(exc, state)
+        _wire.flush_stdio()
+        # Like the interpreter: report death by SIGINT, not an exit code.
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+        os.kill(os.getpid(), _signal.SIGINT)
+        code = 130
+    except BaseException as exc:
+        print_exception(exc, state)
+        code = 1
+    _join_threads()
+    return code
+
+
+def exit_code(exc: SystemExit) -> int:
+    """The exit status of a process that raised ``exc``, as the interpreter has it."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def _join_threads() -> None:
+    # What the interpreter does at exit: wait for the non-daemon threads.
+    threading = sys.modules.get("threading")
+    if threading is None:
+        return
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+
+
+def print_exception(exc: BaseException, state: ProcessState | None) -> None:
+    """Print ``exc`` as the interpreter would for a program's main code."""
+    tb = exc.__traceback__
+    while tb is not None and str(tb.tb_frame.f_globals.get("__name__")).startswith(__package__):
+        tb = tb.tb_next
+    exc = exc.with_traceback(tb)
+    if state is not None:
+        state.show_sources()
+    if sys.excepthook is sys.__excepthook__:
+        # The default hook's printer reads sources from disk; this one also finds
+        # code defined with eval().
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    else:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+
+
+def list_children() -> set[int]:
+    """The pids of this process's children."""
+    children: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as file:
+                children.update(int(pid) for pid in file.read().split())
+        except OSError:
+            pass
+    return children

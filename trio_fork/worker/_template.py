@@ -1,0 +1,468 @@
+"""A template: the small synchronous command server that processes are forked from.
+
+Standard library only. A template never runs an event loop or a thread, so forking it
+is safe and cheap. It serves the commands of its owner on one channel, one at a time
+and in order, answering each with the command's id. ``FORK`` makes a new template
+that serves its own channel the same way; ``SPAWN`` makes a child that runs a target
+at once (see :mod:`._child`). A template is the parent of what it forks: it reaps
+them and reports their exit statuses, and it is a child subreaper, so that nothing
+forked below it is orphaned to an init that may never reap it.
+
+A template ends when its owner closes the channel (end of file) or sends SIGTERM: it
+kills and reaps everything below it, then exits.
+
+It can also serve fork requests (``SERVE_FORKS``): single messages on a
+``SOCK_SEQPACKET`` socket that any thread or process holding the other end may send
+without a reply owed on the channel. Each makes a new template on the socket the
+request carries; that is how a template outlives one event loop.
+"""
+
+from __future__ import annotations
+
+# The C modules under signal and pickle: their Python wrappers import enum, re and
+# more, and everything a template imports is copied (page tables at every fork) and
+# torn down (at every child's exit).
+import _pickle
+import _signal  # type: ignore[import-not-found]
+import os
+import select
+import socket
+import sys
+
+from . import _child, _wire
+from ._child import Terminate
+from ._wire import close_all
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
+_REQUEST_ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 4)
+
+
+class ChannelClosed(Exception):
+    """The owner's end of the channel is gone."""
+
+
+class Pipes:
+    """A channel over a pair of descriptors (a pipe pair, an ssh stream): no fds."""
+
+    carries_fds = False
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+
+    def fileno(self) -> int:
+        return self.read_fd
+
+    def receive(self, reader: _wire.FrameReader) -> int:
+        return reader.receive_fd(self.read_fd)
+
+    def send(self, segments: list[_wire.Segment]) -> None:
+        for buffers, fds in segments:
+            if fds:
+                close_all(fds)
+                raise ValueError("this channel cannot carry file descriptors")
+            for buffer in buffers:
+                view = memoryview(buffer)
+                while view:
+                    view = view[os.write(self.write_fd, view) :]
+
+    def close(self) -> None:
+        close_all([self.read_fd, self.write_fd])
+
+
+class Socket:
+    """A channel over a Unix stream socket: descriptors ride on the frames."""
+
+    carries_fds = True
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def receive(self, reader: _wire.FrameReader) -> int:
+        return reader.receive(self.sock)
+
+    def send(self, segments: list[_wire.Segment]) -> None:
+        _wire.send_blocking(self.sock, segments)
+
+    def close(self) -> None:
+        os.close(self.sock.detach())
+
+
+class Server:
+    """One template: its channel, its queue, and the processes it made."""
+
+    def __init__(self, channel: Socket | Pipes, queue: list[Any], state: _child.ProcessState):
+        self.channel = channel
+        self.queue = queue
+        self.state = state
+        self.reader = _wire.FrameReader()
+        self.pid = os.getpid()
+        self.children: dict[int, int] = {}  # pid -> id of the command that made it
+        self.wakeup: tuple[int, int] | None = None
+        self.poller = select.poll()
+        self.poller.register(channel.fileno(), select.POLLIN)
+        # SERVE_FORKS: the request socket, and for each template forked on request
+        # the pipe to close once it is reaped.
+        self.forks: socket.socket | None = None
+        self.reaped: dict[int, int] = {}
+        self.shutting_down = False
+
+    def reply(self, op: int, id: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
+        try:
+            self.channel.send(_wire.encode(op, id, payload, fds or ()))
+        except OSError as exc:
+            raise ChannelClosed from exc
+
+    def become_template(self) -> None:
+        """Get ready to fork: reap children promptly and adopt orphans below us."""
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        _signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        self.poller.register(read_end, select.POLLIN)
+        self.wakeup = (read_end, write_end)
+        _child.prctl(_child.PR_SET_CHILD_SUBREAPER, 1)
+
+    def serve(self) -> None:
+        """Serve commands until end of file, SIGTERM or a broken channel."""
+        try:
+            while True:
+                frame = self.reader.next_frame()
+                if frame is not None:
+                    self.handle(frame)
+                    continue
+                for fd, _ in self.poller.poll():
+                    if self.forks is not None and fd == self.forks.fileno():
+                        self.fork_on_request()
+                    elif fd != self.channel.fileno():
+                        self.reap()
+                    elif not self.channel.receive(self.reader):
+                        return
+        except (Terminate, ChannelClosed, ConnectionError):
+            return
+
+    def handle(self, frame: _wire.Frame) -> None:
+        op = frame.op
+        try:
+            if frame.fds_lost:
+                raise OSError(
+                    "file descriptors were lost in transit: the kernel truncated the "
+                    "control message (is RLIMIT_NOFILE too low?)"
+                )
+            if op in (_wire.FORK, _wire.SPAWN):
+                self.fork(frame)
+                return
+            if op == _wire.KILL:
+                self.kill(frame.id)
+                return
+            if op == _wire.HELLO:
+                self.hello(frame.id)
+                return
+            if op == _wire.REQUIRE:
+                for name in _pickle.loads(frame.payload):
+                    __import__(name)
+            elif op == _wire.EVAL:
+                self.state.eval(*_pickle.loads(frame.payload))
+            elif op == _wire.ARGS:
+                self.queue.extend(_pickle.loads(frame.payload))
+            elif op == _wire.FDS:
+                self.queue.extend(frame.fds)
+            elif op == _wire.INVOKE:
+                function, args = _pickle.loads(frame.payload)
+                function(*args)
+            elif op == _wire.SERVE_FORKS:
+                self.serve_forks(frame.fds, frame.payload)
+            else:
+                raise ValueError(f"unknown command {op}")
+        except (Terminate, ChannelClosed):
+            raise
+        except BaseException as exc:
+            close_all(frame.fds)
+            self.state.settle()
+            self.state.show_sources()
+            self.reply(_wire.ERROR, frame.id, _wire.error_payload(exc))
+        else:
+            self.state.settle()
+            self.reply(_wire.OK, frame.id)
+
+    def fork(self, frame: _wire.Frame) -> None:
+        """FORK (a new template) or SPAWN (a child running a target)."""
+        fds = frame.fds
+        spawn = frame.op == _wire.SPAWN
+        if not fds or (not spawn and len(fds) != 1):
+            raise ValueError("FORK takes one socket, SPAWN a socket and the target's fds")
+        if self.wakeup is None:
+            self.become_template()
+        _wire.flush_stdio()
+        pid = os.fork()
+        if pid == 0:
+            self.in_new_process(fds, frame.payload if spawn else None)
+        # Little to do here: until the child exits, every page this process writes
+        # is copied.
+        close_all(fds)
+        fds.clear()
+        self.children[pid] = frame.id
+        if not spawn:
+            pidfd = os.pidfd_open(pid)
+            try:
+                self.reply(_wire.FORKED, frame.id, _wire.PID.pack(pid), [pidfd])
+            finally:
+                os.close(pidfd)
+
+    def kill(self, id: int) -> None:
+        for pid, made_by in self.children.items():
+            if made_by == id:
+                # Not reaped yet, so the pid cannot have been recycled.
+                os.kill(pid, _signal.SIGKILL)
+                return
+
+    def hello(self, id: int) -> None:
+        """READY with our pid and a pidfd: asked by HELLO, or unasked (id 0)."""
+        pidfd = os.pidfd_open(os.getpid()) if self.channel.carries_fds else -1
+        try:
+            self.reply(_wire.READY, id, identity(), [pidfd] if pidfd >= 0 else None)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def serve_forks(self, fds: list[int], payload: bytes) -> None:
+        if len(fds) != 1:
+            raise ValueError("SERVE_FORKS takes exactly one socket")
+        if self.forks is not None:
+            raise ValueError("this template already serves fork requests")
+        requests = socket.socket(fileno=fds.pop())
+        if requests.type != socket.SOCK_SEQPACKET:
+            requests.close()
+            raise ValueError("SERVE_FORKS needs a SOCK_SEQPACKET socket")
+        if self.wakeup is None:
+            self.become_template()
+        if payload == b"outlive the thread":
+            # PR_SET_PDEATHSIG fires when the *thread* that started us ends, and this
+            # template must outlive it; its owner's death still reaches it as end of
+            # file on the channel.
+            _child.prctl(_child.PR_SET_PDEATHSIG, 0)
+        self.forks = requests
+        self.poller.register(requests, select.POLLIN)
+
+    def fork_on_request(self) -> None:
+        assert self.forks is not None
+        try:
+            data, ancdata, flags, _ = self.forks.recvmsg(
+                1, _REQUEST_ANCILLARY_SIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+            )
+        except BlockingIOError:
+            return
+        fds = _wire.parse_ancillary(ancdata)
+        if not data and not fds:
+            # Every requester is gone: stay a template, just stop listening.
+            self.poller.unregister(self.forks)
+            self.forks.close()
+            self.forks = None
+            return
+        if len(fds) != 2 or flags & socket.MSG_CTRUNC:
+            close_all(fds)  # not a request we can answer; closing what came tells
+            return
+        channel, reaped = fds
+        _wire.flush_stdio()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            # The requester waits on the new channel: tell it there.
+            try:
+                with socket.socket(fileno=os.dup(channel)) as sock:
+                    _wire.send_blocking(
+                        sock, _wire.encode(_wire.ERROR, 0, _wire.error_payload(exc))
+                    )
+            except OSError:
+                pass
+            close_all(fds)
+            return
+        if pid == 0:
+            os.close(reaped)
+            self.in_new_process([channel], None, announce=True)
+        os.close(channel)
+        # Not in self.children: nobody reads our channel for its exit status. The
+        # requester learns that it is reaped when this pipe closes.
+        self.reaped[pid] = reaped
+
+    def leave(self, death_signal: int) -> None:
+        """In a new process: stop being part of this template."""
+        # Dies, or shuts down (see ProcessState.on_sigterm), when this template dies.
+        _child.prctl(_child.PR_SET_PDEATHSIG, death_signal)
+        if os.getppid() != self.pid:
+            _child.exit(1)
+        _signal.set_wakeup_fd(-1)
+        # Nothing of the template's machinery may leak into the new process. Raw
+        # closes: the objects that held these die unused with the process.
+        self.channel.close()
+        if self.wakeup is not None:
+            close_all(list(self.wakeup))
+        if self.forks is not None:
+            os.close(self.forks.detach())
+        close_all(list(self.reaped.values()))
+        self.reader.close()
+
+    def in_new_process(
+        self, fds: list[int], payload: bytes | None, announce: bool = False
+    ) -> NoReturn:
+        code = 1
+        try:
+            # A child dies with its template. A new template shuts down instead, so
+            # that it still kills and reaps everything below it.
+            self.leave(_signal.SIGKILL if payload is not None else _signal.SIGTERM)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fds[0])
+            if payload is not None:
+                code = _child.run(sock, self.queue, payload, fds[1:], self.state)
+            else:
+                server = Server(Socket(sock), list(self.queue), self.state)
+                _current[0] = server
+                if announce:
+                    server.hello(0)
+                server.serve()
+                server.shutdown()
+                code = 0
+        except (Terminate, ChannelClosed):
+            code = 0  # ended, or its requester gone, before it served anything
+        except BaseException as exc:
+            _child.print_exception(exc, self.state)
+        finally:
+            _child.exit(code)
+
+    def reap(self) -> None:
+        assert self.wakeup is not None
+        try:
+            while os.read(self.wakeup[0], 512):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            id = self.children.pop(pid, None)
+            if id is not None:
+                code = os.waitstatus_to_exitcode(status)
+                self.reply(_wire.EXITED, id, _wire.EXIT_STATUS.pack(code))
+            reaped = self.reaped.pop(pid, None)
+            if reaped is not None:
+                os.close(reaped)
+
+    def shutdown(self) -> None:
+        """Kill and reap everything below this process."""
+        self.state.shutting_down = True
+        self.reader.close()
+        if self.wakeup is None and not self.children:
+            return
+        killed: set[int] = set()
+        while True:
+            # Orphans below us are adopted as they appear, so look again each time.
+            for pid in (_child.list_children() | self.children.keys()) - killed:
+                try:
+                    os.kill(pid, _signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                killed.add(pid)
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+
+
+def align(path: list[str], cwd: str, environ: dict[str, str]) -> None:
+    """Make a forked template what ``open_template`` would start now (see INVOKE)."""
+    sys.path[:] = path
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+def identity() -> bytes:
+    """READY's payload: who this template is."""
+    return _wire.IDENTITY.pack(os.getpid(), *sys.version_info[:2])
+
+
+# The server of this process, while it is a template: the child-side API's way in.
+_current: list[Server | None] = [None]
+
+
+def current() -> Server | None:
+    """The template this process is, or None."""
+    return _current[0]
+
+
+def start(channel: str, owner: int, sigint_blocked: bool) -> None:
+    """Serve the channel ``"socket:FD"`` or ``"pipes:READ:WRITE"`` (see ``_boot``)."""
+    kind, _, where = channel.partition(":")
+    if kind == "socket":
+        main(Socket(socket.socket(fileno=int(where))), owner, sigint_blocked)
+        return
+    read_fd, write_fd = (os.dup(int(fd)) for fd in where.split(":"))
+    # A stream on the standard descriptors (an ssh session): what children write to
+    # their stdout must not land in the middle of the channel's frames.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    main(Pipes(read_fd, write_fd), owner, sigint_blocked)
+
+
+def main(channel: Socket | Pipes, owner: int, sigint_blocked: bool) -> None:
+    """Run a template started by ``open_template``, serving ``channel``.
+
+    ``owner`` is the pid of the process that started it. ``sigint_blocked`` says that
+    it blocked SIGINT for the start-up, so that a Ctrl-C before SIGINT is ignored here
+    cannot make this template print a KeyboardInterrupt traceback.
+    """
+    state = _child.ProcessState(sigint_blocked)
+    server = Server(channel, [], state)
+    _current[0] = server
+    try:
+        try:
+            # If the owner dies, even while this template runs a long command: shut
+            # down as when it closes the channel, and take everything below down too.
+            _child.prctl(_child.PR_SET_PDEATHSIG, _signal.SIGTERM)
+            if owner and os.getppid() != owner:
+                raise Terminate
+            if channel.carries_fds:
+                server.become_template()
+            state.settle()
+            server.reply(_wire.READY, 0, identity())
+            server.serve()
+        finally:
+            # The owner closes the channel and then sends SIGTERM: a SIGTERM that
+            # lands after serve() returned must be caught here too.
+            state.shutting_down = True
+    except (Terminate, ChannelClosed):
+        pass
+    server.shutdown()
+    _wire.flush_stdio()
+
+
+def main_in_fork(fd: int, parent: int) -> NoReturn:
+    """Serve ``fd`` in a process just forked from a running program, then exit.
+
+    Used by ``trio_fork.fork_main_template``: the program, with everything it has
+    imported, becomes a template. It never returns into the program's code, and never
+    runs the program's ``atexit`` handlers.
+    """
+    code = 1
+    try:
+        # As for a template from open_template: workers must not read the terminal.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        # main() ends it with the program (PR_SET_PDEATHSIG): safe, since the program
+        # had one thread, the one that forked it.
+        main(Socket(socket.socket(fileno=fd)), parent, False)
+        code = 0
+    except BaseException as exc:
+        _child.print_exception(exc, None)
+    finally:
+        _child.exit(code)

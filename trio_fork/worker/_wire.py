@@ -1,0 +1,417 @@
+"""The one wire format, spoken on every trio_fork channel, and its framed I/O.
+
+Standard library only: it runs in every template and child.
+
+A frame is a fixed header (opcode, number of descriptors, id, payload length)
+followed by the payload. The control channel of a template and the stream of an RPC
+worker speak the same frames: a command's id is its sequence number, echoed by its
+reply and by the exit report of the process it made; an RPC call's id names its
+result, error and events. Lengths are 64-bit, so a payload is limited by memory.
+
+Descriptors travel as ``SCM_RIGHTS`` ancillary data on the bytes of the frame they
+belong to, at most :data:`MAX_FDS_PER_MESSAGE` per ``sendmsg``. On a Unix stream
+socket Linux returns at most one fd-carrying message per ``recvmsg`` and stops
+right after it, so the descriptors of one ``recvmsg`` belong to the frame that holds
+the last byte it returned: that rule lets :class:`FrameReader` hand every frame
+exactly its own descriptors, and notice when the kernel dropped some
+(``MSG_CTRUNC``). A transport that cannot carry descriptors (a pipe pair, an ssh
+stream) says so with ``carries_fds``; sending one there raises.
+
+What a worker sends to the parent is data, never a pickle the parent must load:
+errors are described by strings (:func:`pack_strings`), facts by fixed structs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+from collections import deque
+
+HEADER = struct.Struct("<BIIQ")
+"""Opcode, number of file descriptors, id, payload length."""
+
+MAX_FDS_PER_MESSAGE = 253
+"""The kernel's ``SCM_MAX_FD``: descriptors accepted in one ``sendmsg``."""
+
+RECEIVE_SIZE = 256 * 1024
+# Below this size a frame is sent as one joined buffer; above it header and payload
+# go out as separate buffers of one sendmsg, so that a big payload is never copied.
+_JOIN_LIMIT = 64 * 1024
+# The most buffers handed to one sendmsg (the kernel's limit is 1024).
+_MAX_BUFFERS = 512
+_FD = struct.Struct("i")
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD.size)
+_LENGTH = struct.Struct("<I")
+
+# Parent to template.
+REQUIRE = 1
+EVAL = 2
+ARGS = 3
+FDS = 4
+FORK = 5  # a new template; answered by FORKED
+SPAWN = 6  # a child running a target; answered only if it fails, see STARTED
+KILL = 7  # SIGKILL what the command whose id this frame carries made; no answer
+SERVE_FORKS = 8  # fork a new template per request on the SOCK_SEQPACKET socket sent
+HELLO = 9  # answered by READY, with a pidfd; for adopting a channel
+INVOKE = 10  # call a function of the worker side in the template: payload (function, args)
+# Parent to RPC worker.
+CALL = 12
+CANCEL = 13
+
+# Template to parent.
+READY = 16  # payload IDENTITY; unasked (id 0) when a template is up
+OK = 17
+ERROR = 18  # payload pack_strings(type name, message, traceback, [pickled original])
+FORKED = 19  # payload PID, with a pidfd
+STARTED = 20  # from a new child, on its own socket: payload PID, with a pidfd
+EXITED = 21  # unasked: the process the command with this id made was reaped
+# RPC worker to parent.
+WORKER_READY = 22  # payload WORKER
+FAILED = 23  # the worker could not start; payload as ERROR
+RESULT = 24
+EVENT = 25
+CANCELLED = 26
+RETIRING = 27  # no more calls: the worker exits after the frames it has sent
+
+PID = struct.Struct("<i")
+EXIT_STATUS = struct.Struct("<i")
+"""EXITED: the exit status, ``-N`` for death by signal ``N``."""
+IDENTITY = struct.Struct("<iBB")
+"""READY: pid, and the major and minor Python version."""
+WORKER = struct.Struct("<i?")
+"""WORKER_READY: pid, and whether calls run concurrently."""
+
+
+class ProtocolError(Exception):
+    """The other side sent something that is not a frame of this protocol."""
+
+
+class Frame:
+    """One frame: opcode, id, payload and the descriptors that came with it."""
+
+    __slots__ = ("fds", "fds_lost", "id", "op", "payload")
+
+    def __init__(self, op: int, id: int, payload: bytes, fds: list[int], lost: bool) -> None:
+        self.op = op
+        self.id = id
+        self.payload = payload
+        self.fds = fds
+        self.fds_lost = lost
+        """The kernel dropped some of this frame's descriptors (``MSG_CTRUNC``)."""
+
+
+Segment = tuple[list[bytes], list[int]]
+"""Buffers sent by one ``sendmsg``, with the descriptors that ride on them."""
+
+
+def encode(
+    op: int, id: int = 0, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()
+) -> list[Segment]:
+    """The ``sendmsg`` calls that carry one frame; one, unless it has over 253 fds."""
+    nfds = len(fds)
+    # Every batch of descriptors needs a byte of its own frame to ride on.
+    batches = -(-nfds // MAX_FDS_PER_MESSAGE)
+    padding = max(0, batches - HEADER.size - len(payload))
+    header = HEADER.pack(op, nfds, id, len(payload) + padding)
+    if nfds <= MAX_FDS_PER_MESSAGE:
+        if len(payload) <= _JOIN_LIMIT:
+            return [([header + payload], list(fds))]
+        return [([header, payload], list(fds))]
+    frame = memoryview(header + payload + bytes(padding))
+    segments: list[Segment] = []
+    for index in range(batches):
+        chunk = list(fds[index * MAX_FDS_PER_MESSAGE : (index + 1) * MAX_FDS_PER_MESSAGE])
+        data = frame[index : index + 1] if index < batches - 1 else frame[index:]
+        segments.append(([data], chunk))  # type: ignore[list-item]
+    return segments
+
+
+def ancillary(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    """The ``sendmsg`` ancillary data that passes ``fds``."""
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+
+
+def parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors received in ``recvmsg`` ancillary data."""
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(fd for (fd,) in _FD.iter_unpack(data[: len(data) - len(data) % _FD.size]))
+    return fds
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class FrameReader:
+    """Reassembles frames, and their descriptors, from what a transport receives.
+
+    Bytes are received straight into the reader's buffer, which grows to hold the
+    frame being received, so a payload is copied once: out of the buffer when its
+    frame is complete. The buffer grows at most to twice what has arrived, so a
+    header that lies about its length cannot make this process allocate memory the
+    sender never sent. Descriptors received belong to the reader until a complete
+    frame hands them out; :meth:`close` closes those still held.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(RECEIVE_SIZE)
+        self._start = 0  # first byte not handed out
+        self._end = 0  # end of the bytes received
+        self._offset = 0  # stream offset of _buffer[0]
+        # (stream offset of the last byte received with them, descriptors, truncated)
+        self._marks: deque[tuple[int, list[int], bool]] = deque()
+
+    def receive(self, sock: socket.socket, flags: int = 0, fds: bool = True) -> int:
+        """Receive once from ``sock``; the number of bytes, 0 at end of file.
+
+        Descriptors arrive close-on-exec; ``fds=False`` does not ask for them (the
+        kernel closes any that were sent). Raises :exc:`BlockingIOError` when a
+        non-blocking receive finds nothing.
+        """
+        view = self._room()
+        try:
+            if not fds:
+                count = sock.recv_into(view, 0, flags)
+            else:
+                count, ancdata, msg_flags, _ = sock.recvmsg_into(
+                    [view], _ANCILLARY_SIZE, flags | socket.MSG_CMSG_CLOEXEC
+                )
+                received = parse_ancillary(ancdata)
+                if received or msg_flags & socket.MSG_CTRUNC:
+                    if not count:
+                        close_all(received)
+                        return 0
+                    mark = self._offset + self._end + count - 1
+                    self._marks.append((mark, received, bool(msg_flags & socket.MSG_CTRUNC)))
+        finally:
+            view.release()
+        self._end += count
+        return count
+
+    def receive_fd(self, fd: int) -> int:
+        """Receive once from a pipe or any descriptor without ancillary data."""
+        view = self._room()
+        try:
+            count = os.readv(fd, [view])
+        finally:
+            view.release()
+        self._end += count
+        return count
+
+    def _room(self) -> memoryview:
+        wanted = RECEIVE_SIZE
+        pending = self._end - self._start
+        if pending >= HEADER.size:
+            length = HEADER.unpack_from(self._buffer, self._start)[3]
+            wanted = max(wanted, min(HEADER.size + length - pending, pending))
+        if len(self._buffer) - self._end < wanted:
+            if self._start:
+                self._buffer[:pending] = self._buffer[self._start : self._end]
+                self._offset += self._start
+                self._start, self._end = 0, pending
+            if len(self._buffer) - pending < wanted:
+                self._buffer.extend(bytes(pending + wanted - len(self._buffer)))
+        return memoryview(self._buffer)[self._end :]
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None until more data arrives."""
+        if self._end - self._start < HEADER.size:
+            return None
+        op, nfds, id, length = HEADER.unpack_from(self._buffer, self._start)
+        end = self._start + HEADER.size + length
+        if end > self._end:
+            return None
+        payload = bytes(self._buffer[self._start + HEADER.size : end]) if length else b""
+        self._start = end
+        if end == self._end:
+            self._offset += end
+            self._start = self._end = 0
+        fds: list[int] = []
+        lost = False
+        if nfds or self._marks:
+            stream_end = self._offset + self._start
+            while self._marks and self._marks[0][0] < stream_end:
+                _, received, truncated = self._marks.popleft()
+                fds.extend(received)
+                lost = lost or truncated
+            if lost or len(fds) != nfds:
+                close_all(fds)
+                return Frame(op, id, payload, [], True)
+        return Frame(op, id, payload, fds, False)
+
+    @property
+    def in_frame(self) -> bool:
+        """Whether part of a frame has been received: end of file now cuts it."""
+        return self._end > self._start
+
+    def close(self) -> None:
+        """Close every descriptor received but not handed out."""
+        while self._marks:
+            close_all(self._marks.popleft()[1])
+
+
+class Outbox:
+    """Frames queued for a socket, sent whole and in order without ever blocking.
+
+    The one write queue of trio_fork, on both sides. :meth:`flush` sends what the
+    socket takes; small frames queued together go out in one ``sendmsg``. The
+    outbox owns the descriptors of the frames it holds, and closes them once sent.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: deque[list[object]] = deque()  # [memoryview, fds]
+        self.size = 0
+
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    def put(self, segments: list[Segment]) -> None:
+        for buffers, fds in segments:
+            for index, buffer in enumerate(buffers):
+                self._pieces.append([memoryview(buffer), fds if index == 0 else []])
+                self.size += len(buffer)
+
+    def flush(self, sock: socket.socket) -> bool:
+        """Send what the socket takes now; whether nothing is left.
+
+        Raises :exc:`OSError` (never :exc:`BlockingIOError`) if the socket broke.
+        """
+        pieces = self._pieces
+        while pieces:
+            head, fds = pieces[0]
+            try:
+                if fds:
+                    sent = sock.sendmsg([head], ancillary(fds))  # type: ignore[list-item,arg-type]
+                    close_all(fds)  # type: ignore[arg-type]
+                    pieces[0][1] = []
+                elif len(pieces) == 1:
+                    sent = sock.send(head)  # type: ignore[arg-type]
+                else:
+                    batch: list[object] = []
+                    for view, more in pieces:
+                        if more or len(batch) == _MAX_BUFFERS:
+                            break
+                        batch.append(view)
+                    sent = sock.sendmsg(batch)  # type: ignore[arg-type]
+            except BlockingIOError:
+                return False
+            self.size -= sent
+            while sent:
+                view = pieces[0][0]
+                if sent >= len(view):  # type: ignore[arg-type]
+                    sent -= len(view)  # type: ignore[arg-type]
+                    pieces.popleft()
+                else:
+                    pieces[0][0] = view[sent:]  # type: ignore[index]
+                    sent = 0
+        return True
+
+    def clear(self) -> None:
+        while self._pieces:
+            close_all(self._pieces.popleft()[1])  # type: ignore[arg-type]
+        self.size = 0
+
+
+def send_blocking(sock: socket.socket, segments: list[Segment]) -> None:
+    """Send whole segments on a blocking socket."""
+    for buffers, fds in segments:
+        pending = [memoryview(buffer) for buffer in buffers]
+        while pending:
+            sent = sock.sendmsg(pending, ancillary(fds))
+            fds = []
+            while sent:
+                if sent >= len(pending[0]):
+                    sent -= len(pending.pop(0))
+                else:
+                    pending[0] = pending[0][sent:]
+                    sent = 0
+
+
+def pack_strings(*fields: str | bytes) -> bytes:
+    """Fields, each length-prefixed: how descriptions travel without pickle."""
+    parts = []
+    for field in fields:
+        data = field if isinstance(field, bytes) else field.encode("utf-8", "replace")
+        parts.append(_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def unpack_strings(payload: bytes, count: int) -> list[str | bytes]:
+    """The fields of :func:`pack_strings`: ``count`` strings, then raw bytes if any.
+
+    Raises :exc:`ProtocolError` if the payload is not such fields.
+    """
+    fields: list[str | bytes] = []
+    offset = 0
+    try:
+        while offset < len(payload):
+            (length,) = _LENGTH.unpack_from(payload, offset)
+            offset += _LENGTH.size
+            data = payload[offset : offset + length]
+            if len(data) != length:
+                raise ProtocolError("a field is cut short")
+            offset += length
+            fields.append(data.decode("utf-8") if len(fields) < count else data)
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed fields: {exc}") from None
+    if len(fields) < count:
+        raise ProtocolError(f"expected {count} fields, got {len(fields)}")
+    return fields
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:
+        return f"<exception str() failed: {type(exc).__name__}>"
+
+
+def describe(exc: BaseException) -> tuple[str, str, str]:
+    """The type name, message and formatted traceback of ``exc``; never raises.
+
+    The traceback starts where the user's code does: outer frames that belong to
+    trio_fork's worker side are dropped.
+    """
+    import traceback  # only when something failed: templates stay small
+
+    tb = exc.__traceback__
+    while tb is not None and str(tb.tb_frame.f_globals.get("__name__")).startswith(__package__):
+        tb = tb.tb_next
+    cls = type(exc)
+    name = cls.__qualname__
+    if cls.__module__ not in ("builtins", "__main__", "__mp_main__"):
+        name = f"{cls.__module__}.{name}"
+    try:
+        text = "".join(traceback.format_exception(cls, exc, tb))
+    except BaseException:
+        text = f"{name}: {_safe_str(exc)}\n(the traceback could not be formatted)\n"
+    return name, _safe_str(exc), text
+
+
+def error_payload(exc: BaseException, original: bytes = b"") -> bytes:
+    """An ERROR or FAILED frame's payload for ``exc``."""
+    fields: tuple[str | bytes, ...] = describe(exc)
+    if original:
+        fields += (original,)
+    return pack_strings(*fields)
+
+
+def flush_stdio() -> None:
+    """Flush stdout and stderr, before a fork or an exit that skips the interpreter's."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
