@@ -8,8 +8,6 @@ The public names are loaded on first use: the worker side (:mod:`trio_fork.worke
 which runs in templates, imports this package without importing trio or anyio.
 """
 
-from __future__ import annotations
-
 # Not typing's: importing typing here would load it (and re) into every template.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -83,7 +81,7 @@ _LOCATIONS = {
 __all__ = sorted(_LOCATIONS)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     module_name = _LOCATIONS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'trio_fork' has no attribute {name!r}")

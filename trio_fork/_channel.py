@@ -23,7 +23,7 @@ import attrs
 
 from ._errors import BrokenTemplateError, RemoteError
 from ._process import signal_pidfd
-from ._transport import Transport
+from ._transport import ProtocolError, Transport, unpack_strings
 from .worker import _wire
 
 # Receives in a row before the reader lets other tasks run.
@@ -60,7 +60,7 @@ def remote_error(frame: _wire.Frame) -> RemoteError:
     Raises:
         ProtocolError: The payload is not a description.
     """
-    type_name, message, remote_traceback = _wire.unpack_strings(frame.payload, 3)[:3]
+    type_name, message, remote_traceback = unpack_strings(frame.payload, 3)[:3]
     return RemoteError(str(type_name), str(message), str(remote_traceback))
 
 
@@ -247,7 +247,7 @@ class Channel:
                 if streak == _FAIRNESS:
                     streak = 0
                     await anyio.lowlevel.checkpoint()
-        except (_wire.ProtocolError, struct.error) as exc:
+        except (ProtocolError, struct.error) as exc:
             cause, message = exc, f"{self.name} broke the protocol: {exc}"
         except OSError as exc:
             cause = exc
@@ -276,7 +276,7 @@ class Channel:
             return
         if op not in (_wire.OK, _wire.ERROR, _wire.FORKED, _wire.READY):
             _discard(frame)
-            raise _wire.ProtocolError(f"unknown frame {op}")
+            raise ProtocolError(f"unknown frame {op}")
         reply = self._replies.pop(frame.id, None)
         if op == _wire.ERROR:
             # No process was made: nothing will be reported for it.
@@ -287,7 +287,7 @@ class Channel:
                 return
         if reply is None:
             _discard(frame)
-            raise _wire.ProtocolError("a reply to no command")
+            raise ProtocolError("a reply to no command")
         self._deliver(reply, frame)
 
     def _deliver(self, reply: Reply, frame: _wire.Frame) -> None:

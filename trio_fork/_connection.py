@@ -34,7 +34,7 @@ import sniffio
 from ._call import LOST, Request, sleep_until_woken, wait_until
 from ._child import Process, describe_exit
 from ._errors import BrokenTemplateError, BrokenWorkerError, RemoteError
-from ._transport import Transport
+from ._transport import ProtocolError, Transport, unpack_strings
 from .worker import _wire
 from .worker._wire import (
     CALL,
@@ -46,7 +46,6 @@ from .worker._wire import (
     RESULT,
     RETIRING,
     WORKER_READY,
-    ProtocolError,
     encode,
 )
 
@@ -399,7 +398,7 @@ class Connection:
         if kind in (RESULT, ERROR, CANCELLED):
             value: Any = frame.payload
             if kind == ERROR:
-                value = _wire.unpack_strings(frame.payload, 3)
+                value = unpack_strings(frame.payload, 3)
             request = self._requests.pop(frame.id, None)
             if request is None:
                 return
@@ -409,7 +408,7 @@ class Connection:
             self.concurrent = _wire.WORKER.unpack(frame.payload)[1]
             self._set_ready()
         elif kind == FAILED:
-            name, message, text = _wire.unpack_strings(frame.payload, 3)[:3]
+            name, message, text = unpack_strings(frame.payload, 3)[:3]
             self.failure = RemoteError(str(name), str(message), str(text))
             self._set_ready()
         elif kind == RETIRING:

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import final
+from typing import NoReturn, final
 
 import anyio
 import attrs
@@ -51,6 +51,8 @@ from ._template import Template
 from ._transport import Transport, receive_frame
 from .worker import _template as _worker_template
 from .worker import _wire
+from .worker._child import exit as exit_now
+from .worker._child import print_exception
 from .worker._template import align
 
 # What align() applies: sys.path, working directory, environment.
@@ -302,6 +304,7 @@ def start_handle(
     if not executable:
         raise RuntimeError("sys.executable is unknown here: pass python= to start_template")
     process, channel = launch(executable, env, cwd)
+    assert isinstance(channel, socket.socket)
     try:
         setup = _setup_now(env, cwd)
         pidfd = os.pidfd_open(process.pid)
@@ -343,7 +346,7 @@ def fork_main_template() -> TemplateHandle:
     pid = os.fork()
     if pid == 0:
         ours.close()
-        _worker_template.main_in_fork(theirs.detach(), parent)
+        _main_in_fork(theirs.detach(), parent)
     theirs.close()
     try:
         pidfd = os.pidfd_open(pid)
@@ -353,6 +356,27 @@ def fork_main_template() -> TemplateHandle:
         os.waitpid(pid, 0)
         raise
     return _serve_forks("main-program template", pid, pidfd, ours, None, [], sys.executable, None)
+
+
+def _main_in_fork(fd: int, parent: int) -> NoReturn:
+    """Serve ``fd`` as a template in a process just forked from this program, then exit.
+
+    It never returns into the program's code, and never runs its ``atexit`` handlers.
+    """
+    code = 1
+    try:
+        # As for a template from open_template: workers must not read the terminal.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        # main() ends it with the program (PR_SET_PDEATHSIG): safe, since the program
+        # had one thread, the one that forked it.
+        _worker_template.main(_worker_template.Link(socket.socket(fileno=fd)), parent, False)
+        code = 0
+    except BaseException as exc:
+        print_exception(exc, None)
+    finally:
+        exit_now(code)
 
 
 def _serve_forks(
@@ -407,8 +431,6 @@ def _request_sync(
         _wire.send_blocking(sock, _wire.encode(op, 1, payload, fds or []))
     except OSError as exc:
         raise BrokenTemplateError("the template died before it was ready") from exc
-    finally:
-        _wire.close_all(fds or [])
     reply = _receive_sync(sock, reader)
     if reply is None:
         raise BrokenTemplateError("the template died before it was ready")

@@ -7,6 +7,7 @@ forks it when it runs, and starts an interpreter otherwise.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -109,19 +110,20 @@ async def _started(
     env: Mapping[str, str] | None,
     cwd: str | os.PathLike[str] | None,
     *,
-    from_sources: bool = False,
+    how: str = "import",
     isolated: bool = False,
 ) -> AsyncIterator[Template]:
-    """A template interpreter of our own, ready."""
-    process, ours = launch(executable, env, cwd, from_sources=from_sources, isolated=isolated)
+    """A template interpreter of our own, ready (see ``launch`` for ``how``)."""
+    process, ours = launch(executable, env, cwd, how=how, isolated=isolated)
+    transport = Transport(ours) if isinstance(ours, socket.socket) else Transport(pipes=ours)
     try:
         pidfd = os.pidfd_open(process.pid)
     except BaseException:
-        ours.close()
+        transport.close()
         process.kill()
         process.wait()
         raise
-    channel = Channel(Transport(ours), f"template {process.pid}")
+    channel = Channel(transport, f"template {process.pid}")
     template = Template._create(channel, process.pid, pidfd, None, process)
     ready = channel.expect_ready()
     async with template._serving():

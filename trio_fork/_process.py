@@ -60,31 +60,35 @@ def launch(
     env: Mapping[str, str] | None,
     cwd: str | os.PathLike[str] | None,
     *,
-    from_sources: bool = False,
+    how: str = "import",
     isolated: bool = False,
-) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """Start a template interpreter; our end of its channel is returned blocking.
+) -> tuple[subprocess.Popen[bytes], socket.socket | tuple[int, int]]:
+    """Start a template interpreter; our end of its channel, blocking.
 
-    With ``from_sources`` the worker side is sent down the channel instead of
-    imported, as to a host where trio_fork is not installed; ``isolated`` runs the
-    interpreter with ``-I -S`` (no site-packages, no environment).
+    ``how``: ``"import"`` the worker side from this trio_fork; ``"sources"``, send it
+    down the channel, as to a host where trio_fork is not installed; ``"pipes"``, the
+    same over the interpreter's stdin and stdout, a channel that carries no
+    descriptors (then the channel is a pair: read end, write end). ``isolated`` runs
+    the interpreter with ``-I -S`` and its own ``sys.path``: no site-packages.
     """
+    pipes = how == "pipes"
     ours, theirs = socket.socketpair()
-    path = [os.path.abspath(entry) for entry in sys.path if isinstance(entry, str)]
+    path = [] if isolated else [os.path.abspath(p) for p in sys.path if isinstance(p, str)]
+    channel = "pipes:0:1" if pipes else f"socket:{theirs.fileno()}"
     # The template inherits this signal mask: a Ctrl-C during its start-up stays
     # pending until it ignores SIGINT, instead of printing a traceback there.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     sigint_blocked = "0" if signal.SIGINT in mask else "1"
-    how = "sources" if from_sources else "import"
-    flags = ["-I", "-S"] if isolated else []
     try:
         process = subprocess.Popen(
             [
-                *(executable, *flags, "-c", BOOTSTRAP, how, f"socket:{theirs.fileno()}"),
-                *(str(os.getpid()), sigint_blocked, _PACKAGE_ROOT, *path),
+                *(executable, *(["-I", "-S"] if isolated else []), "-c", BOOTSTRAP),
+                *("import" if how == "import" else "sources", channel, str(os.getpid())),
+                *(sigint_blocked, _PACKAGE_ROOT, *path),
             ],
-            stdin=subprocess.DEVNULL,
-            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipes else None,
+            pass_fds=() if pipes else (theirs.fileno(),),
             env=env,
             cwd=cwd,
         )
@@ -97,12 +101,21 @@ def launch(
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
-    if from_sources:
+    if pipes:
+        ours.close()
+        assert process.stdin is not None
+        assert process.stdout is not None
+        ends = (os.dup(process.stdout.fileno()), os.dup(process.stdin.fileno()))
+        process.stdout.close()
+        process.stdin.close()
+    if how != "import":
+        data = memoryview(worker_sources())
         try:
-            ours.sendall(worker_sources())
+            while data:
+                data = data[os.write(ends[1] if pipes else ours.fileno(), data) :]
         except OSError:
             pass  # it died: its READY never comes, and the caller says so
-    return process, ours
+    return process, ends if pipes else ours
 
 
 def check_ready(frame: _wire.Frame | None, what: str, exited: object = None) -> int:

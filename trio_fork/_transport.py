@@ -11,12 +11,36 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from typing import Any
 
 import anyio
 import attrs
 
 from .worker import _wire
+
+_LENGTH = struct.Struct("<I")
+
+
+class ProtocolError(Exception):
+    """The other side sent something that is not a frame of this protocol."""
+
+
+def unpack_strings(payload: bytes, count: int) -> list[str | bytes]:
+    """``count`` strings of :func:`pack_strings`, then bytes; or ProtocolError."""
+    fields: list[str | bytes] = []
+    offset = 0
+    try:
+        while offset < len(payload):
+            (length,) = _LENGTH.unpack_from(payload, offset)
+            data = payload[offset + 4 : offset + 4 + length]
+            offset += 4 + length
+            fields.append(data.decode() if len(fields) < count else data)
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed fields: {exc}") from None
+    if len(fields) < count or offset != len(payload):
+        raise ProtocolError(f"expected {count} fields")
+    return fields
 
 
 class _PipeWriter:

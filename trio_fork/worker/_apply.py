@@ -1,8 +1,4 @@
-"""What ``run_sync`` workers run: the function that comes with each call.
-
-Standard library only. Also how a template takes on the parent's main module, so that
-functions defined there resolve in workers.
-"""
+"""What ``run_sync`` workers run, and how a template takes on the parent's ``__main__``."""
 
 from __future__ import annotations
 
@@ -21,11 +17,8 @@ _MAX_FUNCTIONS = 256
 
 
 def apply(function: bytes, *args: Any) -> Any:
-    """The function of ``run_sync`` workers: call the function that came with the call.
-
-    It comes pickled on its own (the parent pickles each function once), and is
-    unpickled once per worker.
-    """
+    """Call the function that came with the call: pickled once by the parent,
+    unpickled once per worker."""
     found = _functions.get(function)
     if found is None:
         try:
@@ -41,21 +34,18 @@ def apply(function: bytes, *args: Any) -> Any:
 
 
 class _Loading:
-    """Whether this process is loading the parent's main module (see adopt_main)."""
-
-    main = False
+    main = False  # this process is loading the parent's main module (see adopt_main)
 
 
 loading = _Loading()
 
 
 def adopt_main(spec_name: str | None, path: str | None) -> None:
-    """Load the parent's main module here as ``__mp_main__`` and make it ``__main__``.
+    """Load the parent's main module as ``__mp_main__`` and make it ``__main__``.
 
-    What :mod:`multiprocessing` does in its forkserver: functions and classes defined
-    in the parent's ``__main__`` are pickled by reference to ``__main__``, and now
-    resolve here, in the template, and in every worker forked from it. The module's
-    own ``if __name__ == "__main__":`` block does not run.
+    As :mod:`multiprocessing`'s forkserver does: what the parent pickles by reference
+    to ``__main__`` resolves here and in every worker forked from here, and the
+    module's ``if __name__ == "__main__":`` block does not run.
     """
     if spec_name is not None:
         import importlib.util

@@ -1,13 +1,8 @@
-# The bootstrap of a template process: the only code trio_fork starts as a string.
-#
-# The parent runs this file's source with ``python -c``, so it runs as the code of
-# a pristine ``__main__``: it binds one name there and removes it. It either imports
-# the worker side from the parent's trio_fork (``import``), or, where trio_fork is not
-# installed, builds it from sources that the parent sends down the channel first
-# (``sources``: an 8-byte length, then a marshalled {name: (is_package, source)}).
-# Then it installs the parent's sys.path and serves the channel.
-#
-#   python -c BOOT how channel owner sigint_blocked root-or-"" path...
+# The bootstrap of a template: the only code trio_fork runs from a string (python -c),
+# as the code of a pristine __main__, where it binds one name and removes it. Where
+# trio_fork is not installed, the parent first sends the worker side's sources down
+# the channel (an 8-byte length, then a marshalled {name: (is_package, source)}).
+#   python -c BOOT import|sources CHANNEL OWNER SIGINT_BLOCKED PACKAGE_ROOT PATH...
 
 
 def _bootstrap() -> None:
@@ -21,28 +16,21 @@ def _bootstrap() -> None:
         import marshal
         import os
 
-        fd = int(channel.split(":")[1])
-
         def read(size: int) -> bytes:
             data = b""
             while len(data) < size:
-                chunk = os.read(fd, size - len(data))
-                if not chunk:
-                    raise SystemExit("trio_fork: the channel closed before the sources came")
-                data += chunk
+                data += os.read(int(channel.split(":")[1]), size - len(data)) or sys.exit(1)
             return data
 
         sources = marshal.loads(read(int.from_bytes(read(8), "little")))
-        spec_class = type(sys.__spec__)
 
-        class Finder:
+        class Finder:  # serves the sources; get_source() lets tracebacks show them
             @staticmethod
             def find_spec(name: str, path: object = None, target: object = None) -> object:
                 if name not in sources:
                     return None
-                spec = spec_class(name, Finder, origin=f"<trio_fork>/{name}")  # type: ignore[arg-type]
-                if sources[name][0]:
-                    spec.submodule_search_locations = []
+                spec = type(sys.__spec__)(name, Finder, origin=f"<trio_fork>/{name}")  # type: ignore[arg-type]
+                spec.submodule_search_locations = [] if sources[name][0] else None
                 return spec
 
             @staticmethod
@@ -52,8 +40,7 @@ def _bootstrap() -> None:
             @staticmethod
             def exec_module(module: object) -> None:
                 name = module.__name__  # type: ignore[attr-defined]
-                code = compile(sources[name][1], f"<trio_fork>/{name}", "exec")
-                exec(code, vars(module))
+                exec(compile(sources[name][1], f"<trio_fork>/{name}", "exec"), vars(module))
 
             @staticmethod
             def get_source(name: str) -> str:
@@ -62,7 +49,7 @@ def _bootstrap() -> None:
         sys.meta_path.insert(0, Finder)  # type: ignore[arg-type]
     from trio_fork.worker import _template
 
-    sys.path[:] = path
+    sys.path[:] = path or sys.path
     _template.start(channel, int(owner), sigint_blocked == "1")
 
 

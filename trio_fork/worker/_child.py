@@ -1,11 +1,8 @@
-"""Becoming a child: leaving the template, a fresh signal state, running the target.
+"""Becoming a child: a fresh signal state, the target found and run as a program.
 
-Standard library only. A freshly forked child pays a copy-on-write page fault for
-every page it writes, and in Python touching an object writes its reference count.
-So a child does as little as it can before its target runs: everything it needs
-arrives with the ``SPAWN`` command, the signal handlers it must restore are worked
-out in the template beforehand (:meth:`ProcessState.settle`), and the template's
-objects are frozen out of the garbage collector's reach.
+A new child pays a copy-on-write page fault for every page it writes (in Python,
+touching an object writes its reference count), so it does little before its target
+runs: what it must restore is worked out in the template (:meth:`ProcessState.settle`).
 """
 
 from __future__ import annotations
@@ -34,23 +31,15 @@ _libc: Any = None
 def prctl(option: int, value: int) -> None:
     """``prctl(2)`` with one argument: the only foreign call a template makes."""
     global _libc
-    if _libc is None:
-        import ctypes
+    import ctypes
 
-        _libc = ctypes.CDLL(None, use_errno=True)
+    _libc = _libc or ctypes.CDLL(None, use_errno=True)
     if _libc.prctl(option, value, 0, 0, 0) != 0:
-        import ctypes
-
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
 
 
 def exit(code: int) -> NoReturn:
-    """Exit a forked process without running what belongs to the template.
-
-    No ``atexit`` handler, no destructor of an inherited object: they are the
-    template's.
-    """
+    """Exit a forked process, skipping ``atexit`` handlers and destructors: the template's."""
     _wire.flush_stdio()
     os._exit(code)
 
@@ -86,7 +75,6 @@ class ProcessState:
         if sigint_blocked:
             _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGINT})
         _signal.signal(_signal.SIGTERM, self.on_sigterm)
-        # Only so that the wakeup fd is written; reaping happens in the serve loop.
         _signal.signal(_signal.SIGCHLD, self.on_sigchld)
         _signal.siginterrupt(_signal.SIGCHLD, False)
 
@@ -95,7 +83,7 @@ class ProcessState:
             raise Terminate
 
     def on_sigchld(self, signum: int, frame: object) -> None:
-        pass
+        pass  # only so that the wakeup fd is written; the serve loop reaps
 
     def settle(self) -> None:
         """After the template's state changed: keep what children must do small."""
@@ -143,11 +131,16 @@ class ProcessState:
             linecache.cache[filename] = (len(code), None, code.splitlines(keepends=True), filename)
 
 
-def resolve(name: str, what: str = "target") -> Callable[..., Any]:
+def resolve(name: str | Callable[..., Any], what: str = "target") -> Callable[..., Any]:
     """The callable ``"module:qualname"`` names, importing the module if need be.
 
-    A name without a module (``"doit"``) is looked up in ``__main__``.
+    A name without a module (``"doit"``) is looked up in ``__main__``; a callable is
+    its own answer.
     """
+    if not isinstance(name, str):
+        if not callable(name):
+            raise TypeError(f"{what} {name!r} is not callable")
+        return name
     module_name, sep, qualname = name.rpartition(":")
     if not sep:
         module_name = "__main__"
@@ -199,17 +192,6 @@ def run(
     return call(target, [sock, *queued, *args, *fds], run_backend, state)
 
 
-def _run_async(target: Callable[..., Any], args: list[Any], backend: str) -> None:
-    import anyio
-    from anyio.abc import UNIXSocketStream
-
-    async def main() -> None:
-        async with await UNIXSocketStream.from_socket(args[0]) as stream:
-            await target(stream, *args[1:])
-
-    anyio.run(main, backend=backend)
-
-
 def call(
     target: Callable[..., Any], args: list[Any], backend: str | None, state: ProcessState
 ) -> int:
@@ -218,10 +200,19 @@ def call(
         if backend is None:
             target(*args)
         else:
-            _run_async(target, args, backend)
+            import anyio
+            from anyio.abc import UNIXSocketStream
+
+            async def main() -> None:
+                async with await UNIXSocketStream.from_socket(args[0]) as stream:
+                    await target(stream, *args[1:])
+
+            anyio.run(main, backend=backend)
         code = 0
     except SystemExit as exc:
-        code = exit_code(exc)
+        code = exc.code if isinstance(exc.code, int) else exc.code is not None
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
     except KeyboardInterrupt as exc:
         print_exception(exc, state)
         _wire.flush_stdio()
@@ -232,29 +223,12 @@ def call(
     except BaseException as exc:
         print_exception(exc, state)
         code = 1
-    _join_threads()
-    return code
-
-
-def exit_code(exc: SystemExit) -> int:
-    """The exit status of a process that raised ``exc``, as the interpreter has it."""
-    if exc.code is None:
-        return 0
-    if isinstance(exc.code, int):
-        return exc.code
-    print(exc.code, file=sys.stderr)
-    return 1
-
-
-def _join_threads() -> None:
     # What the interpreter does at exit: wait for the non-daemon threads.
     threading = sys.modules.get("threading")
-    if threading is None:
-        return
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
+    for thread in threading.enumerate() if threading is not None else ():
+        if thread is not threading.current_thread() and not thread.daemon:  # type: ignore[union-attr]
             thread.join()
+    return int(code)
 
 
 def print_exception(exc: BaseException, state: ProcessState | None) -> None:
@@ -273,15 +247,3 @@ def print_exception(exc: BaseException, state: ProcessState | None) -> None:
         traceback.print_exception(type(exc), exc, exc.__traceback__)
     else:
         sys.excepthook(type(exc), exc, exc.__traceback__)
-
-
-def list_children() -> set[int]:
-    """The pids of this process's children."""
-    children: set[int] = set()
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/children") as file:
-                children.update(int(pid) for pid in file.read().split())
-        except OSError:
-            pass
-    return children

@@ -1,27 +1,27 @@
 """A template: the small synchronous command server that processes are forked from.
 
-Standard library only. A template never runs an event loop or a thread, so forking it
-is safe and cheap. It serves the commands of its owner on one channel, one at a time
-and in order, answering each with the command's id. ``FORK`` makes a new template
-that serves its own channel the same way; ``SPAWN`` makes a child that runs a target
-at once (see :mod:`._child`). A template is the parent of what it forks: it reaps
-them and reports their exit statuses, and it is a child subreaper, so that nothing
-forked below it is orphaned to an init that may never reap it.
-
-A template ends when its owner closes the channel (end of file) or sends SIGTERM: it
-kills and reaps everything below it, then exits.
+A template never runs an event loop or a thread, so forking it is safe and cheap. It
+serves its owner's commands on one channel, one at a time and in order, answering
+each with the command's id. ``FORK`` makes a new template that serves its own
+channel; ``SPAWN`` makes a child that runs a target at once (see :mod:`._child`). A
+template reaps what it forks and reports their exit statuses, and is a child
+subreaper, so that nothing forked below it is orphaned to an init that may never
+reap it. It ends when its owner closes the channel or sends SIGTERM: it kills and
+reaps everything below it, then exits.
 
 It can also serve fork requests (``SERVE_FORKS``): single messages on a
-``SOCK_SEQPACKET`` socket that any thread or process holding the other end may send
-without a reply owed on the channel. Each makes a new template on the socket the
-request carries; that is how a template outlives one event loop.
+``SOCK_SEQPACKET`` socket that any thread or process holding the other end may send,
+each carrying the channel of a new template. That is how a template outlives one
+event loop (see ``trio_fork._handle``).
 """
 
 from __future__ import annotations
 
 # The C modules under signal and pickle: their Python wrappers import enum, re and
 # more, and everything a template imports is copied (page tables at every fork) and
-# torn down (at every child's exit).
+# torn down (at every child's exit). Measured with -X importtime and the maximum RSS
+# next to what a template imports anyway: pickle and signal cost about 3 ms of each
+# template's start-up and 0.5 MiB of its memory (most of it re, which pickle imports).
 import _pickle
 import _signal  # type: ignore[import-not-found]
 import os
@@ -44,25 +44,27 @@ class ChannelClosed(Exception):
     """The owner's end of the channel is gone."""
 
 
-class Pipes:
-    """A channel over a pair of descriptors (a pipe pair, an ssh stream): no fds."""
+class Link:
+    """A template's channel: a Unix socket, or a pair of pipes that carry no fds."""
 
-    carries_fds = False
-
-    def __init__(self, read_fd: int, write_fd: int) -> None:
-        self.read_fd = read_fd
+    def __init__(self, sock: socket.socket | None, read_fd: int = -1, write_fd: int = -1):
+        self.sock = sock
+        self.carries_fds = sock is not None
+        self.read_fd = sock.fileno() if sock is not None else read_fd
         self.write_fd = write_fd
 
-    def fileno(self) -> int:
-        return self.read_fd
-
     def receive(self, reader: _wire.FrameReader) -> int:
+        if self.sock is not None:
+            return reader.receive(self.sock)
         return reader.receive_fd(self.read_fd)
 
     def send(self, segments: list[_wire.Segment]) -> None:
+        if self.sock is not None:
+            _wire.send_blocking(self.sock, segments)
+            return
         for buffers, fds in segments:
+            close_all(fds)
             if fds:
-                close_all(fds)
                 raise ValueError("this channel cannot carry file descriptors")
             for buffer in buffers:
                 view = memoryview(buffer)
@@ -70,34 +72,14 @@ class Pipes:
                     view = view[os.write(self.write_fd, view) :]
 
     def close(self) -> None:
-        close_all([self.read_fd, self.write_fd])
-
-
-class Socket:
-    """A channel over a Unix stream socket: descriptors ride on the frames."""
-
-    carries_fds = True
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def receive(self, reader: _wire.FrameReader) -> int:
-        return reader.receive(self.sock)
-
-    def send(self, segments: list[_wire.Segment]) -> None:
-        _wire.send_blocking(self.sock, segments)
-
-    def close(self) -> None:
-        os.close(self.sock.detach())
+        """Raw closes: the objects that held the descriptors die unused in a new process."""
+        close_all([self.sock.detach()] if self.sock is not None else [self.read_fd, self.write_fd])
 
 
 class Server:
     """One template: its channel, its queue, and the processes it made."""
 
-    def __init__(self, channel: Socket | Pipes, queue: list[Any], state: _child.ProcessState):
+    def __init__(self, channel: Link, queue: list[Any], state: _child.ProcessState) -> None:
         self.channel = channel
         self.queue = queue
         self.state = state
@@ -106,12 +88,11 @@ class Server:
         self.children: dict[int, int] = {}  # pid -> id of the command that made it
         self.wakeup: tuple[int, int] | None = None
         self.poller = select.poll()
-        self.poller.register(channel.fileno(), select.POLLIN)
+        self.poller.register(channel.read_fd, select.POLLIN)
         # SERVE_FORKS: the request socket, and for each template forked on request
         # the pipe to close once it is reaped.
         self.forks: socket.socket | None = None
         self.reaped: dict[int, int] = {}
-        self.shutting_down = False
 
     def reply(self, op: int, id: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
         try:
@@ -138,7 +119,7 @@ class Server:
                 for fd, _ in self.poller.poll():
                     if self.forks is not None and fd == self.forks.fileno():
                         self.fork_on_request()
-                    elif fd != self.channel.fileno():
+                    elif fd != self.channel.read_fd:
                         self.reap()
                     elif not self.channel.receive(self.reader):
                         return
@@ -146,22 +127,20 @@ class Server:
             return
 
     def handle(self, frame: _wire.Frame) -> None:
-        op = frame.op
+        op, id = frame.op, frame.id
         try:
             if frame.fds_lost:
                 raise OSError(
                     "file descriptors were lost in transit: the kernel truncated the "
                     "control message (is RLIMIT_NOFILE too low?)"
                 )
-            if op in (_wire.FORK, _wire.SPAWN):
-                self.fork(frame)
-                return
-            if op == _wire.KILL:
-                self.kill(frame.id)
-                return
-            if op == _wire.HELLO:
-                self.hello(frame.id)
-                return
+            if op in (_wire.FORK, _wire.SPAWN, _wire.KILL, _wire.HELLO):
+                # Answered otherwise: by FORKED, by the child itself, or not at all.
+                return (
+                    self.fork(frame)
+                    if op in (_wire.FORK, _wire.SPAWN)
+                    else self.hello_or_kill(frame)
+                )
             if op == _wire.REQUIRE:
                 for name in _pickle.loads(frame.payload):
                     __import__(name)
@@ -184,15 +163,30 @@ class Server:
             close_all(frame.fds)
             self.state.settle()
             self.state.show_sources()
-            self.reply(_wire.ERROR, frame.id, _wire.error_payload(exc))
+            self.reply(_wire.ERROR, id, _wire.error_payload(exc))
         else:
             self.state.settle()
-            self.reply(_wire.OK, frame.id)
+            self.reply(_wire.OK, id)
+
+    def hello_or_kill(self, frame: _wire.Frame) -> None:
+        if frame.op == _wire.HELLO:
+            self.hello(frame.id)
+            return
+        for pid, made_by in self.children.items():
+            if made_by == frame.id:
+                # Not reaped yet, so the pid cannot have been recycled.
+                os.kill(pid, _signal.SIGKILL)
+                return
+
+    def hello(self, id: int, pidfd: bool = True) -> None:
+        """READY with our pid (and a pidfd): asked by HELLO, or unasked (id 0)."""
+        fds = [os.pidfd_open(os.getpid())] if pidfd and self.channel.carries_fds else []
+        identity = _wire.IDENTITY.pack(os.getpid(), *sys.version_info[:2])
+        self.reply(_wire.READY, id, identity, fds)
 
     def fork(self, frame: _wire.Frame) -> None:
         """FORK (a new template) or SPAWN (a child running a target)."""
-        fds = frame.fds
-        spawn = frame.op == _wire.SPAWN
+        fds, spawn = frame.fds, frame.op == _wire.SPAWN
         if not fds or (not spawn and len(fds) != 1):
             raise ValueError("FORK takes one socket, SPAWN a socket and the target's fds")
         if self.wakeup is None:
@@ -207,33 +201,11 @@ class Server:
         fds.clear()
         self.children[pid] = frame.id
         if not spawn:
-            pidfd = os.pidfd_open(pid)
-            try:
-                self.reply(_wire.FORKED, frame.id, _wire.PID.pack(pid), [pidfd])
-            finally:
-                os.close(pidfd)
-
-    def kill(self, id: int) -> None:
-        for pid, made_by in self.children.items():
-            if made_by == id:
-                # Not reaped yet, so the pid cannot have been recycled.
-                os.kill(pid, _signal.SIGKILL)
-                return
-
-    def hello(self, id: int) -> None:
-        """READY with our pid and a pidfd: asked by HELLO, or unasked (id 0)."""
-        pidfd = os.pidfd_open(os.getpid()) if self.channel.carries_fds else -1
-        try:
-            self.reply(_wire.READY, id, identity(), [pidfd] if pidfd >= 0 else None)
-        finally:
-            if pidfd >= 0:
-                os.close(pidfd)
+            self.reply(_wire.FORKED, frame.id, _wire.PID.pack(pid), [os.pidfd_open(pid)])
 
     def serve_forks(self, fds: list[int], payload: bytes) -> None:
-        if len(fds) != 1:
-            raise ValueError("SERVE_FORKS takes exactly one socket")
-        if self.forks is not None:
-            raise ValueError("this template already serves fork requests")
+        if len(fds) != 1 or self.forks is not None:
+            raise ValueError("SERVE_FORKS takes one socket, once")
         requests = socket.socket(fileno=fds.pop())
         if requests.type != socket.SOCK_SEQPACKET:
             requests.close()
@@ -289,23 +261,6 @@ class Server:
         # requester learns that it is reaped when this pipe closes.
         self.reaped[pid] = reaped
 
-    def leave(self, death_signal: int) -> None:
-        """In a new process: stop being part of this template."""
-        # Dies, or shuts down (see ProcessState.on_sigterm), when this template dies.
-        _child.prctl(_child.PR_SET_PDEATHSIG, death_signal)
-        if os.getppid() != self.pid:
-            _child.exit(1)
-        _signal.set_wakeup_fd(-1)
-        # Nothing of the template's machinery may leak into the new process. Raw
-        # closes: the objects that held these die unused with the process.
-        self.channel.close()
-        if self.wakeup is not None:
-            close_all(list(self.wakeup))
-        if self.forks is not None:
-            os.close(self.forks.detach())
-        close_all(list(self.reaped.values()))
-        self.reader.close()
-
     def in_new_process(
         self, fds: list[int], payload: bytes | None, announce: bool = False
     ) -> NoReturn:
@@ -313,13 +268,21 @@ class Server:
         try:
             # A child dies with its template. A new template shuts down instead, so
             # that it still kills and reaps everything below it.
-            self.leave(_signal.SIGKILL if payload is not None else _signal.SIGTERM)
+            _child.prctl(_child.PR_SET_PDEATHSIG, _signal.SIGKILL if payload else _signal.SIGTERM)
+            if os.getppid() != self.pid:
+                _child.exit(1)
+            _signal.set_wakeup_fd(-1)
+            # Nothing of the template's machinery may leak into the new process.
+            self.channel.close()
+            close_all([*(self.wakeup or ()), *self.reaped.values()])
+            if self.forks is not None:
+                os.close(self.forks.detach())
+            self.reader.close()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fds[0])
             if payload is not None:
                 code = _child.run(sock, self.queue, payload, fds[1:], self.state)
             else:
-                server = Server(Socket(sock), list(self.queue), self.state)
-                _current[0] = server
+                server = _current[0] = Server(Link(sock), list(self.queue), self.state)
                 if announce:
                     server.hello(0)
                 server.serve()
@@ -350,9 +313,7 @@ class Server:
             if id is not None:
                 code = os.waitstatus_to_exitcode(status)
                 self.reply(_wire.EXITED, id, _wire.EXIT_STATUS.pack(code))
-            reaped = self.reaped.pop(pid, None)
-            if reaped is not None:
-                os.close(reaped)
+            close_all([self.reaped.pop(pid, -1)])
 
     def shutdown(self) -> None:
         """Kill and reap everything below this process."""
@@ -363,7 +324,7 @@ class Server:
         killed: set[int] = set()
         while True:
             # Orphans below us are adopted as they appear, so look again each time.
-            for pid in (_child.list_children() | self.children.keys()) - killed:
+            for pid in (list_children() | self.children.keys()) - killed:
                 try:
                     os.kill(pid, _signal.SIGKILL)
                 except ProcessLookupError:
@@ -375,17 +336,24 @@ class Server:
                 return
 
 
+def list_children() -> set[int]:
+    """The pids of this process's children."""
+    children: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as file:
+                children.update(int(pid) for pid in file.read().split())
+        except OSError:
+            pass
+    return children
+
+
 def align(path: list[str], cwd: str, environ: dict[str, str]) -> None:
     """Make a forked template what ``open_template`` would start now (see INVOKE)."""
     sys.path[:] = path
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(environ)
-
-
-def identity() -> bytes:
-    """READY's payload: who this template is."""
-    return _wire.IDENTITY.pack(os.getpid(), *sys.version_info[:2])
 
 
 # The server of this process, while it is a template: the child-side API's way in.
@@ -401,7 +369,7 @@ def start(channel: str, owner: int, sigint_blocked: bool) -> None:
     """Serve the channel ``"socket:FD"`` or ``"pipes:READ:WRITE"`` (see ``_boot``)."""
     kind, _, where = channel.partition(":")
     if kind == "socket":
-        main(Socket(socket.socket(fileno=int(where))), owner, sigint_blocked)
+        main(Link(socket.socket(fileno=int(where))), owner, sigint_blocked)
         return
     read_fd, write_fd = (os.dup(int(fd)) for fd in where.split(":"))
     # A stream on the standard descriptors (an ssh session): what children write to
@@ -410,19 +378,13 @@ def start(channel: str, owner: int, sigint_blocked: bool) -> None:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
-    main(Pipes(read_fd, write_fd), owner, sigint_blocked)
+    main(Link(None, read_fd, write_fd), owner, sigint_blocked)
 
 
-def main(channel: Socket | Pipes, owner: int, sigint_blocked: bool) -> None:
-    """Run a template started by ``open_template``, serving ``channel``.
-
-    ``owner`` is the pid of the process that started it. ``sigint_blocked`` says that
-    it blocked SIGINT for the start-up, so that a Ctrl-C before SIGINT is ignored here
-    cannot make this template print a KeyboardInterrupt traceback.
-    """
+def main(channel: Link, owner: int, sigint_blocked: bool) -> None:
+    """Serve ``channel`` as a template, for ``owner`` (0: any parent; see ProcessState)."""
     state = _child.ProcessState(sigint_blocked)
-    server = Server(channel, [], state)
-    _current[0] = server
+    server = _current[0] = Server(channel, [], state)
     try:
         try:
             # If the owner dies, even while this template runs a long command: shut
@@ -433,7 +395,7 @@ def main(channel: Socket | Pipes, owner: int, sigint_blocked: bool) -> None:
             if channel.carries_fds:
                 server.become_template()
             state.settle()
-            server.reply(_wire.READY, 0, identity())
+            server.hello(0, pidfd=False)  # the owner made us: it has a pidfd
             server.serve()
         finally:
             # The owner closes the channel and then sends SIGTERM: a SIGTERM that
@@ -443,26 +405,3 @@ def main(channel: Socket | Pipes, owner: int, sigint_blocked: bool) -> None:
         pass
     server.shutdown()
     _wire.flush_stdio()
-
-
-def main_in_fork(fd: int, parent: int) -> NoReturn:
-    """Serve ``fd`` in a process just forked from a running program, then exit.
-
-    Used by ``trio_fork.fork_main_template``: the program, with everything it has
-    imported, becomes a template. It never returns into the program's code, and never
-    runs the program's ``atexit`` handlers.
-    """
-    code = 1
-    try:
-        # As for a template from open_template: workers must not read the terminal.
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.close(devnull)
-        # main() ends it with the program (PR_SET_PDEATHSIG): safe, since the program
-        # had one thread, the one that forked it.
-        main(Socket(socket.socket(fileno=fd)), parent, False)
-        code = 0
-    except BaseException as exc:
-        _child.print_exception(exc, None)
-    finally:
-        _child.exit(code)

@@ -1,24 +1,14 @@
-"""The one wire format, spoken on every trio_fork channel, and its framed I/O.
+"""The one wire format of every trio_fork channel, and its framed I/O. Stdlib only.
 
-Standard library only: it runs in every template and child.
-
-A frame is a fixed header (opcode, number of descriptors, id, payload length)
-followed by the payload. The control channel of a template and the stream of an RPC
-worker speak the same frames: a command's id is its sequence number, echoed by its
-reply and by the exit report of the process it made; an RPC call's id names its
-result, error and events. Lengths are 64-bit, so a payload is limited by memory.
-
-Descriptors travel as ``SCM_RIGHTS`` ancillary data on the bytes of the frame they
-belong to, at most :data:`MAX_FDS_PER_MESSAGE` per ``sendmsg``. On a Unix stream
-socket Linux returns at most one fd-carrying message per ``recvmsg`` and stops
+A frame is a header (opcode, number of descriptors, id, 64-bit payload length) and a
+payload. A command's id is its sequence number, echoed by its reply and by the exit
+report of the process it made; an RPC call's id names its result, error and events.
+Descriptors ride as ``SCM_RIGHTS`` on the frame's own bytes, at most 253 per
+``sendmsg``. Linux returns at most one fd-carrying message per ``recvmsg`` and stops
 right after it, so the descriptors of one ``recvmsg`` belong to the frame that holds
-the last byte it returned: that rule lets :class:`FrameReader` hand every frame
-exactly its own descriptors, and notice when the kernel dropped some
-(``MSG_CTRUNC``). A transport that cannot carry descriptors (a pipe pair, an ssh
-stream) says so with ``carries_fds``; sending one there raises.
-
-What a worker sends to the parent is data, never a pickle the parent must load:
-errors are described by strings (:func:`pack_strings`), facts by fixed structs.
+its last byte: that is how :class:`FrameReader` hands each frame its own, and sees
+when the kernel dropped some (``MSG_CTRUNC``). What a worker sends to the parent is
+data, never a pickle: errors as strings (:func:`pack_strings`), facts as structs.
 """
 
 from __future__ import annotations
@@ -45,8 +35,7 @@ _FD = struct.Struct("i")
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD.size)
 _LENGTH = struct.Struct("<I")
 
-# Parent to template.
-REQUIRE = 1
+REQUIRE = 1  # parent to template
 EVAL = 2
 ARGS = 3
 FDS = 4
@@ -56,19 +45,15 @@ KILL = 7  # SIGKILL what the command whose id this frame carries made; no answer
 SERVE_FORKS = 8  # fork a new template per request on the SOCK_SEQPACKET socket sent
 HELLO = 9  # answered by READY, with a pidfd; for adopting a channel
 INVOKE = 10  # call a function of the worker side in the template: payload (function, args)
-# Parent to RPC worker.
-CALL = 12
+CALL = 12  # parent to RPC worker
 CANCEL = 13
-
-# Template to parent.
-READY = 16  # payload IDENTITY; unasked (id 0) when a template is up
+READY = 16  # template to parent  # payload IDENTITY; unasked (id 0) when a template is up
 OK = 17
 ERROR = 18  # payload pack_strings(type name, message, traceback, [pickled original])
 FORKED = 19  # payload PID, with a pidfd
 STARTED = 20  # from a new child, on its own socket: payload PID, with a pidfd
 EXITED = 21  # unasked: the process the command with this id made was reaped
-# RPC worker to parent.
-WORKER_READY = 22  # payload WORKER
+WORKER_READY = 22  # RPC worker to parent; payload WORKER
 FAILED = 23  # the worker could not start; payload as ERROR
 RESULT = 24
 EVENT = 25
@@ -76,16 +61,9 @@ CANCELLED = 26
 RETIRING = 27  # no more calls: the worker exits after the frames it has sent
 
 PID = struct.Struct("<i")
-EXIT_STATUS = struct.Struct("<i")
-"""EXITED: the exit status, ``-N`` for death by signal ``N``."""
-IDENTITY = struct.Struct("<iBB")
-"""READY: pid, and the major and minor Python version."""
-WORKER = struct.Struct("<i?")
-"""WORKER_READY: pid, and whether calls run concurrently."""
-
-
-class ProtocolError(Exception):
-    """The other side sent something that is not a frame of this protocol."""
+EXIT_STATUS = struct.Struct("<i")  # EXITED: the exit status, -N for death by signal N
+IDENTITY = struct.Struct("<iBB")  # READY: pid, major and minor Python version
+WORKER = struct.Struct("<i?")  # WORKER_READY: pid, whether calls run concurrently
 
 
 class Frame:
@@ -94,12 +72,9 @@ class Frame:
     __slots__ = ("fds", "fds_lost", "id", "op", "payload")
 
     def __init__(self, op: int, id: int, payload: bytes, fds: list[int], lost: bool) -> None:
-        self.op = op
-        self.id = id
-        self.payload = payload
+        self.op, self.id, self.payload = op, id, payload
         self.fds = fds
-        self.fds_lost = lost
-        """The kernel dropped some of this frame's descriptors (``MSG_CTRUNC``)."""
+        self.fds_lost = lost  # the kernel dropped some of them (MSG_CTRUNC)
 
 
 Segment = tuple[list[bytes], list[int]]
@@ -145,6 +120,7 @@ def parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def close_all(fds: list[int]) -> None:
+    """Close descriptors, ignoring those already closed."""
     for fd in fds:
         try:
             os.close(fd)
@@ -155,12 +131,10 @@ def close_all(fds: list[int]) -> None:
 class FrameReader:
     """Reassembles frames, and their descriptors, from what a transport receives.
 
-    Bytes are received straight into the reader's buffer, which grows to hold the
-    frame being received, so a payload is copied once: out of the buffer when its
-    frame is complete. The buffer grows at most to twice what has arrived, so a
-    header that lies about its length cannot make this process allocate memory the
-    sender never sent. Descriptors received belong to the reader until a complete
-    frame hands them out; :meth:`close` closes those still held.
+    Bytes land straight in the buffer, so a payload is copied once: out of it, when
+    its frame is complete. The buffer grows to hold the frame, but never beyond
+    twice what has arrived: a lying header cannot make us allocate what was never
+    sent. Descriptors are the reader's until their frame is handed out.
     """
 
     def __init__(self) -> None:
@@ -172,11 +146,9 @@ class FrameReader:
         self._marks: deque[tuple[int, list[int], bool]] = deque()
 
     def receive(self, sock: socket.socket, flags: int = 0, fds: bool = True) -> int:
-        """Receive once from ``sock``; the number of bytes, 0 at end of file.
+        """Receive once; the number of bytes, 0 at end of file (or BlockingIOError).
 
-        Descriptors arrive close-on-exec; ``fds=False`` does not ask for them (the
-        kernel closes any that were sent). Raises :exc:`BlockingIOError` when a
-        non-blocking receive finds nothing.
+        Descriptors arrive close-on-exec; with ``fds=False`` the kernel drops them.
         """
         view = self._room()
         try:
@@ -261,11 +233,9 @@ class FrameReader:
 
 
 class Outbox:
-    """Frames queued for a socket, sent whole and in order without ever blocking.
+    """The one write queue: frames sent whole and in order, batched, never blocking.
 
-    The one write queue of trio_fork, on both sides. :meth:`flush` sends what the
-    socket takes; small frames queued together go out in one ``sendmsg``. The
-    outbox owns the descriptors of the frames it holds, and closes them once sent.
+    It owns the descriptors of the frames it holds, and closes them once sent.
     """
 
     def __init__(self) -> None:
@@ -323,18 +293,13 @@ class Outbox:
 
 
 def send_blocking(sock: socket.socket, segments: list[Segment]) -> None:
-    """Send whole segments on a blocking socket."""
-    for buffers, fds in segments:
-        pending = [memoryview(buffer) for buffer in buffers]
-        while pending:
-            sent = sock.sendmsg(pending, ancillary(fds))
-            fds = []
-            while sent:
-                if sent >= len(pending[0]):
-                    sent -= len(pending.pop(0))
-                else:
-                    pending[0] = pending[0][sent:]
-                    sent = 0
+    """Send a frame on a blocking socket; its descriptors are closed once sent."""
+    outbox = Outbox()
+    outbox.put(segments)
+    try:
+        outbox.flush(sock)
+    finally:
+        outbox.clear()
 
 
 def pack_strings(*fields: str | bytes) -> bytes:
@@ -347,29 +312,6 @@ def pack_strings(*fields: str | bytes) -> bytes:
     return b"".join(parts)
 
 
-def unpack_strings(payload: bytes, count: int) -> list[str | bytes]:
-    """The fields of :func:`pack_strings`: ``count`` strings, then raw bytes if any.
-
-    Raises :exc:`ProtocolError` if the payload is not such fields.
-    """
-    fields: list[str | bytes] = []
-    offset = 0
-    try:
-        while offset < len(payload):
-            (length,) = _LENGTH.unpack_from(payload, offset)
-            offset += _LENGTH.size
-            data = payload[offset : offset + length]
-            if len(data) != length:
-                raise ProtocolError("a field is cut short")
-            offset += length
-            fields.append(data.decode("utf-8") if len(fields) < count else data)
-    except (struct.error, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"malformed fields: {exc}") from None
-    if len(fields) < count:
-        raise ProtocolError(f"expected {count} fields, got {len(fields)}")
-    return fields
-
-
 def _safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
@@ -378,11 +320,7 @@ def _safe_str(exc: BaseException) -> str:
 
 
 def describe(exc: BaseException) -> tuple[str, str, str]:
-    """The type name, message and formatted traceback of ``exc``; never raises.
-
-    The traceback starts where the user's code does: outer frames that belong to
-    trio_fork's worker side are dropped.
-    """
+    """Type name, message and traceback of ``exc`` (from the user's code); never raises."""
     import traceback  # only when something failed: templates stay small
 
     tb = exc.__traceback__
@@ -399,12 +337,9 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     return name, _safe_str(exc), text
 
 
-def error_payload(exc: BaseException, original: bytes = b"") -> bytes:
+def error_payload(exc: BaseException) -> bytes:
     """An ERROR or FAILED frame's payload for ``exc``."""
-    fields: tuple[str | bytes, ...] = describe(exc)
-    if original:
-        fields += (original,)
-    return pack_strings(*fields)
+    return pack_strings(*describe(exc))
 
 
 def flush_stdio() -> None:
