@@ -67,10 +67,9 @@ async def wait_until_dead(pid: int, seconds: float = 5.0) -> None:
             await anyio.sleep(0.01)
 
 
-def descendants(root: int | None = None) -> dict[int, str]:
-    """Every process below ``root`` (default: this one), zombies included: pid -> state."""
-    root = os.getpid() if root is None else root
-    parents: dict[int, tuple[int, str]] = {}
+def process_table() -> dict[int, tuple[int, str]]:
+    """Every process now: pid -> (parent pid, "pid (name) state")."""
+    table: dict[int, tuple[int, str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -80,7 +79,20 @@ def descendants(root: int | None = None) -> dict[int, str]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry)] = (int(fields[1]), f"{stat[: stat.rindex(')') + 1]} {fields[0]}")
+        table[int(entry)] = (int(fields[1]), f"{stat[: stat.rindex(')') + 1]} {fields[0]}")
+    return table
+
+
+def descendants(
+    root: int | None = None, table: dict[int, tuple[int, str]] | None = None
+) -> dict[int, str]:
+    """Every process below ``root`` (default: this one), zombies included: pid -> state.
+
+    ``table`` is a ``process_table()`` to read instead of the processes now, so that
+    several questions can be answered about one moment.
+    """
+    root = os.getpid() if root is None else root
+    parents = process_table() if table is None else table
     found: dict[int, str] = {}
     frontier = [root]
     while frontier:

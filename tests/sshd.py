@@ -47,7 +47,7 @@ from typing import Literal, NoReturn
 import attrs
 import pytest
 
-from tests.helpers import descendants, process_alive
+from tests.helpers import descendants, process_alive, process_table
 
 INSTALL_HINT = "apt-get install openssh-server openssh-client"
 
@@ -168,12 +168,13 @@ def leftover_processes(grace: float = 5.0) -> dict[int, str]:
     """
     deadline = time.monotonic() + grace
     while True:
-        leftover = {pid: d for pid, d in descendants().items() if pid not in _servers}
+        table = process_table()
+        leftover = {pid: d for pid, d in descendants(table=table).items() if pid not in _servers}
         if not leftover or time.monotonic() >= deadline:
             return leftover
         remote: set[int] = set()
         for server in _servers:
-            remote |= descendants(server).keys()
+            remote |= descendants(server, table).keys()
         if not leftover.keys() <= remote:
             return leftover
         time.sleep(0.01)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import sshd
 from tests.helpers import process_alive
 from tests.sshd import (
     NetnsHost,
@@ -40,6 +41,18 @@ def no_leaks() -> Iterator[None]:
     assert not leftover, f"processes left behind: {leftover}"
     leaked = {fd: target for fd, target in open_fds().items() if fds_before.get(fd) != target}
     assert not leaked, f"file descriptors leaked: {leaked}"
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_without_openssh_the_tests_say_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch, ci: str
+) -> None:
+    monkeypatch.setattr(sshd, "_SBIN_PATH", "/nonexistent")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CI", ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match=r"no sshd, ssh, ssh-keygen .*apt-get install openssh-server"):
+        sshd.require_openssh()
 
 
 def _ssh(target: SshTarget, command: str) -> str:
