@@ -104,6 +104,30 @@ def descendants(
     return found
 
 
+# Processes apart from this one that serve many tests, such as the test sshds of
+# tests/sshd.py: pid -> what. What runs below them is what the tests made them do.
+session_processes: dict[int, str] = {}
+
+
+def leftover_processes(grace: float = 5.0) -> dict[int, str]:
+    """What a test left behind: ``descendants()``, and what runs below the session processes.
+
+    The latter (the remote side of an ssh connection, below a test sshd) ends a moment
+    after its client, so while nothing else is left this waits, ``grace`` seconds at
+    most, for it to go.
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        table = process_table()
+        local = descendants(table=table)
+        below: dict[int, str] = {}
+        for pid in session_processes:
+            below |= descendants(pid, table)
+        if local or not below or time.monotonic() >= deadline:
+            return local | below
+        time.sleep(0.01)
+
+
 async def until(condition: Callable[[], bool]) -> None:
     """Wait (30 s at most) until ``condition()``, which looks at another process's doing."""
     with anyio.fail_after(30):

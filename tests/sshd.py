@@ -14,10 +14,13 @@ Keys and configuration are made per server in a temporary directory and removed 
 it: a host key, a client key, an sshd_config, and a client config with its known_hosts,
 so that ``ssh -F config host`` reads nothing of the user's or the system's ssh setup.
 
-The servers run in the foreground (``sshd -D``) as children of the test process, so
-that what they run for a client (the remote side of a test) is among ``descendants()``
-and the suite's leak check sees it. That check must leave out the servers themselves
-and give the remote side a moment to end after its client: ``leftover_processes()``.
+The servers run in the foreground (``sshd -D``), each the child of a small supervisor
+(tests/scripts/detached.py) that is no descendant of the test process: a server that
+lives through many tests is not among the ``descendants()`` that tests and the leak
+check count. The supervisor ends its server when the test process closes its end of a
+pipe, or dies. What a server runs for a client (the remote side of a test) is below it:
+``SshServer.sessions()``; ``leftover_processes()`` of tests/helpers.py counts it too,
+giving it a moment to end after its client.
 
 Without ``sshd`` or ``ssh`` the fixtures skip, saying how to install them; under
 ``CI=true`` they fail instead, since ``.ci/run`` installs them.
@@ -37,8 +40,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,7 +50,7 @@ from typing import Literal, NoReturn
 import attrs
 import pytest
 
-from tests.helpers import descendants, process_alive, process_table
+from tests.helpers import dead_within, descendants, process_alive, session_processes
 
 INSTALL_HINT = "apt-get install openssh-server openssh-client"
 
@@ -60,12 +63,11 @@ _SBIN_PATH = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "
 # connections failed to authenticate, which the tests of cut links do on purpose.
 _NEWER_OPTIONS = {"PerSourcePenalties": "no"}
 
+_DETACHED = Path(__file__).resolve().parent / "scripts" / "detached.py"
+
 # Test hosts in network namespaces take /30 networks in 198.18.0.0/15, the range set
 # aside for network tests (RFC 2544): this namespace's end .1, the host's end .2.
 _TEST_RANGE = ipaddress.IPv4Network("198.18.0.0/15")
-
-# The running test servers: pid -> a name for messages.
-_servers: dict[int, str] = {}
 
 _host_numbers = itertools.count(1)
 
@@ -141,43 +143,24 @@ class SshTarget:
 
 @attrs.define(eq=False)
 class SshServer:
-    """One running test sshd (``sshd -D``, a child of this process)."""
+    """One running test sshd (``sshd -D``), apart from the test process.
+
+    ``pid`` is the sshd's; ``supervisor`` is the process of tests/scripts/detached.py
+    whose child it is, and ``control`` the descriptor that keeps the two running.
+    """
 
     target: SshTarget
-    process: subprocess.Popen[bytes]
+    pid: int
+    supervisor: int
+    control: int
     log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
 
     def sessions(self) -> dict[int, str]:
         """What the server runs for its clients now: every process below it."""
-        return descendants(self.process.pid)
+        return descendants(self.pid)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-def leftover_processes(grace: float = 5.0) -> dict[int, str]:
-    """``descendants()`` less the running test sshds: what a test left behind.
-
-    The remote side of a connection (the server's processes below it) ends a moment
-    after its client, so while every leftover is such a process this waits, ``grace``
-    seconds at most, for them to go.
-    """
-    deadline = time.monotonic() + grace
-    while True:
-        table = process_table()
-        leftover = {pid: d for pid, d in descendants(table=table).items() if pid not in _servers}
-        if not leftover or time.monotonic() >= deadline:
-            return leftover
-        remote: set[int] = set()
-        for server in _servers:
-            remote |= descendants(server, table).keys()
-        if not leftover.keys() <= remote:
-            return leftover
-        time.sleep(0.01)
 
 
 def _keygen(openssh: OpenSSH, path: Path, comment: str) -> str:
@@ -293,11 +276,42 @@ def _write_sshd_config(openssh: OpenSSH, path: Path, lines: list[str]) -> None:
             del options[key]
 
 
+def _start_detached(command: list[str], log_path: Path) -> tuple[int, int, int]:
+    """Start ``command`` under tests/scripts/detached.py: (supervisor, pid, control).
+
+    Neither process is a descendant of this one, so the checks of ``descendants()`` in
+    the tests do not count them. Closing ``control`` ends them, and so does the end of
+    this process, however it ends.
+    """
+    control_read, control = os.pipe()
+    try:
+        with (
+            open(log_path, "ab") as log,
+            subprocess.Popen(
+                [sys.executable, str(_DETACHED), *command],
+                stdin=control_read,
+                stdout=subprocess.PIPE,
+                stderr=log,
+            ) as launcher,
+        ):
+            assert launcher.stdout is not None
+            line = launcher.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{_DETACHED} did not start {command}; see {log_path}")
+    except BaseException:
+        os.close(control)
+        raise
+    finally:
+        os.close(control_read)
+    supervisor, pid = (int(field) for field in line.split())
+    return supervisor, pid, control
+
+
 def _wait_listening(server: SshServer, address: str, port: int) -> bool:
     """Whether the server came to listen (False: it ended, unable to bind)."""
     banner = f"Server listening on {address} port {port}."
     deadline = time.monotonic() + 10
-    while server.process.poll() is None:
+    while process_alive(server.pid):
         if banner in server.log():
             return True
         if time.monotonic() >= deadline:
@@ -305,22 +319,21 @@ def _wait_listening(server: SshServer, address: str, port: int) -> bool:
         time.sleep(0.005)
     if "Address already in use" in server.log():
         return False
-    raise RuntimeError(f"sshd ended with {server.process.returncode}; its log:\n{server.log()}")
+    raise RuntimeError(f"sshd ended; its log:\n{server.log()}")
 
 
 def _stop(server: SshServer) -> None:
-    _servers.pop(server.pid, None)
-    # What it still runs for a client goes first: without the server it would be left
-    # running, an orphan. (The leak check has already reported any of it.)
-    for pid in server.sessions():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+    """End the server, and what it still runs for clients: the supervisor does both.
+
+    (Anything left below it was left by a test, and the leak check has said so.)
+    """
+    session_processes.pop(server.pid, None)
+    os.close(server.control)
+    if not dead_within([server.pid, server.supervisor], 10):
+        for pid in (server.pid, server.supervisor):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise RuntimeError(f"the test sshd {server.pid} did not end within 10 s")
 
 
 @contextlib.contextmanager
@@ -350,13 +363,6 @@ def running_sshd(
     authorized_keys.write_text(_keygen(openssh, identity, f"{user}@tests") + "\n")
     known_hosts.write_text(f"{alias} {host_public}\n")
     log_path = directory / "sshd.log"
-    # The server ends with this process even if it is killed (pytest-timeout, SIGKILL):
-    # a parent-death signal, which follows the thread that started the child, so only
-    # from the main thread.
-    guard: list[str] = []
-    setpriv = shutil.which("setpriv")
-    if setpriv and threading.current_thread() is threading.main_thread():
-        guard = [setpriv, "--pdeathsig", "TERM"]
     for _ in range(3):
         chosen = port or _free_port(address)
         config = directory / "sshd_config"
@@ -392,15 +398,13 @@ def running_sshd(
             known_hosts=known_hosts,
         )
         log_path.write_bytes(b"")
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                [*prefix, *guard, openssh.sshd, "-D", "-E", str(log_path), "-f", str(config)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-        server = SshServer(target=target, process=process, log_path=log_path)
-        _servers[process.pid] = f"test sshd on {address} port {chosen}"
+        supervisor, pid, control = _start_detached(
+            [*prefix, openssh.sshd, "-D", "-E", str(log_path), "-f", str(config)], log_path
+        )
+        server = SshServer(
+            target=target, pid=pid, supervisor=supervisor, control=control, log_path=log_path
+        )
+        session_processes[pid] = f"test sshd on {address} port {chosen}"
         try:
             listening = _wait_listening(server, address, chosen)
         except BaseException:
@@ -605,24 +609,13 @@ def open_netns_hosts(count: int) -> Iterator[list[NetnsHost]]:
 
 
 # Fixtures ------------------------------------------------------------------------------
-# tests/conftest.py loads them with ``pytest_plugins = [..., "tests.sshd"]`` and leaves the
-# servers out of its leak check with ``leftover_processes()``. A test module may instead
-# import them (``from tests.sshd import ssh_target_fixture``: each function is named apart
-# from its fixture, so that the import does not shadow the test's argument) and bring that
-# leak check itself, as tests/test_sshd_infra.py does.
+# tests/conftest.py loads them with ``pytest_plugins = [..., "tests.sshd"]``; a test module
+# may instead import them (``from tests.sshd import ssh_target_fixture``: each function
+# is named apart from its fixture, so that the import does not shadow the test's
+# argument).
 
 
-def _server_scope(fixture_name: str, config: pytest.Config) -> Literal["session", "module"]:
-    """One server for the session where the suite's leak check knows about the servers.
-
-    That is where tests/conftest.py loads this module as a plugin. Elsewhere the server
-    of a module that imports the fixtures ends with the module, before another module's
-    leak check could count it.
-    """
-    return "session" if config.pluginmanager.has_plugin("tests.sshd") else "module"
-
-
-@pytest.fixture(scope=_server_scope, name="sshd_server")
+@pytest.fixture(scope="session", name="sshd_server")
 def sshd_server_fixture() -> Iterator[SshServer]:
     """An sshd on 127.0.0.1 and a free port, with its own keys and configs."""
     require_openssh()
@@ -631,7 +624,7 @@ def sshd_server_fixture() -> Iterator[SshServer]:
             yield server
 
 
-@pytest.fixture(scope=_server_scope, name="ssh_target")
+@pytest.fixture(scope="session", name="ssh_target")
 def ssh_target_fixture(sshd_server: SshServer) -> SshTarget:
     """What a client needs for ``sshd_server``: ``[*ssh_target.command, "true"]``."""
     return sshd_server.target

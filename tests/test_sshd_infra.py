@@ -12,6 +12,7 @@ import select
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +20,12 @@ from pathlib import Path
 import pytest
 
 from tests import sshd
-from tests.helpers import process_alive
+from tests.helpers import dead_within, descendants, leftover_processes, process_alive
 from tests.sshd import (
     NetnsHost,
     SshServer,
     SshTarget,
-    leftover_processes,
-    netns_hosts_fixture,  # noqa: F401 (fixtures, until tests/conftest.py loads tests.sshd)
+    netns_hosts_fixture,  # noqa: F401 (fixtures, until conftest.py loads tests.sshd)
     ssh_target_fixture,  # noqa: F401
     sshd_server_fixture,  # noqa: F401
 )
@@ -34,7 +34,7 @@ from tests.targets import open_fds
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """The suite's leak check, less the test sshds, until tests/conftest.py does that."""
+    """The suite's leak check, and what the test sshds still run: until conftest.py does it."""
     fds_before = open_fds()
     yield
     leftover = leftover_processes()
@@ -98,7 +98,10 @@ def test_the_remote_side_sees_eof_when_the_client_is_killed(
         assert client.stdin is not None
         assert client.stdout is not None
         remote = int(client.stdout.readline())
+        # The server is no descendant of this process; what it runs for a test counts.
+        assert sshd_server.pid not in descendants()
         assert remote in sshd_server.sessions()
+        assert remote in leftover_processes(grace=0)
         client.stdin.write(b"abc")
         time.sleep(0.1)  # for the bytes to get there, not a wait for an event
         client.send_signal(signal.SIGKILL)
@@ -108,6 +111,23 @@ def test_the_remote_side_sees_eof_when_the_client_is_killed(
         assert time.monotonic() - killed < 5, "the remote side still reads after 5 s"
         time.sleep(0.01)
     assert report.read_text() == "3"
+
+
+def test_a_server_ends_when_the_test_process_is_killed(tmp_path: Path) -> None:
+    script = (
+        "import sys, time; from pathlib import Path; from tests.sshd import running_sshd\n"
+        f"with running_sshd(Path({str(tmp_path)!r})) as server:\n"
+        "    print(server.pid, server.supervisor, flush=True); time.sleep(60)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    with subprocess.Popen(
+        [sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True
+    ) as tests:
+        assert tests.stdout is not None
+        server = [int(pid) for pid in tests.stdout.readline().split()]
+        assert all(process_alive(pid) for pid in server)
+        tests.kill()
+    assert dead_within(server, 5)
 
 
 def _receive(stream: int, seconds: float) -> bytes:
