@@ -344,12 +344,14 @@ def running_sshd(
     port: int | None = None,
     alias: str = "testhost",
     prefix: Sequence[str] = (),
+    options: Sequence[str] = (),
 ) -> Iterator[SshServer]:
     """Run an sshd for the tests on ``address`` (and ``port``, or a free one).
 
     Its keys, configs and log go in ``directory``, which must exist. ``prefix`` runs it
-    in another network namespace (``["ip", "netns", "exec", name]``). It is stopped,
-    with whatever it still runs for clients, when the block ends.
+    in another network namespace (``["ip", "netns", "exec", name]``); ``options`` are
+    more sshd_config lines (``"ClientAliveInterval 1"``). It is stopped, with whatever
+    it still runs for clients, when the block ends.
     """
     openssh = require_openssh()
     user = pwd.getpwuid(os.geteuid()).pw_name
@@ -375,7 +377,8 @@ def running_sshd(
                 host_key=host_key,
                 authorized_keys=authorized_keys,
                 user=user,
-            ),
+            )
+            + list(options),
         )
         client_config = directory / "ssh_config"
         client_config.write_text(
@@ -554,7 +557,7 @@ def _free_network() -> ipaddress.IPv4Network:
 
 
 @contextlib.contextmanager
-def _netns_host(directory: Path) -> Iterator[NetnsHost]:
+def _netns_host(directory: Path, options: Sequence[str]) -> Iterator[NetnsHost]:
     number = next(_host_numbers)
     netns = f"tfork{os.getpid()}h{number}"
     veth = f"tf{os.getpid()}h{number}"
@@ -582,6 +585,7 @@ def _netns_host(directory: Path) -> Iterator[NetnsHost]:
                 port=22,
                 alias=f"h{number}",
                 prefix=["ip", "netns", "exec", netns],
+                options=options,
             )
         )
         host = NetnsHost(
@@ -593,8 +597,10 @@ def _netns_host(directory: Path) -> Iterator[NetnsHost]:
 
 
 @contextlib.contextmanager
-def open_netns_hosts(count: int) -> Iterator[list[NetnsHost]]:
+def open_netns_hosts(count: int, *, options: Sequence[str] = ()) -> Iterator[list[NetnsHost]]:
     """``count`` test hosts in network namespaces, each with its own sshd; see NetnsHost.
+
+    ``options`` are more sshd_config lines for every host's sshd (see running_sshd).
 
     Everything is removed when the block ends, however it ends; namespaces that a
     killed session left behind are removed first.
@@ -605,7 +611,7 @@ def open_netns_hosts(count: int) -> Iterator[list[NetnsHost]]:
     _remove_stale_namespaces()
     with tempfile.TemporaryDirectory(prefix="tfork-netns-") as directory:
         with contextlib.ExitStack() as stack:
-            yield [stack.enter_context(_netns_host(Path(directory))) for _ in range(count)]
+            yield [stack.enter_context(_netns_host(Path(directory), options)) for _ in range(count)]
 
 
 # Fixtures ------------------------------------------------------------------------------
