@@ -76,10 +76,9 @@ async def wait_until_dead(pid: int, seconds: float = 5.0) -> None:
             await anyio.sleep(0.01)
 
 
-def descendants(root: int | None = None) -> dict[int, str]:
-    """Every process below ``root`` (default: this one), zombies included: pid -> state."""
-    root = os.getpid() if root is None else root
-    parents: dict[int, tuple[int, str]] = {}
+def process_table() -> dict[int, tuple[int, str]]:
+    """Every process now: pid -> (parent pid, "pid (name) state")."""
+    table: dict[int, tuple[int, str]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -89,7 +88,20 @@ def descendants(root: int | None = None) -> dict[int, str]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        parents[int(entry)] = (int(fields[1]), f"{stat[: stat.rindex(')') + 1]} {fields[0]}")
+        table[int(entry)] = (int(fields[1]), f"{stat[: stat.rindex(')') + 1]} {fields[0]}")
+    return table
+
+
+def descendants(
+    root: int | None = None, table: dict[int, tuple[int, str]] | None = None
+) -> dict[int, str]:
+    """Every process below ``root`` (default: this one), zombies included: pid -> state.
+
+    ``table`` is a ``process_table()`` to read instead of the processes now, so that
+    several questions can be answered about one moment.
+    """
+    root = os.getpid() if root is None else root
+    parents = process_table() if table is None else table
     found: dict[int, str] = {}
     frontier = [root]
     while frontier:
@@ -99,6 +111,30 @@ def descendants(root: int | None = None) -> dict[int, str]:
                 found[pid] = description
                 frontier.append(pid)
     return found
+
+
+# Processes apart from this one that serve many tests, such as the test sshds of
+# tests/sshd.py: pid -> what. What runs below them is what the tests made them do.
+session_processes: dict[int, str] = {}
+
+
+def leftover_processes(grace: float = 5.0) -> dict[int, str]:
+    """What a test left behind: ``descendants()``, and what runs below the session processes.
+
+    The latter (the remote side of an ssh connection, below a test sshd) ends a moment
+    after its client, so while nothing else is left this waits, ``grace`` seconds at
+    most, for it to go.
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        table = process_table()
+        local = descendants(table=table)
+        below: dict[int, str] = {}
+        for pid in session_processes:
+            below |= descendants(pid, table)
+        if local or not below or time.monotonic() >= deadline:
+            return local | below
+        time.sleep(0.01)
 
 
 async def until(condition: Callable[[], bool]) -> None:
