@@ -5,8 +5,9 @@ map to trio_fork's nearest public equivalents:
 
 - ``get_default_context()``: only its ``statistics()`` is used, which is
   ``trio_fork.default_context_statistics()``;
-- ``DEFAULT_CONTEXT._worker_cache.shutdown(grace_period)``: the ``shutdown_cache``
-  fixture ends the default context's workers after a test; see :class:`_WorkerCache`.
+- ``DEFAULT_CONTEXT._worker_cache.shutdown(grace_period)``, with which the
+  ``shutdown_cache`` fixture ends the default context's workers after a test:
+  ``configure_default_context()`` (see :class:`_WorkerCache`).
 
 A public name that trio_fork lacks raises :exc:`AttributeError` where a test uses it,
 so that only the tests that need it fail.
@@ -14,6 +15,7 @@ so that only the tests that need it fail.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import trio_fork
@@ -41,10 +43,17 @@ def __getattr__(name: str) -> Any:
 
 class _WorkerCache:
     def shutdown(self, grace_period: float) -> None:
-        # trio_fork's default context belongs to one event loop run and ends with it,
-        # so after a test there is nothing left to shut down. Were it process-wide, as
-        # trio-parallel's is, its workers would have to be ended here.
+        """End the default context's workers, as the ``shutdown_cache`` fixture asks.
+
+        Through trio_fork's public interface: configuring the default context anew
+        replaces it, so the next test starts without workers, as after trio-parallel's
+        shutdown. The warning that a context with workers was replaced is what this
+        call means to do, so it is not shown (the tests run with warnings as errors).
+        """
         del grace_period
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            trio_fork.configure_default_context()
 
 
 class _DefaultContext:
