@@ -243,9 +243,10 @@ def run(suite: Suite, internals_file: Path, *, run_internals: bool) -> None:
     results = CACHE / f"results-{suite.name.replace(' ', '-')}.jsonl"
     results.unlink(missing_ok=True)
     command = [
-        sys.executable,
-        "-m",
-        "pytest",
+        # The pytest command, as the peers' own CI runs it (tox, nox), rather than
+        # python -m pytest: what a program's __main__ is decides what its workers
+        # load (anyio's test_entrypoint_main_module), and this __main__ is a script.
+        str(Path(sys.executable).parent / "pytest"),
         "--rootdir",
         str(suite.rootdir),
         "-p",
@@ -265,7 +266,7 @@ def run(suite: Suite, internals_file: Path, *, run_internals: bool) -> None:
         **os.environ,
         "PYTHONPATH": os.pathsep.join([*map(str, paths), *([inherited] if inherited else [])]),
     }
-    print(f"\ncompat: {suite.name}: {' '.join(command[1:])}", flush=True)
+    print(f"\ncompat: {suite.name}: {' '.join(command)}", flush=True)
     suite.returncode = subprocess.run(command, cwd=suite.rootdir, env=env, check=False).returncode
     if results.exists():
         with results.open() as file:
