@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     internals = read_internals(INTERNALS_DOC)
     chosen = options.suite or ["trio_parallel", "anyio"]
     CACHE.mkdir(exist_ok=True)
-    (CACHE / ".gitignore").write_text("*\n")
     suites = [PREPARE[name]() for name in chosen]
 
     internals_file = CACHE / "internals.json"
