@@ -63,10 +63,10 @@ class Suite:
     pythonpath: list[Path]
     id_prefix: str
     """How the ids of its tests begin."""
-    extra_args: list[str]
-    """Arguments for pytest from the command line."""
     group: Callable[[str], str]
     """The line of the summary a test id is counted on."""
+    extra_args: list[str] = field(default_factory=list)
+    """Arguments for pytest from the command line."""
     records: list[dict[str, str]] = field(default_factory=list)
     returncode: int = 0
 
@@ -193,7 +193,6 @@ def prepare_trio_parallel() -> Suite:
         # than a trio_parallel that may be installed.
         pythonpath=[run_dir],
         id_prefix="trio_parallel/_tests/",
-        extra_args=[],
         group=lambda test_id: "",
     )
 
@@ -219,7 +218,6 @@ def prepare_anyio() -> Suite:
         ],
         pythonpath=[],
         id_prefix="tests/test_to_process.py",
-        extra_args=[],
         group=_backend,
     )
 
