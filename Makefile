@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck docs pytest bench clean
+.PHONY: demo test lint typecheck docs pytest bench compat compat-report clean
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -m trio_fork demo
@@ -32,6 +32,15 @@ bench: $(VENV)/.installed-demo
 		--plot bench/results/spawn-rate.png > bench/results/table.txt
 	cat bench/results/table.txt
 
+# The peers' own test suites (trio-parallel's, anyio's to_process) against trio_fork;
+# see tests/compat/run.py. compat-report runs the internals tests too, lists every
+# failure and exits 0.
+compat: $(VENV)/.installed-compat
+	$(BIN)/python tests/compat/run.py
+
+compat-report: $(VENV)/.installed-compat
+	$(BIN)/python tests/compat/run.py --report
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -43,5 +52,9 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	touch $@ $(VENV)/.installed-demo
 
+$(VENV)/.installed-compat: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench,compat]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed-demo
+
 clean:
-	rm -rf $(VENV) docs/_build .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) docs/_build .mypy_cache .pytest_cache .ruff_cache .compat-cache

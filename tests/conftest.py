@@ -10,6 +10,9 @@ from tests.targets import open_fds
 # For running small example suites that use the trio_fork plugin.
 pytest_plugins = ["pytester"]
 
+# The harness of `make compat`, which runs the peers' suites in runs of their own.
+collect_ignore = ["compat"]
+
 
 @pytest.fixture(params=["trio", "asyncio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
