@@ -4,11 +4,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import descendants
+from tests.helpers import leftover_processes
 from tests.targets import open_fds
 
-# For running small example suites that use the trio_fork plugin.
-pytest_plugins = ["pytester"]
+# pytester: for running small example suites that use the trio_fork plugin; tests.sshd:
+# real OpenSSH servers on loopback and in network namespaces.
+pytest_plugins = ["pytester", "tests.sshd"]
 
 # The harness of `make compat`, which runs the peers' suites in runs of their own.
 collect_ignore = ["compat"]
@@ -24,7 +25,7 @@ def no_leaks() -> Iterator[None]:
     """Every test leaves no process of ours (not even a zombie) and no descriptor."""
     fds_before = open_fds()
     yield
-    leftover = descendants()
+    leftover = leftover_processes()
     assert not leftover, f"processes left behind: {leftover}"
     leaked = {fd: target for fd, target in open_fds().items() if fds_before.get(fd) != target}
     assert not leaked, f"file descriptors leaked: {leaked}"

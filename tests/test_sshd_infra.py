@@ -14,33 +14,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import sshd
 from tests.helpers import dead_within, descendants, leftover_processes, process_alive
-from tests.sshd import (
-    NetnsHost,
-    SshServer,
-    SshTarget,
-    netns_hosts_fixture,  # noqa: F401 (fixtures, until conftest.py loads tests.sshd)
-    ssh_target_fixture,  # noqa: F401
-    sshd_server_fixture,  # noqa: F401
-)
-from tests.targets import open_fds
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """The suite's leak check, and what the test sshds still run: until conftest.py does it."""
-    fds_before = open_fds()
-    yield
-    leftover = leftover_processes()
-    assert not leftover, f"processes left behind: {leftover}"
-    leaked = {fd: target for fd, target in open_fds().items() if fds_before.get(fd) != target}
-    assert not leaked, f"file descriptors leaked: {leaked}"
+from tests.sshd import NetnsHost, SshServer, SshTarget
 
 
 @pytest.mark.parametrize("ci", ["", "true"])
