@@ -14,8 +14,20 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-class PickleSerializer:
+class _Named:
+    name = ""
+
+    def __repr__(self) -> str:
+        return f"trio_fork.{self.name}"
+
+    def __reduce__(self) -> str:
+        return self.name
+
+
+class PickleSerializer(_Named):
     """:mod:`pickle` at its highest protocol; functions and classes go by name."""
+
+    name = "PICKLE"
 
     def dumps(self, obj: Any, /) -> bytes:
         return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
@@ -23,15 +35,11 @@ class PickleSerializer:
     def loads(self, data: bytes, /) -> Any:
         return pickle.loads(data)
 
-    def __repr__(self) -> str:
-        return "trio_fork.PICKLE"
 
-    def __reduce__(self) -> str:
-        return "PICKLE"
-
-
-class JSONSerializer:
+class JSONSerializer(_Named):
     """Compact UTF-8 :mod:`json`: data only (tuples arrive as lists), never code."""
+
+    name = "JSON"
 
     def dumps(self, obj: Any, /) -> bytes:
         import json  # only in the workers that use it
@@ -42,12 +50,6 @@ class JSONSerializer:
         import json
 
         return json.loads(data)
-
-    def __repr__(self) -> str:
-        return "trio_fork.JSON"
-
-    def __reduce__(self) -> str:
-        return "JSON"
 
 
 class ModuleSerializer:

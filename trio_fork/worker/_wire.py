@@ -19,12 +19,8 @@ import struct
 import sys
 from collections import deque
 
-HEADER = struct.Struct("<BIIQ")
-"""Opcode, number of file descriptors, id, payload length."""
-
-MAX_FDS_PER_MESSAGE = 253
-"""The kernel's ``SCM_MAX_FD``: descriptors accepted in one ``sendmsg``."""
-
+HEADER = struct.Struct("<BIIQ")  # opcode, number of descriptors, id, payload length
+MAX_FDS_PER_MESSAGE = 253  # the kernel's SCM_MAX_FD: descriptors in one sendmsg
 RECEIVE_SIZE = 256 * 1024
 # Below this size a frame is sent as one joined buffer; above it header and payload
 # go out as separate buffers of one sendmsg, so that a big payload is never copied.
@@ -171,7 +167,7 @@ class FrameReader:
         return count
 
     def receive_fd(self, fd: int) -> int:
-        """Receive once from a pipe or any descriptor without ancillary data."""
+        """Receive once from a pipe (no descriptors)."""
         view = self._room()
         try:
             count = os.readv(fd, [view])
@@ -222,8 +218,7 @@ class FrameReader:
         return Frame(op, id, payload, fds, False)
 
     @property
-    def in_frame(self) -> bool:
-        """Whether part of a frame has been received: end of file now cuts it."""
+    def in_frame(self) -> bool:  # part of a frame came: end of file now cuts it
         return self._end > self._start
 
     def close(self) -> None:
@@ -312,13 +307,6 @@ def pack_strings(*fields: str | bytes) -> bytes:
     return b"".join(parts)
 
 
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except BaseException:
-        return f"<exception str() failed: {type(exc).__name__}>"
-
-
 def describe(exc: BaseException) -> tuple[str, str, str]:
     """Type name, message and traceback of ``exc`` (from the user's code); never raises."""
     import traceback  # only when something failed: templates stay small
@@ -331,10 +319,14 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     if cls.__module__ not in ("builtins", "__main__", "__mp_main__"):
         name = f"{cls.__module__}.{name}"
     try:
+        message = str(exc)
+    except BaseException:
+        message = f"<exception str() failed: {cls.__name__}>"
+    try:
         text = "".join(traceback.format_exception(cls, exc, tb))
     except BaseException:
-        text = f"{name}: {_safe_str(exc)}\n(the traceback could not be formatted)\n"
-    return name, _safe_str(exc), text
+        text = f"{name}: {message}\n(the traceback could not be formatted)\n"
+    return name, message, text
 
 
 def error_payload(exc: BaseException) -> bytes:
