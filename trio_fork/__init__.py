@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     from ._run_sync import default_context_statistics as default_context_statistics
     from ._run_sync import open_worker_context as open_worker_context
     from ._run_sync import run_sync as run_sync
+    from ._shared import DEFAULT_BUFFER_THRESHOLD as DEFAULT_BUFFER_THRESHOLD
+    from ._shared import shared_array as shared_array
+    from ._shared import shared_buffer as shared_buffer
     from ._template import Template as Template
     from .worker._serializers import JSON as JSON
     from .worker._serializers import PICKLE as PICKLE
@@ -73,6 +76,9 @@ _LOCATIONS = {
     "default_context_statistics": "_run_sync",
     "open_worker_context": "_run_sync",
     "run_sync": "_run_sync",
+    "DEFAULT_BUFFER_THRESHOLD": "_shared",
+    "shared_array": "_shared",
+    "shared_buffer": "_shared",
     "Template": "_template",
     "JSON": "worker._serializers",
     "PICKLE": "worker._serializers",

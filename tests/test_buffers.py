@@ -1,0 +1,221 @@
+"""The out-of-band buffer machinery itself (trio_fork.worker._buffers), in one process.
+
+Each test sends to itself: ``dumps`` makes the payload and descriptors a frame would
+carry, ``receive`` maps them as the other side would. How the calls of workers use it
+is tested in tests/test_large_data.py.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+import trio_fork
+from trio_fork._shared import check_threshold
+from trio_fork.worker import _buffers
+
+np = pytest.importorskip("numpy")
+
+MIB = 1 << 20
+
+
+def send(obj: object, threshold: int | None = MIB) -> object:
+    """``obj`` through dumps and receive, as another process would get it."""
+    payload, fds = _buffers.dumps(obj, threshold)
+    return _buffers.loads(*_buffers.receive(payload, fds))
+
+
+def inode(fd: int) -> int:
+    return os.fstat(fd).st_ino
+
+
+def mappings() -> int:
+    """Mappings of memfds in this process."""
+    with open("/proc/self/maps") as file:
+        return sum("/memfd:trio_fork" in line for line in file)
+
+
+def test_small_objects_are_plain_pickles() -> None:
+    value = {"a": [1, 2.0, "three"], "array": np.arange(10)}
+    payload, fds = _buffers.dumps(value)
+    assert fds == []
+    assert payload == pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    assert _buffers.receive(payload, []) == (payload, [])
+
+
+def test_a_big_array_goes_in_a_sealed_memfd_and_comes_back_on_a_private_mapping() -> None:
+    array = np.arange(MIB // 8 * 3, dtype=np.float64)
+    payload, fds = _buffers.dumps({"x": array, "small": np.ones(3)})
+    assert len(fds) == 1
+    assert len(payload) < 1000  # the data is not in the payload
+    seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_WRITE
+    assert seals & fcntl.F_SEAL_SHRINK
+    spare = os.dup(fds[0])
+    try:
+        data, buffers = _buffers.receive(payload, fds)
+        received = _buffers.loads(data, buffers)["x"]
+        del data, buffers
+        assert np.array_equal(received, array)
+        assert received.flags.writeable
+        # Copy-on-write: what the receiver writes stays its own.
+        received[:] = -1
+        assert np.frombuffer(os.pread(spare, 16, 0), np.float64).tolist() == [0.0, 1.0]
+    finally:
+        os.close(spare)
+
+
+def test_the_mapping_and_its_descriptor_go_with_the_last_object_on_them() -> None:
+    before = mappings()
+    received = send(np.ones(2 * MIB, dtype=np.uint8))
+    assert mappings() == before + 1
+    view = received[10:20]
+    del received
+    gc.collect()
+    assert mappings() == before + 1  # the slice still holds it
+    del view
+    assert mappings() == before  # and the autouse check: no descriptor left
+
+
+def test_a_received_array_is_sent_on_by_descriptor_until_it_is_written_to() -> None:
+    received = send(np.ones(2 * MIB, dtype=np.uint8))
+    _, fds = _buffers.dumps(received)
+    _, again = _buffers.dumps(received[MIB:])  # a slice of it: the same memfd, too
+    assert inode(fds[0]) == inode(again[0])
+    _, fresh = _buffers.dumps(np.ones(2 * MIB, dtype=np.uint8))
+    assert inode(fresh[0]) != inode(fds[0])
+    received[5] = 7  # one page is now this process's own: send a copy
+    _, copied = _buffers.dumps(received)
+    assert inode(copied[0]) != inode(fds[0])
+    for fd in [*fds, *again, *fresh, *copied]:
+        os.close(fd)
+
+
+def test_a_resent_slice_arrives_with_its_offset() -> None:
+    received = send(np.arange(MIB, dtype=np.int64))
+    part = send(received[12345:])
+    assert part[0] == 12345
+    assert len(part) == MIB - 12345
+
+
+def test_a_shared_array_is_sent_without_a_copy_and_read_only_by_default() -> None:
+    array = trio_fork.shared_array(MIB, np.uint8)
+    array[:] = 3
+    payload, fds = _buffers.dumps(array)
+    assert os.fstat(fds[0]).st_size == MIB
+    # A read-only descriptor: the receiver can only map it privately.
+    assert fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    received = _buffers.loads(*_buffers.receive(payload, fds))
+    assert received[0] == 3
+    received[0] = 9
+    assert array[0] == 3
+
+
+def test_a_shared_array_with_shared_writes_is_written_in_place() -> None:
+    array = trio_fork.shared_array((4, MIB // 4), np.uint8, shared_writes=True)
+    received = send(array)
+    received[1, 2] = 42
+    assert array[1, 2] == 42
+
+
+def test_shared_buffers_arrive_as_memoryviews() -> None:
+    buffer = trio_fork.shared_buffer(2 * MIB)
+    memoryview(buffer)[:3] = b"abc"
+    received = send(buffer)
+    assert isinstance(received, memoryview)
+    assert bytes(received[:3]) == b"abc"
+
+
+def test_pickle_buffers_go_out_of_band_and_bytes_stay_in_band() -> None:
+    data = bytearray(b"x" * 2 * MIB)
+    payload, fds = _buffers.dumps(pickle.PickleBuffer(data))
+    assert len(fds) == 1
+    received = _buffers.loads(*_buffers.receive(payload, fds))
+    assert isinstance(received, memoryview)
+    assert not received.readonly
+    assert received == data
+    # CPython's pickler offers no hook for bytes and bytearray: they stay in the pickle.
+    for value in (bytes(data), data):
+        payload, fds = _buffers.dumps(value)
+        assert fds == []
+        assert len(payload) > 2 * MIB
+    readonly = send(pickle.PickleBuffer(bytes(data)))
+    assert isinstance(readonly, memoryview)
+    assert readonly.readonly
+
+
+def test_the_threshold() -> None:
+    array = np.ones(1000, dtype=np.uint8)
+    fds = _buffers.dumps(array, 1000)[1]
+    assert len(fds) == 1
+    os.close(fds[0])
+    assert _buffers.dumps(array, 1001)[1] == []
+    assert _buffers.dumps(array, None) == (pickle.dumps(array, pickle.HIGHEST_PROTOCOL), [])
+
+
+@pytest.mark.parametrize(
+    ("threshold", "error"),
+    [(0, ValueError), (-1, ValueError), (True, TypeError), (1.5, TypeError), ("1", TypeError)],
+)
+def test_bad_thresholds(threshold: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="open_rpc: buffer_threshold"):
+        check_threshold(threshold, "open_rpc")  # type: ignore[arg-type]
+
+
+def test_bad_shared_sizes() -> None:
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        trio_fork.shared_buffer(0)
+    with pytest.raises(TypeError):
+        trio_fork.shared_buffer(1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="holds no bytes"):
+        trio_fork.shared_array((0, 3))
+
+
+def test_bad_tables_and_descriptors_are_refused_and_closed() -> None:
+    payload, fds = _buffers.dumps(np.ones(MIB, dtype=np.uint8))
+    with pytest.raises(ValueError, match="without their descriptors"):
+        _buffers.receive(payload, [])
+    with pytest.raises(ValueError, match="1 descriptors came with a table of 2"):
+        _buffers.receive(payload.replace(b"\0\1", b"\0\2", 1), [os.dup(fds[0])])
+    with pytest.raises(ValueError, match="cannot be mapped"):
+        _buffers.receive(payload[:3], [os.dup(fds[0])])
+    unsealed = os.memfd_create("unsealed")
+    os.ftruncate(unsealed, MIB)
+    with pytest.raises(ValueError, match="not a sealed memfd"):
+        _buffers.receive(payload, [unsealed])
+    small = os.memfd_create("small", os.MFD_ALLOW_SEALING)
+    fcntl.fcntl(small, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    with pytest.raises(ValueError, match="not a sealed memfd"):
+        _buffers.receive(payload, [small])
+    with pytest.raises(ValueError, match="cannot be mapped"):
+        _buffers.receive(payload, [os.open(os.devnull, os.O_RDONLY)])
+    os.close(fds[0])
+    # Each refused descriptor was closed: the autouse check finds none left.
+
+
+def test_a_failed_pickle_leaves_no_descriptor() -> None:
+    with pytest.raises((AttributeError, pickle.PicklingError)):
+        _buffers.dumps([np.ones(MIB, dtype=np.uint8), lambda: None])
+
+
+def test_nothing_in_dev_shm_and_no_tracker() -> None:
+    before = set(os.listdir("/dev/shm"))
+    kept = send(np.ones(4 * MIB, dtype=np.uint8))
+    assert set(os.listdir("/dev/shm")) == before
+    assert kept.sum() == 4 * MIB
+
+
+def test_the_worker_side_module_imports_only_the_standard_library() -> None:
+    code = (
+        "import sys; import trio_fork.worker._buffers, trio_fork._shared; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('numpy', 'anyio', 'trio', 'attrs', 'sniffio')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
