@@ -20,6 +20,7 @@ import attrs
 from ._arguments import Serializer
 from ._construct import NoPublicConstructor
 from ._errors import RemoteError
+from ._outofband import Descriptors, dumps, loads
 from .worker._wire import CANCELLED, ERROR, RESULT
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class Request:
 
     payload: bytes
     kill_on_cancel: bool
+    fds: Descriptors | None = None
+    """The descriptors of its out-of-band buffers, kept until it is done."""
     id: int = 0
     kind: int = -1
     value: Any = None
@@ -49,7 +52,7 @@ class Request:
     cancelling: bool = False
     """The caller is stopping it: it must never be sent anywhere again."""
     # Serialized events not yet taken; None for callers that do not listen.
-    events: deque[bytes] | None = None
+    events: deque[Any] | None = None
     # Set to wake the task waiting on this request: it is done, an event came, it
     # was sent, or it is this task's turn to read.
     turn: anyio.Event | None = None
@@ -61,6 +64,8 @@ class Request:
     def finish(self, kind: int, value: Any) -> None:
         self.kind = kind
         self.value = value
+        if self.fds is not None:
+            self.fds.close()  # it will not be sent again: let its buffers go
         self.wake()
 
     def wake(self) -> None:
@@ -113,14 +118,21 @@ Withdraw = Callable[[Request], bool]
 
 
 def make_request(
-    serializer: Serializer, args: tuple[Any, ...], kill_on_cancel: bool, listen: bool
+    serializer: Serializer,
+    args: tuple[Any, ...],
+    kill_on_cancel: bool,
+    listen: bool,
+    threshold: int | None = None,
 ) -> Request:
-    """A request for a call with ``args``, serialized here so that errors are ours."""
+    """A request for a call with ``args``, serialized here so that errors are ours.
+
+    Buffers of ``threshold`` bytes or more go out of band (None: none do).
+    """
     try:
-        payload = serializer.dumps(args)
+        payload, fds = dumps(serializer, args, threshold)
     except Exception as exc:
         raise TypeError(f"the arguments of the call cannot be serialized: {exc}") from exc
-    request = Request(payload, kill_on_cancel)
+    request = Request(payload, kill_on_cancel, fds)
     if listen:
         request.events = deque()
     return request
@@ -168,7 +180,7 @@ async def abort(request: Request, withdraw: Withdraw | None, *, kill: bool) -> N
 def outcome(request: Request, serializer: Serializer, originals: bool = False) -> Any:
     """The result of a finished request, or raise its error."""
     if request.kind == RESULT:
-        return serializer.loads(request.value)
+        return loads(serializer, request.value)
     if request.kind == ERROR:
         raise unwrap_error(request.value, originals)
     if request.kind == LOST:
@@ -212,7 +224,7 @@ class Call(metaclass=NoPublicConstructor):
         await anyio.lowlevel.checkpoint()
         if not events:
             raise StopAsyncIteration
-        return self._serializer.loads(events.popleft())
+        return loads(self._serializer, events.popleft())
 
     async def result(self) -> Any:
         """Wait for the call to finish; its result.

@@ -34,6 +34,7 @@ import sniffio
 from ._call import LOST, Request, sleep_until_woken, wait_until
 from ._child import Process, describe_exit
 from ._errors import BrokenTemplateError, BrokenWorkerError, RemoteError
+from ._outofband import open_frame
 from ._transport import ProtocolError, Transport, unpack_strings
 from .worker import _wire
 from .worker._wire import (
@@ -76,6 +77,8 @@ class Connection:
     on_lost: Callable[[Connection], None] | None = None
     on_retiring: Callable[[Connection], None] | None = None
     concurrent: bool = False
+    buffers: bool = False
+    """Whether replies may carry out-of-band buffers (only then are fds received)."""
     failure: BaseException | None = None
     lost: BrokenWorkerError | None = None
     closing: bool = False
@@ -146,7 +149,8 @@ class Connection:
         request.connection = self
         self._requests[request.id] = request
         self._nothing_since_send = True
-        self._write(encode(CALL, request.id, request.payload), now=len(self._requests) == 1)
+        fds = () if request.fds is None else request.fds.copies()
+        self._write(encode(CALL, request.id, request.payload, fds), now=len(self._requests) == 1)
         request.wake()
 
     def cancel(self, request: Request) -> None:
@@ -241,6 +245,9 @@ class Connection:
             if self._loop is not None:
                 self._loop.remove_reader(self._sock)
             self.readable = False
+            # Descriptors of frames that will never be sent, or never complete.
+            self._transport.outbox.clear()
+            self._transport.reader.close()
             self._lose(what)
             # Wake a caller still waiting for the socket: there is nothing more.
             anyio.notify_closing(self._sock)
@@ -266,7 +273,7 @@ class Connection:
         batch instead of per call.
         """
         outbox = self._transport.outbox
-        if now and not outbox and len(segments[0][0]) == 1:
+        if now and not outbox and len(segments[0][0]) == 1 and not segments[0][1]:
             # The common case, kept short: one buffer, and the socket has room.
             data = segments[0][0][0]
             try:
@@ -316,7 +323,7 @@ class Connection:
                 if skip_receive:
                     skip_receive = False
                     raise BlockingIOError
-                received = transport.receive(fds=False)
+                received = transport.receive(fds=self.buffers)
             except BlockingIOError:
                 handled = 0
                 try:
@@ -338,7 +345,7 @@ class Connection:
     def _on_readable(self) -> None:
         """asyncio's reader callback: hand out what has come."""
         try:
-            received = self._transport.receive(fds=False)
+            received = self._transport.receive(fds=self.buffers)
         except BlockingIOError:
             return
         except OSError:
@@ -360,7 +367,7 @@ class Connection:
         """Hand out whatever a dead worker left in the socket."""
         while self.readable:
             try:
-                if not self._transport.receive(fds=False):
+                if not self._transport.receive(fds=self.buffers):
                     break
             except OSError:
                 break
@@ -389,14 +396,21 @@ class Connection:
 
     def _dispatch(self, frame: _wire.Frame) -> None:
         kind = frame.op
+        if kind in (RESULT, EVENT):
+            # Mapped now: their lifetime is the objects', taken or not.
+            value: Any = open_frame(frame)
+        elif frame.fds or frame.fds_lost:
+            _wire.close_all(frame.fds)
+            raise ProtocolError(f"descriptors came with frame {kind}")
+        else:
+            value = frame.payload
         if kind == EVENT:
             request = self._requests.get(frame.id)
             if request is not None and request.events is not None:
-                request.events.append(frame.payload)
+                request.events.append(value)
                 request.wake()
             return
         if kind in (RESULT, ERROR, CANCELLED):
-            value: Any = frame.payload
             if kind == ERROR:
                 value = unpack_strings(frame.payload, 3)
             request = self._requests.pop(frame.id, None)

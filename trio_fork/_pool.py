@@ -25,6 +25,7 @@ from ._construct import NoPublicConstructor
 from ._errors import BrokenWorkerError
 from ._pool_state import STARTING, Actions, Limits, PoolState, Slot
 from ._rpc import is_async_function, prepare_worker, require_event_loop
+from ._shared import DEFAULT_BUFFER_THRESHOLD
 from ._transport import Transport
 from .worker._rpc import WorkerSpec
 from .worker._serializers import PICKLE
@@ -108,7 +109,7 @@ class Pool(metaclass=NoPublicConstructor):
                 dies is replaced; the pool stays usable.
             anyio.ClosedResourceError: The pool is closed.
         """
-        request = make_request(self._serializer, args, kill_on_cancel, listen=False)
+        request = make_request(self._serializer, args, kill_on_cancel, False, self._spec.buffers)
         self._submit(request)
         await wait_for(request, self._withdraw)
         return outcome(request, self._serializer)
@@ -116,7 +117,7 @@ class Pool(metaclass=NoPublicConstructor):
     @asynccontextmanager
     async def open_call(self, *args: Any, kill_on_cancel: bool = False) -> AsyncIterator[Call]:
         """Start a call, and receive its events while it runs (see :meth:`RPC.open_call`)."""
-        request = make_request(self._serializer, args, kill_on_cancel, listen=True)
+        request = make_request(self._serializer, args, kill_on_cancel, True, self._spec.buffers)
         self._submit(request)
         async with open_call(request, self._serializer, self._withdraw) as call:
             yield call
@@ -186,7 +187,9 @@ class Pool(metaclass=NoPublicConstructor):
         error: BaseException | None = None
         try:
             async with self._template._spawn_worker(self._spec) as (process, sock):
-                connection = Connection(process, Transport(sock))
+                connection = Connection(
+                    process, Transport(sock), buffers=self._spec.buffers is not None
+                )
                 self._state.worker_started(slot, connection)
                 async with anyio.create_task_group() as task_group:
                     task_group.start_soon(connection.run)
@@ -267,6 +270,7 @@ async def open_pool(
     init_args: Iterable[Any] = (),
     serializer: Serializer | object = PICKLE,
     events: bool = False,
+    buffer_threshold: int | None = DEFAULT_BUFFER_THRESHOLD,
 ) -> AsyncIterator[Pool]:
     """A pool of workers forked from ``template``, serving calls to ``function``.
 
@@ -288,7 +292,7 @@ async def open_pool(
         stop: Seconds a worker beyond ``idle`` may go without calls before it is
             closed (``math.inf``: never).
         retire: Calls after which a worker is replaced (default: never).
-        init, init_args, serializer, events: As for :func:`open_rpc`.
+        init, init_args, serializer, events, buffer_threshold: As for :func:`open_rpc`.
 
     Raises:
         RemoteError: The function or ``init`` could not be found in the first
@@ -296,7 +300,14 @@ async def open_pool(
     """
     limits = _limits(max, idle, load, start, stop, retire)
     spec = await prepare_worker(
-        template, function, init=init, init_args=init_args, serializer=serializer, events=events
+        template,
+        function,
+        init=init,
+        init_args=init_args,
+        serializer=serializer,
+        events=events,
+        buffer_threshold=buffer_threshold,
+        where="open_pool",
     )
     async with run_pool(template, limits, spec) as pool:
         yield pool

@@ -23,6 +23,8 @@ from ._call import Call, Request, make_request, open_call, outcome, wait_for
 from ._connection import Connection
 from ._construct import NoPublicConstructor
 from ._errors import BrokenWorkerError
+from ._outofband import buffer_threshold
+from ._shared import DEFAULT_BUFFER_THRESHOLD, check_threshold
 from ._transport import Transport
 from .worker._rpc import WorkerSpec
 from .worker._serializers import PICKLE
@@ -52,19 +54,25 @@ def worker_spec(
     events: bool,
     exceptions: bool,
     retire: str | Callable[..., Any] | None = None,
+    buffers: int | None = None,
 ) -> WorkerSpec:
-    """What RPC workers of ``function`` are spawned with, checked here so errors are clear."""
+    """What RPC workers of ``function`` are spawned with, checked here so errors are clear.
+
+    ``buffers``: the buffer threshold, for a template whose channel carries fds.
+    """
     if isinstance(init_args, (str, bytes)):
         raise TypeError(f"init_args: expected a sequence of arguments, got {init_args!r}")
+    checked = check_serializer(serializer)
     spec = WorkerSpec(
         check_reference(function, "function"),
         None if init is None else check_reference(init, "init"),
         tuple(init_args),
-        check_serializer(serializer),
+        checked,
         bool(events),
         exceptions,
         sniffio.current_async_library(),
         retire,
+        buffer_threshold(checked, buffers),
     )
     try:
         pickle.dumps(spec.init_args, pickle.HIGHEST_PROTOCOL)
@@ -81,8 +89,11 @@ async def prepare_worker(
     init_args: Iterable[Any],
     serializer: Serializer | object,
     events: bool,
+    buffer_threshold: int | None,
+    where: str,
 ) -> WorkerSpec:
     """Check the settings of workers of ``function``; make ``template`` able to fork them."""
+    threshold = check_threshold(buffer_threshold, where)
     spec = worker_spec(
         function,
         init=init,
@@ -90,6 +101,7 @@ async def prepare_worker(
         serializer=serializer,
         events=events,
         exceptions=False,
+        buffers=threshold if template._channel.carries_fds else None,
     )
     await prepare_template(template, is_async_function(function))
     return spec
@@ -112,6 +124,7 @@ class RPC(metaclass=NoPublicConstructor):
 
     _connection: Connection
     _serializer: Serializer
+    _threshold: int | None = None
 
     def __repr__(self) -> str:
         return f"<trio_fork.RPC worker {self.pid}>"
@@ -144,7 +157,7 @@ class RPC(metaclass=NoPublicConstructor):
             BrokenWorkerError: The worker died before it answered.
             TypeError: The arguments cannot be serialized.
         """
-        request = make_request(self._serializer, args, kill_on_cancel, listen=False)
+        request = make_request(self._serializer, args, kill_on_cancel, False, self._threshold)
         self._send(request)
         await wait_for(request)
         return outcome(request, self._serializer)
@@ -157,7 +170,7 @@ class RPC(metaclass=NoPublicConstructor):
         error, if :meth:`Call.result` did not; leaving it early stops the call as a
         cancelled :meth:`call` would be stopped.
         """
-        request = make_request(self._serializer, args, kill_on_cancel, listen=True)
+        request = make_request(self._serializer, args, kill_on_cancel, True, self._threshold)
         self._send(request)
         async with open_call(request, self._serializer, None) as call:
             yield call
@@ -175,6 +188,7 @@ async def open_rpc(
     init_args: Iterable[Any] = (),
     serializer: Serializer | object = PICKLE,
     events: bool = False,
+    buffer_threshold: int | None = DEFAULT_BUFFER_THRESHOLD,
 ) -> AsyncIterator[RPC]:
     """Fork a worker from ``template`` that serves calls to ``function``.
 
@@ -196,16 +210,27 @@ async def open_rpc(
         events: Pass the function an ``emit`` callable as its first argument; each
             ``emit(event)`` (``await emit(event)`` when async) sends an event to
             :meth:`RPC.open_call`'s :class:`Call`.
+        buffer_threshold: With :data:`PICKLE`, buffers (numpy arrays and other
+            pickle protocol 5 buffers) of at least this many bytes in arguments,
+            results and events travel in shared memory, copied once or not at all
+            (see :doc:`large-data`); None: every byte goes in the pickle.
 
     Raises:
         RemoteError: The function or ``init`` could not be found, or ``init`` raised.
         BrokenWorkerError: The worker died before it was ready.
     """
     spec = await prepare_worker(
-        template, function, init=init, init_args=init_args, serializer=serializer, events=events
+        template,
+        function,
+        init=init,
+        init_args=init_args,
+        serializer=serializer,
+        events=events,
+        buffer_threshold=buffer_threshold,
+        where="open_rpc",
     )
     async with template._spawn_worker(spec) as (process, sock):
-        connection = Connection(process, Transport(sock))
+        connection = Connection(process, Transport(sock), buffers=spec.buffers is not None)
         body_error: BaseException | None = None
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(connection.run)
@@ -216,7 +241,7 @@ async def open_rpc(
                 if connection.lost is not None:
                     raise BrokenWorkerError(f"{connection.lost} before it was ready")
                 try:
-                    yield RPC._create(connection, spec.serializer)
+                    yield RPC._create(connection, spec.serializer, spec.buffers)
                 finally:
                     connection.closing = True
                 await connection.wait_idle()

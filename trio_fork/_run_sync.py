@@ -35,9 +35,12 @@ from ._call import Request, abort, make_request, outcome, wait_for, wait_until
 from ._construct import NoPublicConstructor
 from ._main_module import load_main, refers_to_main
 from ._open import open_template
+from ._outofband import Descriptors
 from ._pool import run_pool
 from ._pool_state import Limits
 from ._rpc import prepare_template, worker_spec
+from ._shared import DEFAULT_BUFFER_THRESHOLD, check_threshold
+from .worker import _buffers
 from .worker._apply import apply, loading
 from .worker._serializers import PICKLE
 
@@ -93,7 +96,7 @@ class WorkerContext(metaclass=NoPublicConstructor):
     ) -> T:
         """Run ``fn(*args)`` in a worker of this context (see :func:`run_sync`)."""
         await self._checkpoint_if_cancelled()
-        request = _request(fn, args, kill_on_cancel)
+        request = _request(fn, args, kill_on_cancel, self._pool._spec.buffers)
         if not self._main_loaded and b"__main__" in request.payload:
             await self._load_main_for(fn, args)
         if limiter is None:
@@ -139,6 +142,7 @@ async def open_worker_context(
     idle_timeout: float = _DEFAULT_IDLE_TIMEOUT,
     init: Callable[[], object] | str | None = None,
     retire: int | Callable[[], object] | str | None = None,
+    buffer_threshold: int | None = DEFAULT_BUFFER_THRESHOLD,
 ) -> AsyncIterator[WorkerContext]:
     """A context of workers of its own, isolated from the default one.
 
@@ -154,11 +158,18 @@ async def open_worker_context(
             function defined at the top level of a module, or ``"module:qualname"``.
         retire: When workers are replaced: after this many calls, or whenever this
             function (run in the worker after each call, like ``init``) returns true.
+        buffer_threshold: Buffers (numpy arrays and other pickle protocol 5
+            buffers) of at least this many bytes in arguments and results travel in
+            shared memory, copied once or not at all (see :doc:`large-data`); None:
+            every byte goes in the pickle.
 
     Raises:
         RemoteError: A preloaded module failed to import.
     """
     settings = _settings(preload, idle_timeout, init, retire)
+    settings = attrs.evolve(
+        settings, buffers=check_threshold(buffer_threshold, "open_worker_context")
+    )
     async with _open_context(settings) as context:
         yield context
 
@@ -169,6 +180,7 @@ def configure_default_context(
     idle_timeout: float = _DEFAULT_IDLE_TIMEOUT,
     init: Callable[[], object] | str | None = None,
     retire: int | Callable[[], object] | str | None = None,
+    buffer_threshold: int | None = DEFAULT_BUFFER_THRESHOLD,
 ) -> None:
     """Set what the default context of each event loop run is made with.
 
@@ -180,6 +192,9 @@ def configure_default_context(
         RuntimeError: This event loop run's default context already exists.
     """
     settings = _settings(preload, idle_timeout, init, retire)
+    settings = attrs.evolve(
+        settings, buffers=check_threshold(buffer_threshold, "configure_default_context")
+    )
     try:
         exists = _this_run().default is not None
     except RuntimeError:
@@ -262,6 +277,7 @@ class _Settings:
     limits: Limits
     init: Callable[[], object] | str | None
     retire: Callable[[], object] | str | None
+    buffers: int | None = DEFAULT_BUFFER_THRESHOLD
 
 
 @attrs.define(eq=False)
@@ -356,6 +372,7 @@ async def _open_context(settings: _Settings) -> AsyncIterator[WorkerContext]:
         events=False,
         exceptions=True,
         retire=settings.retire,
+        buffers=settings.buffers,
     )
     async with open_template(preload=settings.preload) as template:
         await prepare_template(template, False)
@@ -419,7 +436,9 @@ async def _wait_shielded(request: Request, withdraw: object = None) -> None:
         raise
 
 
-def _request(fn: Callable[..., Any], args: tuple[Any, ...], kill_on_cancel: bool) -> Request:
+def _request(
+    fn: Callable[..., Any], args: tuple[Any, ...], kill_on_cancel: bool, threshold: int | None
+) -> Request:
     if not callable(fn):
         raise TypeError(f"run_sync: fn must be callable, not {type(fn).__name__}")
     try:
@@ -431,7 +450,8 @@ def _request(fn: Callable[..., Any], args: tuple[Any, ...], kill_on_cancel: bool
         ) from exc
     try:
         # pickle itself rather than PICKLE.dumps(): this is every call's path.
-        return Request(pickle.dumps((function, *args), pickle.HIGHEST_PROTOCOL), kill_on_cancel)
+        payload, fds = _buffers.dumps((function, *args), threshold)
+        return Request(payload, kill_on_cancel, Descriptors(fds) if fds else None)
     except Exception:
         pass
     try:

@@ -23,7 +23,7 @@ from ._construct import NoPublicConstructor
 from ._errors import BrokenTemplateError
 from ._process import CLOSE_TIMEOUT, check_ready, readable, signal_pidfd
 from ._transport import Transport, receive_frame
-from .worker import _wire
+from .worker import _buffers, _wire
 
 
 @final
@@ -128,12 +128,16 @@ class Template(metaclass=NoPublicConstructor):
 
         Args:
             args: Picklable values, unpickled in the template when they arrive.
+                Their big buffers travel in shared memory, as a call's arguments do
+                (see :doc:`large-data`); processes forked from the template share
+                those pages until they write to them.
 
         Raises:
             TypeError: An argument cannot be pickled (the message names it).
             RemoteError: An argument cannot be unpickled in the template.
         """
-        await self._request(_wire.ARGS, pickle_arguments(list(args), "send_args", args))
+        payload, fds = self._serialize(list(args), "send_args", args)
+        await self._request(_wire.ARGS, payload, fds)
 
     async def send_fds(self, *fds: FileDescriptorLike) -> None:
         """Queue copies of file descriptors for every process later forked from here.
@@ -332,6 +336,18 @@ class Template(metaclass=NoPublicConstructor):
                 "which cannot carry file descriptors"
             )
 
+    def _serialize(
+        self, value: object, where: str, args: tuple[object, ...] | list[object]
+    ) -> tuple[bytes, list[int]]:
+        """``value`` pickled for a command, its big buffers out of band if fds can go."""
+        if not self._channel.carries_fds:
+            return pickle_arguments(value, where, args), []
+        try:
+            return _buffers.dumps(value)
+        except Exception:
+            pickle_arguments(value, where, args)  # raises, naming the argument at fault
+            raise
+
     async def _invoke(self, function: Callable[..., object], *args: object) -> None:
         """Call a function of the worker side in the template (see ``INVOKE``)."""
         await self._request(_wire.INVOKE, pickle.dumps((function, args), pickle.HIGHEST_PROTOCOL))
@@ -353,20 +369,25 @@ class Template(metaclass=NoPublicConstructor):
                 f"template does not have: move it to a module, or define it in the template "
                 f"with eval() and pass the string {name!r}"
             )
-        payload = pickle_arguments(
-            (name, sniffio.current_async_library(), list(args)), "spawn", args
-        )
         self._channel.check()
         self._channel_fds_check([0])
-        owned = dup_fds(fds, "spawn fds")
+        payload, buffers = self._serialize(
+            (name, sniffio.current_async_library(), list(args)), "spawn", args
+        )
+        try:
+            owned = dup_fds(fds, "spawn fds")
+        except BaseException:
+            _wire.close_all(buffers)
+            raise
         try:
             ours, theirs = socket.socketpair()
         except BaseException:
-            _wire.close_all(owned)
+            _wire.close_all([*owned, *buffers])
             raise
         # One command does it all: the template forks and the child runs at once. The
-        # child confirms on its own socket, with its pid and a pidfd of itself.
-        id, slot = self._channel.spawn(payload, [theirs.detach(), *owned])
+        # child confirms on its own socket, with its pid and a pidfd of itself. The
+        # descriptors of the arguments' buffers come last (see _buffers.take).
+        id, slot = self._channel.spawn(payload, [theirs.detach(), *owned, *buffers])
         try:
             ours.setblocking(False)
             try:

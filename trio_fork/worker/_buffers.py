@@ -107,7 +107,16 @@ def receive(payload: bytes, fds: list[int]) -> tuple[Any, list[memoryview]]:
         raise ValueError(f"the buffers of a payload cannot be mapped: {exc}") from None
     finally:
         _close(fds)
+        fds.clear()
     return memoryview(payload)[_HEAD.size + count * _ENTRY.size :], buffers
+
+
+def take(payload: bytes, fds: list[int]) -> list[int]:
+    """The descriptors of a payload's buffers: the last of ``fds``, taken out of it."""
+    count = _HEAD.unpack_from(payload)[1] if payload[:1] == b"\0" else 0
+    taken = fds[len(fds) - count :] if count else []
+    del fds[len(fds) - len(taken) :]
+    return taken
 
 
 def loads(data: Any, buffers: list[memoryview]) -> Any:

@@ -167,12 +167,21 @@ def is_async(obj: Any) -> bool:
     return bool(code is not None and code.co_flags & _CO_COROUTINE)
 
 
+def loads(payload: bytes, fds: list[int]) -> Any:
+    """Unpickle a command's payload; its out-of-band buffers are the last of ``fds``."""
+    if payload[:1] != b"\0":
+        return _pickle.loads(payload)
+    from . import _buffers  # only then: pickle and mmap stay out of plain templates
+
+    return _buffers.loads(*_buffers.receive(payload, _buffers.take(payload, fds)))
+
+
 def run(
     sock: socket.socket, queued: list[Any], payload: bytes, fds: list[int], state: ProcessState
 ) -> int:
     """In a new child: run the target a SPAWN command named; the exit code."""
     try:
-        target_name, backend, args = _pickle.loads(payload)
+        target_name, backend, args = loads(payload, fds)
         target = resolve(target_name)
         run_backend = backend if is_async(target) else None
         state.restore()

@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 
-from . import _wire
+from . import _buffers, _wire
 from ._child import is_async, resolve
 from ._wire import CALL, CANCEL, CANCELLED, ERROR, EVENT, RESULT, RETIRING, encode
 
@@ -31,12 +31,13 @@ _HIGH_WATER = 1024 * 1024
 
 WorkerSpec = collections.namedtuple(
     "WorkerSpec",
-    "function init init_args serializer events exceptions backend retire",
-    defaults=(None,),
+    "function init init_args serializer events exceptions backend retire buffers",
+    defaults=(None, None),
 )
 """What an RPC worker is spawned with. ``events``: pass the function an ``emit`` first;
 ``exceptions``: send what it raised pickled too; ``backend``: the parent's event
-loop; ``retire``: called after each call of a sync function, exit when true."""
+loop; ``retire``: called after each call of a sync function, exit when true;
+``buffers``: the threshold of out-of-band buffers (see ``_buffers``), None for none."""
 
 
 def serve(sock: socket.socket, spec: WorkerSpec) -> None:
@@ -79,14 +80,33 @@ class _Worker:
         self.function = function
         self.spec = spec
         self.serializer = spec.serializer
+        self.buffers = spec.buffers  # frames carry descriptors only when this is set
 
     def ready(self, concurrent: bool) -> list[_wire.Segment]:
         return encode(_wire.WORKER_READY, 0, _wire.WORKER.pack(os.getpid(), concurrent))
 
-    def begin(self, call_id: int, payload: bytes) -> tuple[Any, ...] | list[_wire.Segment]:
+    def take(self, frame: _wire.Frame) -> tuple[Any, list[memoryview]] | list[_wire.Segment]:
+        """A CALL frame's pickle and its buffers, mapped; or the frame of its error."""
+        try:
+            if frame.fds_lost:
+                raise OSError("descriptors were lost in transit (is RLIMIT_NOFILE too low?)")
+            return (
+                _buffers.receive(frame.payload, frame.fds) if self.buffers else (frame.payload, [])
+            )
+        except (OSError, ValueError) as exc:
+            return self.error(frame.id, exc, "the worker could not receive the arguments")
+
+    def dump(self, value: Any) -> tuple[bytes, list[int]]:
+        if self.buffers:
+            return _buffers.dumps(value, self.buffers)
+        return self.serializer.dumps(value), []
+
+    def begin(
+        self, call_id: int, payload: Any, buffers: list[memoryview]
+    ) -> tuple[Any, ...] | list[_wire.Segment]:
         """A call's arguments (its ``emit`` first if asked), or the frame of its error."""
         try:
-            args = self.serializer.loads(payload)
+            args = _buffers.loads(payload, buffers) if buffers else self.serializer.loads(payload)
             if type(args) is not tuple:
                 if not isinstance(args, list):
                     raise TypeError(f"the arguments arrived as {type(args).__name__}")
@@ -97,10 +117,10 @@ class _Worker:
 
     def result(self, call_id: int, value: Any) -> list[_wire.Segment]:
         try:
-            payload = self.serializer.dumps(value)
+            payload, fds = self.dump(value)
         except BaseException as exc:
             return self.error(call_id, exc, "the worker could not serialize the result")
-        return encode(RESULT, call_id, payload)
+        return encode(RESULT, call_id, payload, fds)
 
     def error(self, call_id: int, exc: BaseException, context: str = "") -> list[_wire.Segment]:
         name, message, text = _wire.describe(exc)
@@ -117,7 +137,7 @@ class _Worker:
         if self.spec.events:
             args[0].finished = True
 
-    def emit(self, call_id: int, payload: bytes) -> Any:
+    def emit(self, call_id: int, payload: bytes, fds: list[int]) -> Any:
         raise NotImplementedError
 
 
@@ -132,7 +152,7 @@ class _Emitter:
     def __call__(self, event: Any) -> Any:
         if self.finished:
             raise RuntimeError("emit() was called after its call had finished")
-        return self.worker.emit(self.call_id, self.worker.serializer.dumps(event))
+        return self.worker.emit(self.call_id, *self.worker.dump(event))
 
 
 class _SyncWorker(_Worker):
@@ -146,7 +166,7 @@ class _SyncWorker(_Worker):
             _fail(sock, exc)
             return
         self.reader = _wire.FrameReader()
-        self.queue: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.queue: collections.deque[tuple[int, Any, list[memoryview]]] = collections.deque()
         try:
             _wire.send_blocking(sock, self.ready(False))
             while self.receive():
@@ -162,8 +182,8 @@ class _SyncWorker(_Worker):
         except OSError:
             pass  # the parent is gone
 
-    def run(self, call_id: int, payload: bytes) -> list[_wire.Segment]:
-        args = self.begin(call_id, payload)
+    def run(self, call_id: int, payload: Any, buffers: list[memoryview]) -> list[_wire.Segment]:
+        args = self.begin(call_id, payload, buffers)
         if isinstance(args, list):
             return args
         try:
@@ -174,8 +194,8 @@ class _SyncWorker(_Worker):
             self.finish(args)
         return self.result(call_id, value)
 
-    def emit(self, call_id: int, payload: bytes) -> None:
-        _wire.send_blocking(self.sock, encode(EVENT, call_id, payload))
+    def emit(self, call_id: int, payload: bytes, fds: list[int]) -> None:
+        _wire.send_blocking(self.sock, encode(EVENT, call_id, payload, fds))
 
     def should_retire(self, retire: Callable[..., Any]) -> bool:
         try:
@@ -190,15 +210,19 @@ class _SyncWorker(_Worker):
         # before those calls start, but a running worker must not wait for input.
         flags = socket.MSG_DONTWAIT if self.queue else 0
         try:
-            if self.reader.receive(self.sock, flags, fds=False) == 0:
+            if self.reader.receive(self.sock, flags, fds=bool(self.buffers)) == 0:
                 return False
         except BlockingIOError:
             return True
         while (frame := self.reader.next_frame()) is not None:
             if frame.op == CALL:
-                self.queue.append((frame.id, frame.payload))
+                taken = self.take(frame)
+                if isinstance(taken, list):
+                    _wire.send_blocking(self.sock, taken)
+                else:
+                    self.queue.append((frame.id, *taken))
             elif frame.op == CANCEL:
-                for index, (queued_id, _) in enumerate(self.queue):
+                for index, (queued_id, _, _) in enumerate(self.queue):
                     if queued_id == frame.id:
                         del self.queue[index]
                         _wire.send_blocking(self.sock, encode(CANCELLED, frame.id))
@@ -286,7 +310,7 @@ class _AsyncWorker(_Worker):
         reader = _wire.FrameReader()
         while True:
             try:
-                if reader.receive(self.sock, fds=False) == 0:
+                if reader.receive(self.sock, fds=bool(self.buffers)) == 0:
                     return
             except BlockingIOError:
                 await self.wait_readable(self.sock)
@@ -295,24 +319,32 @@ class _AsyncWorker(_Worker):
                 return
             while (frame := reader.next_frame()) is not None:
                 if frame.op == CALL:
+                    taken = self.take(frame)
+                    if isinstance(taken, list):
+                        self.send(taken)
+                        continue
                     self.running[frame.id] = scope = self.scope()
-                    self.start_soon(self.serve_call, frame.id, frame.payload, scope)
+                    self.start_soon(self.serve_call, frame.id, *taken, scope)
                 elif frame.op == CANCEL and frame.id in self.running:
                     self.running[frame.id].cancel()
             # Let the calls just started run before reading more.
             await self.checkpoint()
 
-    async def serve_call(self, call_id: int, payload: bytes, scope: Any) -> None:
+    async def serve_call(
+        self, call_id: int, payload: Any, buffers: list[memoryview], scope: Any
+    ) -> None:
         frame = None
         with scope:
             if not scope.cancel_called:  # cancelled before it started: never called
-                frame = await self.outcome(call_id, payload)
+                frame = await self.outcome(call_id, payload, buffers)
         del self.running[call_id]
         self.send(frame or encode(CANCELLED, call_id), now=not self.running)
 
-    async def outcome(self, call_id: int, payload: bytes) -> list[_wire.Segment]:
+    async def outcome(
+        self, call_id: int, payload: Any, buffers: list[memoryview]
+    ) -> list[_wire.Segment]:
         """Run one call; the frame that answers it. Only cancellation escapes."""
-        args = self.begin(call_id, payload)
+        args = self.begin(call_id, payload, buffers)
         if isinstance(args, list):
             return args
         try:
@@ -359,10 +391,10 @@ class _AsyncWorker(_Worker):
                 await self.wait_writable(self.sock)
             self.writer_busy = False
 
-    async def emit(self, call_id: int, payload: bytes) -> None:
+    async def emit(self, call_id: int, payload: bytes, fds: list[int]) -> None:
         # It waits only when a megabyte of output is queued, so that a fast emitter
         # cannot fill the worker's memory while the parent falls behind.
-        self.send(encode(EVENT, call_id, payload), now=False)
+        self.send(encode(EVENT, call_id, payload, fds), now=False)
         if self.outbox.size > _HIGH_WATER:
             if self.drained is None:
                 self.drained = self.event()

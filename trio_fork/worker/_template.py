@@ -147,7 +147,7 @@ class Server:
             elif op == _wire.EVAL:
                 self.state.eval(*_pickle.loads(frame.payload))
             elif op == _wire.ARGS:
-                self.queue.extend(_pickle.loads(frame.payload))
+                self.queue.extend(_child.loads(frame.payload, frame.fds))
             elif op == _wire.FDS:
                 self.queue.extend(frame.fds)
             elif op == _wire.INVOKE:
