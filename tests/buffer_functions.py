@@ -1,0 +1,88 @@
+"""What workers run in tests/test_large_data.py: arrays in and out, and where they live."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any
+
+import numpy as np
+
+MIB = 1 << 20
+
+
+def where(buffer: Any) -> tuple[str, int] | None:
+    """The mapping holding ``buffer`` (its path and inode), or None if it is on the heap."""
+    address = np.frombuffer(buffer, np.uint8).__array_interface__["data"][0]
+    with open("/proc/self/maps") as file:
+        for line in file:
+            fields = line.split(maxsplit=5)
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            if start <= address < end:
+                path = fields[5].strip() if len(fields) > 5 else ""
+                return (path, int(fields[4])) if path.startswith("/memfd:") else None
+    return None
+
+
+def inspect(array: Any, write: bool = False) -> tuple[float, Any, bool]:
+    """The sum of ``array``, where it lives, whether it can be written (and write it)."""
+    total = float(array.sum())
+    if write:
+        array[...] = 255
+    return total, where(array), bool(array.flags.writeable)
+
+
+def make(size: int, value: int = 7) -> Any:
+    return np.full(size, value, dtype=np.uint8)
+
+
+def double(array: Any) -> Any:
+    return array * 2
+
+
+def identity(value: Any) -> Any:
+    return value
+
+
+def fill(array: Any, value: int) -> None:
+    array[...] = value
+
+
+async def async_double(array: Any) -> Any:
+    return array * 2
+
+
+def emit_arrays(emit: Any, count: int, size: int) -> int:
+    for index in range(count):
+        emit(np.full(size, index, dtype=np.uint8))
+    return count
+
+
+def shared_result(size: int) -> Any:
+    import trio_fork
+
+    array = trio_fork.shared_array(size, np.uint8)
+    array[...] = 5
+    return array
+
+
+def die_holding(array: Any) -> None:
+    """Die (SIGKILL) with the argument mapped: it must go with the process."""
+    assert where(array) is not None
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_after_emitting(emit: Any, size: int) -> None:
+    emit(np.ones(size, dtype=np.uint8))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def report_arrays(sock: socket.socket, *args: Any) -> None:
+    """A spawn target: what it got (queued, then given), as sums and where they live."""
+    import pickle
+
+    report = [
+        (float(arg.sum()), where(arg)) if isinstance(arg, np.ndarray) else arg for arg in args
+    ]
+    sock.sendall(pickle.dumps(report))

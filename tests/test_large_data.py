@@ -1,0 +1,295 @@
+"""Big arguments, results and events through shared memory, on every path that calls.
+
+Each test checks where the data lands in the receiving process (on a memfd mapping,
+or on its heap: tests.buffer_functions.where) and that nothing is left behind: the
+autouse check counts descriptors, and :func:`memfds` counts the mappings and
+descriptors of memfds that this process holds.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import sys
+
+import anyio
+import pytest
+
+import trio_fork
+from tests import buffer_functions as f
+from trio_fork import _open
+from trio_fork._rpc import worker_spec
+from trio_fork.worker import _buffers
+
+np = pytest.importorskip("numpy")
+
+pytestmark = pytest.mark.anyio
+
+MIB = 1 << 20
+PRELOAD = ["numpy", "tests.buffer_functions"]
+
+
+def memfds() -> tuple[int, int]:
+    """Mappings and descriptors of trio_fork's memfds in this process."""
+    with open("/proc/self/maps") as file:
+        mapped = sum("/memfd:trio_fork" in line for line in file)
+    held = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            held += os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:trio_fork")
+        except OSError:
+            pass
+    return mapped, held
+
+
+@pytest.fixture
+def baseline() -> object:
+    before = memfds()
+    yield
+    gc.collect()  # what a test's tracebacks still hold in reference cycles
+    assert memfds() == before, "memfds left mapped or open"
+
+
+@pytest.fixture
+async def template() -> object:
+    async with trio_fork.open_template(preload=PRELOAD) as template:
+        yield template
+
+
+async def test_run_sync_arguments_and_results(baseline: None) -> None:
+    array = np.arange(2 * MIB, dtype=np.uint8)
+    async with trio_fork.open_worker_context(preload=PRELOAD) as context:
+        total, place, writable = await context.run_sync(f.inspect, array, True)
+        assert total == float(array.sum())
+        assert place is not None  # on a memfd mapping in the worker
+        assert writable
+        assert array[0] == 0  # the worker wrote to its own copy
+        result = await context.run_sync(f.make, 3 * MIB)
+        assert f.where(result) is not None  # on a mapping here, not copied out of it
+        assert int(result.sum()) == 7 * 3 * MIB
+        doubled = await context.run_sync(f.double, array)
+        assert np.array_equal(doubled, array * 2)
+        del result, doubled
+
+
+async def test_small_arrays_and_the_threshold(baseline: None) -> None:
+    async with trio_fork.open_worker_context(
+        preload=PRELOAD, buffer_threshold=4 * MIB
+    ) as context:
+        _, place, _ = await context.run_sync(f.inspect, np.ones(2 * MIB, np.uint8))
+        assert place is None  # below the threshold: in the pickle
+        _, place, _ = await context.run_sync(f.inspect, np.ones(4 * MIB, np.uint8))
+        assert place is not None
+    async with trio_fork.open_worker_context(preload=PRELOAD, buffer_threshold=None) as context:
+        _, place, _ = await context.run_sync(f.inspect, np.ones(8 * MIB, np.uint8))
+        assert place is None
+        assert f.where(await context.run_sync(f.make, 8 * MIB)) is None
+
+
+async def test_rpc_both_ways_and_events(template: trio_fork.Template, baseline: None) -> None:
+    async with trio_fork.open_rpc(template, f.double) as rpc:
+        array = np.full(2 * MIB, 3, np.uint8)
+        result = await rpc.call(array)
+        assert f.where(result) is not None
+        assert int(result[0]) == 6
+    async with trio_fork.open_rpc(template, f.emit_arrays, events=True) as rpc:
+        async with rpc.open_call(3, 2 * MIB) as call:
+            events = [event async for event in call]
+            assert await call.result() == 3
+        assert [int(event[0]) for event in events] == [0, 1, 2]
+        assert all(f.where(event) is not None for event in events)
+        del events
+        # Events nobody takes are unmapped with their call.
+        assert await rpc.call(2, 2 * MIB) == 2
+        async with rpc.open_call(2, 2 * MIB) as call:
+            assert await call.result() == 2
+
+
+async def test_an_async_worker(template: trio_fork.Template, baseline: None) -> None:
+    async with trio_fork.open_rpc(template, f.async_double) as rpc:
+        results = []
+        async with anyio.create_task_group() as group:
+            for value in range(4):
+
+                async def one(value: int = value) -> None:
+                    results.append(await rpc.call(np.full(MIB, value, np.uint8)))
+
+                group.start_soon(one)
+        assert sorted(int(result[0]) for result in results) == [0, 2, 4, 6]
+        del results
+
+
+async def test_pool_calls(template: trio_fork.Template, baseline: None) -> None:
+    async with trio_fork.open_pool(template, f.inspect, max=2) as pool:
+        arrays = [np.full(MIB, value, np.uint8) for value in range(4)]
+        outcomes: list[object] = []
+        async with anyio.create_task_group() as group:
+            for array in arrays:
+                group.start_soon(lambda array=array: _append(outcomes, pool.call(array)))
+        assert sorted(total for total, _, _ in outcomes) == [value * MIB for value in range(4)]  # type: ignore[misc]
+        assert all(place is not None for _, place, _ in outcomes)  # type: ignore[misc]
+
+
+async def _append(results: list[object], call: object) -> None:
+    results.append(await call)  # type: ignore[misc]
+
+
+async def test_a_received_array_is_sent_on_by_its_descriptor(
+    template: trio_fork.Template, baseline: None
+) -> None:
+    async with trio_fork.open_rpc(template, f.make) as maker:
+        array = await maker.call(2 * MIB)
+    here = f.where(array)
+    assert here is not None
+    async with trio_fork.open_rpc(template, f.inspect) as rpc:
+        _, there, _ = await rpc.call(array)
+        assert there == here  # the same memfd: sent on with no copy
+        array[0] = 1  # now this process's own page: sent as a copy
+        _, there, _ = await rpc.call(array)
+        assert there is not None
+        assert there[1] != here[1]
+    del array
+
+
+async def test_shared_arrays_go_without_a_copy_and_are_private_by_default(
+    template: trio_fork.Template, baseline: None
+) -> None:
+    shared = trio_fork.shared_array(2 * MIB, np.uint8)
+    shared[...] = 2
+    async with trio_fork.open_rpc(template, f.inspect) as rpc:
+        total, there, _ = await rpc.call(shared, True)
+        assert total == 2.0 * 2 * MIB
+        assert there == f.where(shared)
+        assert int(shared[0]) == 2  # the worker wrote to its own copy
+    writable = trio_fork.shared_array((2, MIB), np.uint8, shared_writes=True)
+    async with trio_fork.open_rpc(template, f.fill) as rpc:
+        await rpc.call(writable[1], 9)
+    assert int(writable[0, 0]) == 0
+    assert int(writable[1, 0]) == 9
+    async with trio_fork.open_rpc(template, f.shared_result) as rpc:
+        result = await rpc.call(2 * MIB)
+        assert int(result[0]) == 5
+        assert f.where(result) is not None
+    del shared, writable, result
+
+
+async def test_spawn_and_send_args(template: trio_fork.Template, baseline: None) -> None:
+    async with template.fork() as forked:
+        await forked.send_args(np.full(2 * MIB, 1, np.uint8), "small")
+        async with forked.spawn(f.report_arrays, np.full(3 * MIB, 2, np.uint8)) as child:
+            data = b""
+            while chunk := await _receive(child):
+                data += chunk
+        queued, small, given = pickle.loads(data)
+        assert queued[0] == 2.0 * MIB
+        assert queued[1] is not None
+        assert small == "small"
+        assert given[0] == 2.0 * 3 * MIB
+        assert given[1] is not None
+        assert child.returncode == 0
+
+
+async def _receive(child: trio_fork.Child) -> bytes:
+    try:
+        return await child.stream.receive()
+    except anyio.EndOfStream:
+        return b""
+
+
+async def test_a_channel_without_descriptors_falls_back_to_the_pickle() -> None:
+    async with _open._started(sys.executable, None, None, how="pipes") as template:
+        await template.send_args(pickle.PickleBuffer(bytearray(2 * MIB)))
+        await template.eval(
+            "from trio_fork.worker import take_queue\n"
+            "(value,) = take_queue()\n"
+            "assert type(value) is bytearray and len(value) == 2 << 20, type(value)\n"
+            "assert not any('memfd:' in line for line in open('/proc/self/maps'))\n"
+        )
+
+
+async def test_other_serializers_are_unaffected(template: trio_fork.Template) -> None:
+    spec = worker_spec(
+        f.identity,
+        init=None,
+        init_args=(),
+        serializer=trio_fork.JSON,
+        events=False,
+        exceptions=False,
+        buffers=MIB,
+    )
+    assert spec.buffers is None
+    async with trio_fork.open_rpc(template, f.identity, serializer=trio_fork.JSON) as rpc:
+        assert await rpc.call(list(range(300_000))) == list(range(300_000))
+
+
+async def test_bad_thresholds_fail_at_the_call(template: trio_fork.Template) -> None:
+    with pytest.raises(ValueError, match="open_rpc: buffer_threshold must be at least 1"):
+        async with trio_fork.open_rpc(template, f.identity, buffer_threshold=0):
+            pass
+    with pytest.raises(TypeError, match="open_pool: buffer_threshold must be a number"):
+        async with trio_fork.open_pool(template, f.identity, buffer_threshold=1.0):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(TypeError, match="open_worker_context: buffer_threshold"):
+        async with trio_fork.open_worker_context(buffer_threshold="big"):  # type: ignore[arg-type]
+            pass
+
+
+async def test_cancelled_calls_leak_nothing(template: trio_fork.Template, baseline: None) -> None:
+    async with trio_fork.open_pool(template, f.inspect, max=1, load=4) as pool:
+        for kill in (False, True):
+            with anyio.move_on_after(0.01):
+                async with anyio.create_task_group() as group:
+                    for _ in range(6):
+                        group.start_soon(
+                            lambda: pool.call(np.ones(8 * MIB, np.uint8), kill_on_cancel=kill)
+                        )
+            # The pool still works, and what was cancelled is gone.
+            total, _, _ = await pool.call(np.ones(MIB, np.uint8))
+            assert total == MIB
+
+
+async def test_a_worker_dying_mid_transfer_leaks_nothing(
+    template: trio_fork.Template, baseline: None
+) -> None:
+    async with trio_fork.open_pool(template, f.die_holding, max=1, load=3) as pool:
+        for _ in range(3):
+            with pytest.raises(trio_fork.BrokenWorkerError):
+                await pool.call(np.ones(4 * MIB, np.uint8))
+    async with trio_fork.open_rpc(template, f.die_after_emitting, events=True) as rpc:
+        with pytest.raises(trio_fork.BrokenWorkerError):
+            async with rpc.open_call(4 * MIB) as call:
+                await call.result()
+
+
+@pytest.mark.parametrize("calls", [40, pytest.param(1000, marks=pytest.mark.soak)])
+async def test_many_big_calls_come_back_to_the_baseline(
+    template: trio_fork.Template, baseline: None, calls: int
+) -> None:
+    """64 MiB each way, with cancellations and worker deaths mixed in."""
+    size = 64 * MIB
+    rss_before = _shmem()
+    async with trio_fork.open_pool(template, f.double, max=2) as pool:
+        array = np.ones(size, np.uint8)
+        for index in range(calls):
+            if index % 10 == 5:
+                with anyio.move_on_after(0.001):
+                    await pool.call(array, kill_on_cancel=True)
+                continue
+            result = await pool.call(array)
+            assert int(result[-1]) == 2
+            del result
+    assert _shmem() <= rss_before + 4 * MIB
+
+
+def _shmem() -> int:
+    """Shared memory resident in this process (RssShmem), in bytes."""
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_buffers_module_is_what_the_worker_side_uses() -> None:
+    assert trio_fork.DEFAULT_BUFFER_THRESHOLD == _buffers.THRESHOLD == MIB
