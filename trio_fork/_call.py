@@ -180,7 +180,8 @@ async def abort(request: Request, withdraw: Withdraw | None, *, kill: bool) -> N
 def outcome(request: Request, serializer: Serializer, originals: bool = False) -> Any:
     """The result of a finished request, or raise its error."""
     if request.kind == RESULT:
-        return loads(serializer, request.value)
+        value = request.value
+        return loads(serializer, value) if type(value) is tuple else serializer.loads(value)
     if request.kind == ERROR:
         raise unwrap_error(request.value, originals)
     if request.kind == LOST:

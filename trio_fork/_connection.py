@@ -396,14 +396,13 @@ class Connection:
 
     def _dispatch(self, frame: _wire.Frame) -> None:
         kind = frame.op
-        if kind in (RESULT, EVENT):
+        value: Any = frame.payload
+        if frame.fds or frame.fds_lost:
+            if kind not in (RESULT, EVENT):
+                _wire.close_all(frame.fds)
+                raise ProtocolError(f"descriptors came with frame {kind}")
             # Mapped now: their lifetime is the objects', taken or not.
-            value: Any = open_frame(frame)
-        elif frame.fds or frame.fds_lost:
-            _wire.close_all(frame.fds)
-            raise ProtocolError(f"descriptors came with frame {kind}")
-        else:
-            value = frame.payload
+            value = open_frame(frame)
         if kind == EVENT:
             request = self._requests.get(frame.id)
             if request is not None and request.events is not None:

@@ -87,6 +87,8 @@ class _Worker:
 
     def take(self, frame: _wire.Frame) -> tuple[Any, list[memoryview]] | list[_wire.Segment]:
         """A CALL frame's pickle and its buffers, mapped; or the frame of its error."""
+        if not frame.fds and not frame.fds_lost:
+            return frame.payload, []
         try:
             if frame.fds_lost:
                 raise OSError("descriptors were lost in transit (is RLIMIT_NOFILE too low?)")

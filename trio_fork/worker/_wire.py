@@ -30,6 +30,10 @@ _MAX_BUFFERS = 512
 _FD = struct.Struct("i")
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD.size)
 _LENGTH = struct.Struct("<I")
+# Plain ints: the socket module's flags are enum members, whose operators run Python
+# code, which would make a receive that may carry descriptors twice as slow.
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_CTRUNC = int(socket.MSG_CTRUNC)
 
 REQUIRE = 1  # parent to template
 EVAL = 2
@@ -152,15 +156,15 @@ class FrameReader:
                 count = sock.recv_into(view, 0, flags)
             else:
                 count, ancdata, msg_flags, _ = sock.recvmsg_into(
-                    [view], _ANCILLARY_SIZE, flags | socket.MSG_CMSG_CLOEXEC
+                    [view], _ANCILLARY_SIZE, flags | _CLOEXEC
                 )
-                received = parse_ancillary(ancdata)
-                if received or msg_flags & socket.MSG_CTRUNC:
+                if ancdata or msg_flags & _CTRUNC:
+                    received = parse_ancillary(ancdata)
                     if not count:
                         close_all(received)
                         return 0
                     mark = self._offset + self._end + count - 1
-                    self._marks.append((mark, received, bool(msg_flags & socket.MSG_CTRUNC)))
+                    self._marks.append((mark, received, bool(msg_flags & _CTRUNC)))
         finally:
             view.release()
         self._end += count
