@@ -8,9 +8,13 @@ descriptors of memfds that this process holds.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
+import pathlib
 import pickle
+import re
+import subprocess
 import sys
 
 import anyio
@@ -74,9 +78,7 @@ async def test_run_sync_arguments_and_results(baseline: None) -> None:
 
 
 async def test_small_arrays_and_the_threshold(baseline: None) -> None:
-    async with trio_fork.open_worker_context(
-        preload=PRELOAD, buffer_threshold=4 * MIB
-    ) as context:
+    async with trio_fork.open_worker_context(preload=PRELOAD, buffer_threshold=4 * MIB) as context:
         _, place, _ = await context.run_sync(f.inspect, np.ones(2 * MIB, np.uint8))
         assert place is None  # below the threshold: in the pickle
         _, place, _ = await context.run_sync(f.inspect, np.ones(4 * MIB, np.uint8))
@@ -108,16 +110,12 @@ async def test_rpc_both_ways_and_events(template: trio_fork.Template, baseline: 
 
 async def test_an_async_worker(template: trio_fork.Template, baseline: None) -> None:
     async with trio_fork.open_rpc(template, f.async_double) as rpc:
-        results = []
+        results: list[object] = []
         async with anyio.create_task_group() as group:
             for value in range(4):
-
-                async def one(value: int = value) -> None:
-                    results.append(await rpc.call(np.full(MIB, value, np.uint8)))
-
-                group.start_soon(one)
-        assert sorted(int(result[0]) for result in results) == [0, 2, 4, 6]
-        del results
+                group.start_soon(_append, results, rpc.call(np.full(MIB, value, np.uint8)))
+        assert sorted(int(result[0]) for result in results) == [0, 2, 4, 6]  # type: ignore[index]
+        results.clear()
 
 
 async def test_pool_calls(template: trio_fork.Template, baseline: None) -> None:
@@ -126,7 +124,7 @@ async def test_pool_calls(template: trio_fork.Template, baseline: None) -> None:
         outcomes: list[object] = []
         async with anyio.create_task_group() as group:
             for array in arrays:
-                group.start_soon(lambda array=array: _append(outcomes, pool.call(array)))
+                group.start_soon(_append, outcomes, pool.call(array))
         assert sorted(total for total, _, _ in outcomes) == [value * MIB for value in range(4)]  # type: ignore[misc]
         assert all(place is not None for _, place, _ in outcomes)  # type: ignore[misc]
 
@@ -241,9 +239,8 @@ async def test_cancelled_calls_leak_nothing(template: trio_fork.Template, baseli
             with anyio.move_on_after(0.01):
                 async with anyio.create_task_group() as group:
                     for _ in range(6):
-                        group.start_soon(
-                            lambda: pool.call(np.ones(8 * MIB, np.uint8), kill_on_cancel=kill)
-                        )
+                        call = functools.partial(pool.call, kill_on_cancel=kill)
+                        group.start_soon(call, np.ones(8 * MIB, np.uint8))
             # The pool still works, and what was cancelled is gone.
             total, _, _ = await pool.call(np.ones(MIB, np.uint8))
             assert total == MIB
@@ -293,3 +290,21 @@ def _shmem() -> int:
 
 def test_buffers_module_is_what_the_worker_side_uses() -> None:
     assert trio_fork.DEFAULT_BUFFER_THRESHOLD == _buffers.THRESHOLD == MIB
+
+
+def test_the_example_of_the_docs(tmp_path: pathlib.Path) -> None:
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "large-data.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.DOTALL)
+    assert code is not None
+    (tmp_path / "example.py").write_text(code[1])
+    out = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    assert out[1] == "(4096, 4096) 1.0"
+    assert out[0] == out[2]
+    assert float(out[0]) > 0.99

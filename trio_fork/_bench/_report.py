@@ -174,6 +174,54 @@ SECTIONS: tuple[Section, ...] = (
         ),
     ),
 )
+_PEERS = {
+    "anyio": "anyio.to_process (warm)",
+    "trio_parallel": "trio_parallel (warm)",
+    "ppe": "ProcessPoolExecutor (warm)",
+}
+SECTIONS += (
+    Section(
+        "Large data: a 256 MiB numpy array to or from a warm worker, per call",
+        (
+            Row("large_arg_trio_fork", "argument: trio_fork.run_sync(numpy.max, a)", Kind.LATENCY),
+            *(Row(f"large_arg_{k}", f"argument: {v}", Kind.LATENCY) for k, v in _PEERS.items()),
+            Row("large_result_trio_fork", "result: trio_fork.run_sync(numpy.ones)", Kind.LATENCY),
+            *(Row(f"large_result_{k}", f"result: {v}", Kind.LATENCY) for k, v in _PEERS.items()),
+            Row(
+                "large_roundtrip_trio_fork",
+                "round trip: trio_fork.run_sync(numpy.negative, a)",
+                Kind.LATENCY,
+            ),
+            Row(
+                "large_roundtrip_joblib",
+                "round trip: joblib loky, default memmapping (warm)",
+                Kind.LATENCY,
+            ),
+            Row("large_memcpy", "one copy of the array here (a.copy())", Kind.LATENCY),
+            Row(
+                "large_memcpy_4k",
+                "one copy into 4 KiB pages here (bytearray(a)), as shared memory is",
+                Kind.LATENCY,
+            ),
+            Row(
+                "large_shared_big", "shared_array argument, 256 MiB: run_sync(len, a)", Kind.LATENCY
+            ),
+            Row(
+                "large_shared_small", "shared_array argument, 1 MiB: run_sync(len, a)", Kind.LATENCY
+            ),
+            Row(
+                "large_rss_trio_fork",
+                "peak RSS above before, caller + worker: trio_fork argument",
+                Kind.MEMORY,
+            ),
+            Row(
+                "large_rss_ppe",
+                "peak RSS above before, caller + worker: ProcessPoolExecutor argument",
+                Kind.MEMORY,
+            ),
+        ),
+    ),
+)
 ROWS: tuple[Row, ...] = tuple(row for section in SECTIONS for row in section.rows)
 ROW_BY_KEY = {row.key: row for row in ROWS}
 
@@ -325,6 +373,50 @@ TARGETS: tuple[Target, ...] = (
         None,
         False,
         0.050,
+    ),
+    *(
+        Target(
+            f"large_{direction}_vs_{peer}",
+            f"256 MiB {direction}: {label} time / trio_fork run_sync time",
+            f"large_{direction}_{peer}",
+            f"large_{direction}_trio_fork",
+            True,
+            10.0,
+        )
+        for direction in ("arg", "result")
+        for peer, label in _PEERS.items()
+    ),
+    Target(
+        "large_roundtrip_vs_joblib",
+        "256 MiB round trip: joblib loky time / trio_fork run_sync time",
+        "large_roundtrip_joblib",
+        "large_roundtrip_trio_fork",
+        True,
+        2.0,
+    ),
+    Target(
+        "large_arg_vs_memcpy",
+        "256 MiB argument: trio_fork run_sync time / one copy (a.copy())",
+        "large_arg_trio_fork",
+        "large_memcpy",
+        False,
+        1.5,
+    ),
+    Target(
+        "large_shared_size",
+        "shared_array argument: time for 256 MiB / for 1 MiB",
+        "large_shared_big",
+        "large_shared_small",
+        False,
+        2.0,
+    ),
+    Target(
+        "large_rss",
+        "peak RSS above before, caller + worker, 256 MiB argument",
+        "large_rss_trio_fork",
+        None,
+        False,
+        1.1 * 256 * 2**20,
     ),
     Target(
         "pool_vs_trio_parallel",

@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from . import _calls, _fixtures, _helper, _numpy, _peers, _spawns
+from . import _calls, _fixtures, _helper, _large, _numpy, _peers, _spawns
 from ._measure import Sampler, Unavailable
 from ._report import BALLASTS_MB, ROWS, Kind, Report, RowResult, Settings, ballast_key, ballast_name
 from ._system import Ballast, load_average, machine, memory_use, resident_bytes
@@ -30,7 +30,9 @@ _ROWS = {row.key: row for row in ROWS}
 # Sampled with no ballast only, in the table's order, after the rows sampled at
 # every parent size.
 _NO_BALLAST_ONLY = tuple(
-    row.key for row in ROWS if row.ballast_mb is None and row.kind is not Kind.MEMORY
+    row.key
+    for row in ROWS
+    if row.ballast_mb is None and row.kind is not Kind.MEMORY and row.key not in _large.row_keys()
 )
 _MEMORY_STEPS = 2
 
@@ -52,7 +54,7 @@ def _plan() -> list[tuple[int, str]]:
 
 def total_steps(settings: Settings) -> int:
     """How many steps :func:`run_bench` reports to its progress display."""
-    return len(_plan()) * settings.rounds + _MEMORY_STEPS
+    return (len(_plan()) + len(_large.row_keys())) * settings.rounds + _MEMORY_STEPS
 
 
 class _Results:
@@ -149,7 +151,7 @@ async def _sample_rounds(settings: Settings, results: _Results, progress: Progre
 
 
 async def _sample_memory(settings: Settings, results: _Results, progress: Progress) -> None:
-    keys = [row.key for row in ROWS if row.kind is Kind.MEMORY]
+    keys = [row.key for row in ROWS if row.kind is Kind.MEMORY and row.key.startswith("numpy_")]
     try:
         await _numpy.check_numpy()
     except Unavailable as exc:
@@ -178,6 +180,8 @@ async def run_bench(settings: Settings, progress: Progress) -> Report:
     start = time.perf_counter()
     await _sample_rounds(settings, results, progress)
     await _sample_memory(settings, results, progress)
+    # Last: its arrays of hundreds of MiB would grow the process the other rows fork.
+    await _large.sample(settings, results, progress)
     return Report(
         settings=settings,
         machine=machine(),
