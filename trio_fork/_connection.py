@@ -144,12 +144,13 @@ class Connection:
             raise anyio.ClosedResourceError(f"the RPC to worker {self.pid} is closed")
         if self.lost is not None:
             raise BrokenWorkerError(str(self.lost))
+        # Copies of the buffers' descriptors, made first: they can fail (EMFILE).
+        fds = () if request.fds is None else request.fds.copies()
         request.id = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
         request.connection = self
         self._requests[request.id] = request
         self._nothing_since_send = True
-        fds = () if request.fds is None else request.fds.copies()
         self._write(encode(CALL, request.id, request.payload, fds), now=len(self._requests) == 1)
         request.wake()
 

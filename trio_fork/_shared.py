@@ -14,8 +14,11 @@ worker may import this module to return a shared buffer of its own.
 
 from __future__ import annotations
 
+import fcntl
 import math
+import mmap
 import operator
+import os
 import pickle
 
 from .worker import _buffers
@@ -54,7 +57,23 @@ def shared_buffer(size: int, *, shared_writes: bool = False) -> pickle.PickleBuf
     size = operator.index(size)
     if size < 1:
         raise ValueError(f"shared_buffer: size must be at least 1 byte, not {size}")
-    return _buffers.shared_buffer(size, bool(shared_writes))
+    fd = os.memfd_create("trio_fork shared", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        # Never shrunk under a mapping (which would crash its reader), nor grown.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _buffers.FIXED)
+        region = mmap.mmap(fd, size, **_buffers.UNTRACKED)
+        if not shared_writes:
+            # Receivers get a read-only descriptor: they can only map it privately.
+            read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+            os.close(fd)
+            fd = read_only
+    except BaseException:
+        os.close(fd)
+        raise
+    mode = _buffers.SHARED if shared_writes else _buffers.PRIVATE
+    _buffers.register(region, 0, fd, mode, False)
+    return pickle.PickleBuffer(memoryview(region))
 
 
 def shared_array(

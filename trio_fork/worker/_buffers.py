@@ -6,7 +6,7 @@ copied once into a memfd, sealed (nobody can write, shrink or grow it any more) 
 sent as a descriptor with its frame; the receiver maps it privately (copy-on-write:
 its writes stay its own) and unpickles on top of the mapping. A buffer that already
 lives in a memfd goes by its descriptor with no copy at all: a shared buffer
-(:func:`shared_buffer`), or a mapping received and not written to since (the page
+(``trio_fork.shared_buffer``), or a mapping received and not written to since (the page
 table, ``/proc/self/pagemap``, tells which pages were written).
 
 Memory lives as long as the objects on it: a mapping is unmapped, and the descriptor
@@ -39,10 +39,10 @@ PRIVATE, SHARED = 0, 1  # how the receiver maps a buffer: copy-on-write, or shar
 _HEAD = struct.Struct("<BI")  # 0, number of buffers
 _ENTRY = struct.Struct("<QQB")  # offset in the memfd, length, mode
 _PAGE = mmap.PAGESIZE
-_FIXED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-_FROZEN = _FIXED | fcntl.F_SEAL_WRITE
+FIXED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_FROZEN = FIXED | fcntl.F_SEAL_WRITE
 # mmap keeps a duplicate of the descriptor unless told not to (Python 3.13+).
-_UNTRACKED: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+UNTRACKED: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 # The last byte of a pagemap entry: bit 63 present, 62 swapped, 61 a file's page. A
 # page of a private mapping that is swapped, or present and no longer the file's, was
 # written to.
@@ -124,25 +124,6 @@ def loads(data: Any, buffers: list[memoryview]) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
-def shared_buffer(size: int, shared_writes: bool = False) -> pickle.PickleBuffer:
-    """A writable buffer in a memfd, sent by descriptor without a copy (see ``_shared``)."""
-    fd = os.memfd_create("trio_fork shared", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _FIXED)
-        region = mmap.mmap(fd, size, **_UNTRACKED)
-        if not shared_writes:
-            # Receivers get a read-only descriptor: they can map it privately only.
-            read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-            os.close(fd)
-            fd = read_only
-    except BaseException:
-        os.close(fd)
-        raise
-    _register(region, 0, fd, SHARED if shared_writes else PRIVATE, False)
-    return pickle.PickleBuffer(memoryview(region))
-
-
 def _copy(view: memoryview) -> int:
     """A sealed memfd holding a copy of ``view``."""
     fd = os.memfd_create("trio_fork buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -171,15 +152,16 @@ def _map(fd: int, offset: int, length: int, mode: int) -> memoryview:
         start = offset - offset % _PAGE
         flags = mmap.MAP_SHARED if mode == SHARED else mmap.MAP_PRIVATE
         prot = mmap.PROT_READ | mmap.PROT_WRITE
-        region = mmap.mmap(fd, offset + length - start, flags, prot, offset=start, **_UNTRACKED)
+        region = mmap.mmap(fd, offset + length - start, flags, prot, offset=start, **UNTRACKED)
     except BaseException:
         os.close(fd)
         raise
-    _register(region, start, fd, mode, mode == PRIVATE)
+    register(region, start, fd, mode, mode == PRIVATE)
     return memoryview(region)[offset - start :]
 
 
-def _register(region: mmap.mmap, offset: int, fd: int, mode: int, private: bool) -> None:
+def register(region: mmap.mmap, offset: int, fd: int, mode: int, private: bool) -> None:
+    """Know ``region``'s descriptor from now until it is collected (which closes it)."""
     address = _address(region)
     ref = _weakref.ref(region, lambda _: _forget(address))
     _regions[address] = (address + len(region), offset, fd, mode, private, ref)

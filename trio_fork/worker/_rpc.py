@@ -90,11 +90,9 @@ class _Worker:
         if not frame.fds and not frame.fds_lost:
             return frame.payload, []
         try:
-            if frame.fds_lost:
+            if frame.fds_lost:  # or sent with buffers off: the kernel dropped them
                 raise OSError("descriptors were lost in transit (is RLIMIT_NOFILE too low?)")
-            return (
-                _buffers.receive(frame.payload, frame.fds) if self.buffers else (frame.payload, [])
-            )
+            return _buffers.receive(frame.payload, frame.fds)
         except (OSError, ValueError) as exc:
             return self.error(frame.id, exc, "the worker could not receive the arguments")
 
