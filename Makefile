@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck docs pytest bench clean
+.PHONY: demo test lint typecheck docs pytest test-pythons bench clean clean-pythons
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -m trio_fork demo
@@ -24,6 +24,11 @@ docs: $(VENV)/.installed-test
 
 pytest: $(VENV)/.installed-test
 	$(BIN)/pytest
+
+# The tests on CPython 3.12 to 3.15 besides this one; needs root and debootstrap, and
+# keeps what it builds in .pythons/ (a few minutes the first time). See .ci/pythons.
+test-pythons:
+	bash .ci/pythons
 
 # The full benchmark (a few minutes); see bench/README.md.
 bench: $(VENV)/.installed-demo
@@ -45,3 +50,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 clean:
 	rm -rf $(VENV) docs/_build .mypy_cache .pytest_cache .ruff_cache
+
+# The root filesystems and venvs of test-pythons; nothing is mounted there outside a run.
+clean-pythons:
+	rm -rf --one-file-system .pythons
