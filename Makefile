@@ -26,7 +26,7 @@ pytest: $(VENV)/.installed-test
 	$(BIN)/pytest
 
 # The tests on CPython 3.12 to 3.15 besides this one; needs root and debootstrap, and
-# keeps what it builds in .pythons/ (a few minutes the first time). See .ci/pythons.
+# keeps what it builds in ~/.cache/trio_fork-pythons (minutes the first time). See .ci/pythons.
 test-pythons:
 	bash .ci/pythons
 
@@ -51,6 +51,6 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 clean:
 	rm -rf $(VENV) docs/_build .mypy_cache .pytest_cache .ruff_cache
 
-# The root filesystems and venvs of test-pythons; nothing is mounted there outside a run.
+# What test-pythons built (root filesystems, venvs, logs), in ~/.cache/trio_fork-pythons.
 clean-pythons:
-	rm -rf --one-file-system .pythons
+	bash .ci/pythons --clean
