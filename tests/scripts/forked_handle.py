@@ -23,6 +23,7 @@ def main() -> None:
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
+            # The copy holds none of the handle's descriptors and leaves its process alone.
             ok = handle.closed and not owned & set(open_fds().values())
             handle.close()
             os.write(write_end, b"1" if ok else b"0")
