@@ -81,6 +81,9 @@ class _Worker:
         self.spec = spec
         self.serializer = spec.serializer
         self.buffers = spec.buffers  # frames carry descriptors only when this is set
+        # Results sent out of band, freed once their reply is sent: after the caller
+        # has it, not on its way.
+        self.kept: list[Any] = []
 
     def ready(self, concurrent: bool) -> list[_wire.Segment]:
         return encode(_wire.WORKER_READY, 0, _wire.WORKER.pack(os.getpid(), concurrent))
@@ -120,6 +123,8 @@ class _Worker:
             payload, fds = self.dump(value)
         except BaseException as exc:
             return self.error(call_id, exc, "the worker could not serialize the result")
+        if fds:
+            self.kept.append(value)
         return encode(RESULT, call_id, payload, fds)
 
     def error(self, call_id: int, exc: BaseException, context: str = "") -> list[_wire.Segment]:
@@ -171,7 +176,8 @@ class _SyncWorker(_Worker):
             _wire.send_blocking(sock, self.ready(False))
             while self.receive():
                 if self.queue:
-                    reply = self.run(*self.queue.popleft())
+                    call = self.queue.popleft()  # its buffers stay mapped until it is answered
+                    reply = self.run(*call)
                     if retire is not None and self.should_retire(retire):
                         # Said before the reply, so that the parent sends nothing
                         # more. Calls queued behind this one never started; the
@@ -179,6 +185,8 @@ class _SyncWorker(_Worker):
                         _wire.send_blocking(sock, [*encode(RETIRING), *reply])
                         return
                     _wire.send_blocking(sock, reply)
+                    del call, reply
+                    self.kept.clear()
         except OSError:
             pass  # the parent is gone
 
@@ -381,6 +389,7 @@ class _AsyncWorker(_Worker):
         if self.drained is not None:
             self.drained.set()
             self.drained = None
+        self.kept.clear()
         return True
 
     async def write(self) -> None:
