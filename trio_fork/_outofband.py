@@ -11,6 +11,7 @@ anyone ever takes the result or the event.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._transport import ProtocolError
@@ -41,9 +42,10 @@ class Descriptors:
             raise
         return copies
 
-    def close(self) -> None:
+    def close(self, _close: Callable[[list[int]], None] = _buffers._close) -> None:
+        # Bound at definition: at interpreter exit, module globals may be gone.
         fds, self.fds = self.fds, []
-        _buffers._close(fds)
+        _close(fds)
 
     __del__ = close
 
