@@ -16,6 +16,7 @@ import attrs
 import sniffio
 from anyio.abc import UNIXSocketStream
 
+from . import _exec
 from ._arguments import FileDescriptorLike, dup_fds, module_names, pickle_arguments, target_name
 from ._channel import Channel, ExitSlot, Reply, remote_error
 from ._child import Child, Process
@@ -279,6 +280,10 @@ class Template(metaclass=NoPublicConstructor):
         finally:
             self._blocks -= 1
             process.close()
+
+    # AnyEvent::Fork's "faster fork+exec": a program run from the template (see ._exec).
+    open_process = _exec.open_process
+    run_process = _exec.run_process
 
     @asynccontextmanager
     async def _spawn_worker(self, *args: object) -> AsyncIterator[tuple[Process, socket.socket]]:
