@@ -164,7 +164,7 @@ async def test_functions_that_cannot_be_found(template: trio_fork.Template) -> N
                 pass
         assert info.value.type_name == type_name
     with pytest.raises(ValueError, match="module:qualname"):
-        async with trio_fork.open_rpc(template, "no_colon"):
+        async with trio_fork.open_rpc(template, "mod:"):
             pass
     with pytest.raises(TypeError, match="cannot be found by name"):
         async with trio_fork.open_rpc(template, lambda: None):

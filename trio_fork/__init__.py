@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ._run_sync import default_context_statistics as default_context_statistics
     from ._run_sync import open_worker_context as open_worker_context
     from ._run_sync import run_sync as run_sync
+    from ._exec import TemplateProcess as TemplateProcess
     from ._template import Template as Template
     from .worker._serializers import JSON as JSON
     from .worker._serializers import PICKLE as PICKLE
@@ -74,6 +75,7 @@ _LOCATIONS = {
     "open_worker_context": "_run_sync",
     "run_sync": "_run_sync",
     "Template": "_template",
+    "TemplateProcess": "_exec",
     "JSON": "worker._serializers",
     "PICKLE": "worker._serializers",
 }
