@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._errors import BrokenTemplateError as BrokenTemplateError
     from ._errors import BrokenWorkerError as BrokenWorkerError
     from ._errors import RemoteError as RemoteError
+    from ._exec import TemplateProcess as TemplateProcess
     from ._handle import TemplateHandle as TemplateHandle
     from ._handle import fork_main_template as fork_main_template
     from ._handle import start_template as start_template
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     from ._run_sync import default_context_statistics as default_context_statistics
     from ._run_sync import open_worker_context as open_worker_context
     from ._run_sync import run_sync as run_sync
-    from ._exec import TemplateProcess as TemplateProcess
     from ._template import Template as Template
     from .worker._serializers import JSON as JSON
     from .worker._serializers import PICKLE as PICKLE

@@ -212,8 +212,9 @@ class Child(metaclass=NoPublicConstructor):
         copy of it: another process that gets a copy (through ``send_fds``) and reads
         it as a blocking socket fails with :exc:`BlockingIOError` whenever nothing
         has come yet. This takes the socket out of this event loop and switches it
-        to blocking mode: send it on (``await other.stream.send_fds([b"s"], [sock])``
-        or :meth:`Template.send_fds`), then close it. The child is unaffected, and
+        to blocking mode: send it on (``await other.stream.send_fds(b"s",
+        [sock.fileno()])``: anyio's ``send_fds`` skips socket objects, or
+        :meth:`Template.send_fds`), then close it. The child is unaffected, and
         the ``spawn`` block still waits for it.
 
         Raises:
