@@ -465,10 +465,10 @@ async def run_process(
     is called to end it some other way, as with :func:`trio.run_process`) and waited
     for before the cancellation is raised.
 
+    The other arguments are those of :meth:`open_process`, but ``stdin`` defaults to
+    this process's own.
+
     Args:
-        command, stdin, stdout, stderr, cwd, env, startupinfo, creationflags,
-            start_new_session, pass_fds, user, group, extra_groups, umask: As for
-            :meth:`open_process`, but ``stdin`` defaults to this process's own.
         input: Bytes written to the program's standard input, which is then closed.
         check: Raise :exc:`subprocess.CalledProcessError` if the program exits with
             another status than 0.
