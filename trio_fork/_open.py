@@ -161,8 +161,9 @@ def start_early() -> None:
 
     Python's counterpart of AnyEvent::Fork::Early. It starts one small template
     interpreter (only the standard library imported) and keeps it; afterwards every
-    :func:`open_template` without ``python=`` asks it to fork instead of starting an
-    interpreter, so opening a template costs a fork, not an interpreter start-up. The
+    :func:`open_template` without ``python=`` or ``fresh=True`` asks it to fork, in
+    place of the default template, so that even the first :func:`open_template` of
+    the program, and one with ``env`` or ``cwd`` of its own, costs a fork. The
     template you get is the one you would have got: :func:`open_template` applies
     this process's current ``sys.path``, working directory and environment (or its
     ``env`` and ``cwd`` arguments) to it. Settings an interpreter reads only when it
@@ -191,7 +192,7 @@ def start_early() -> None:
 
 
 def stop_early() -> None:
-    """End the early template; :func:`open_template` starts interpreters again.
+    """End the early template; :func:`open_template` forks the default template again.
 
     Templates opened from it and still in use end too. Does nothing if
     :func:`start_early` has not run.

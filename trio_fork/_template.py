@@ -70,8 +70,9 @@ class Template(metaclass=NoPublicConstructor):
     def pid(self) -> int:
         """The template's process id.
 
-        A template from :func:`open_template` is a child of this process, or of the
-        early template once :func:`start_early` has run. One from :meth:`fork` is a
+        A template from :func:`open_template` is a child of the process-wide default
+        template, or of the early template once :func:`start_early` has run, or of
+        this process if it started an interpreter of its own (``fresh=True``). One from :meth:`fork` is a
         child of the template it was forked from, one from
         :meth:`TemplateHandle.open` a child of the handle's template, and one from
         :func:`adopt_template` a child of whichever process made it. Whatever its
