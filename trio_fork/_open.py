@@ -139,15 +139,8 @@ async def _started(
     isolated: bool = False,
 ) -> AsyncIterator[Template]:
     """A template interpreter of our own, ready (see ``launch`` for ``how``)."""
-    process, ours = launch(executable, env, cwd, how=how, isolated=isolated)
+    process, pidfd, ours = launch(executable, env, cwd, how=how, isolated=isolated)
     transport = Transport(ours) if isinstance(ours, socket.socket) else Transport(pipes=ours)
-    try:
-        pidfd = os.pidfd_open(process.pid)
-    except BaseException:
-        transport.close()
-        process.kill()
-        process.wait()
-        raise
     channel = Channel(transport, f"template {process.pid}")
     template = Template._create(channel, process.pid, pidfd, None, process)
     ready = channel.expect_ready()
@@ -277,16 +270,9 @@ async def _default_handle_async() -> TemplateHandle:
     executable = sys.executable
     if not executable:
         raise RuntimeError("sys.executable is unknown here: pass python= to open_template")
-    process, channel = launch(executable, None, None)
+    setup = _setup_now(None, None)
+    process, pidfd, channel = launch(executable, None, None)
     assert isinstance(channel, socket.socket)
-    try:
-        setup = _setup_now(None, None)
-        pidfd = os.pidfd_open(process.pid)
-    except BaseException:
-        channel.close()
-        process.kill()
-        process.wait()
-        raise
     try:
         await anyio.wait_readable(channel)  # its READY, or end of file if it died
     except BaseException:

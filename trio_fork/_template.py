@@ -72,8 +72,8 @@ class Template(metaclass=NoPublicConstructor):
 
         A template from :func:`open_template` is a child of the process-wide default
         template, or of the early template once :func:`start_early` has run, or of
-        this process if it started an interpreter of its own (``fresh=True``). One from :meth:`fork` is a
-        child of the template it was forked from, one from
+        this process if it started an interpreter of its own (``fresh=True``). One
+        from :meth:`fork` is a child of the template it was forked from, one from
         :meth:`TemplateHandle.open` a child of the handle's template, and one from
         :func:`adopt_template` a child of whichever process made it. Whatever its
         parent, the pid names this template until the block that gave it to you
