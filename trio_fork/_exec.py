@@ -20,6 +20,7 @@ import errno
 import os
 import subprocess
 import weakref
+from abc import ABCMeta
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from io import BytesIO
 from signal import SIGKILL, SIGTERM
@@ -32,6 +33,7 @@ import anyio.lowlevel
 
 from ._arguments import dup_fd
 from ._channel import remote_error
+from ._construct import NoPublicConstructor
 from ._transport import receive_frame, unpack_strings
 from .worker import _wire
 
@@ -117,8 +119,12 @@ class PipeSendStream(_FdStream, anyio.abc.ByteSendStream):
             self._busy = False
 
 
+class _NoPublicConstructorABC(NoPublicConstructor, ABCMeta):
+    """:class:`NoPublicConstructor` for a class with abstract bases (anyio's Process)."""
+
+
 @final
-class TemplateProcess(anyio.abc.Process):
+class TemplateProcess(anyio.abc.Process, metaclass=_NoPublicConstructorABC):
     """A program that a template exec'd: what :meth:`Template.open_process` returns.
 
     An :class:`anyio.abc.Process`: ``async with`` it, or call :meth:`aclose`, to close
@@ -344,7 +350,7 @@ async def open_process(
     assert not isinstance(stdin_stream, PipeReceiveStream)
     assert not isinstance(stdout_stream, PipeSendStream)
     assert not isinstance(stderr_stream, PipeSendStream)
-    return TemplateProcess(process, template, stdin_stream, stdout_stream, stderr_stream)
+    return TemplateProcess._create(process, template, stdin_stream, stdout_stream, stderr_stream)
 
 
 async def _check_exec(
