@@ -108,6 +108,17 @@ async def test_rpc_both_ways_and_events(template: trio_fork.Template, baseline: 
             assert await call.result() == 2
 
 
+async def test_events_outside_calls(template: trio_fork.Template, baseline: None) -> None:
+    async with trio_fork.open_rpc(template, f.emit_outside) as rpc:
+        assert await rpc.call(2 * MIB) == 2 * MIB
+        with anyio.fail_after(10):
+            async for event in rpc.events():
+                break
+        assert f.where(event) is not None
+        assert int(event[-1]) == 4
+        del event
+
+
 async def test_an_async_worker(template: trio_fork.Template, baseline: None) -> None:
     async with trio_fork.open_rpc(template, f.async_double) as rpc:
         results: list[object] = []
