@@ -112,8 +112,7 @@ async def test_events_outside_calls(template: trio_fork.Template, baseline: None
     async with trio_fork.open_rpc(template, f.emit_outside) as rpc:
         assert await rpc.call(2 * MIB) == 2 * MIB
         with anyio.fail_after(10):
-            async for event in rpc.events():
-                break
+            event = await anext(aiter(rpc.events()))
         assert f.where(event) is not None
         assert int(event[-1]) == 4
         del event
