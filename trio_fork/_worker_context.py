@@ -1,0 +1,650 @@
+"""A worker context: the workers that ``run_sync`` calls go to, of one configuration.
+
+trio_parallel's ``WorkerContext``. The context owns a template (a
+:class:`~trio_fork.TemplateHandle`, so that it outlives event loops: the default
+context serves every run of the program, in every thread) and the workers forked
+from it (:mod:`._workers`): idle ones most recently used first, each borrowed by one
+call at a time and talked to with the caller's event loop. If the template dies (the
+OOM killer, say), the next worker that is needed comes from a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import enum
+import functools
+import inspect
+import os
+import pickle
+import sys
+import threading
+import time
+import types
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any, TypeVar, final
+
+import anyio
+import anyio.lowlevel
+import attrs
+import sniffio
+
+from ._arguments import check_reference, module_names
+from ._call import cancellation_kept, shielded, unwrap_error
+from ._construct import NoPublicConstructor
+from ._errors import BrokenTemplateError, BrokenWorkerError, closed_error
+from ._handle import TemplateHandle, _setup_now, start_template
+from ._main_module import load_main, main_location, refers_to_main
+from ._transport import ProtocolError, unpack_strings
+from ._workers import Worker, WorkerDied, invoke_frame, start_worker, wait_reaped
+from .worker._apply import Pickled, apply, become_worker, loading
+from .worker._rpc import WorkerSpec
+from .worker._wire import RESULT
+
+if TYPE_CHECKING:
+    from .worker._wire import Frame
+
+T = TypeVar("T")
+
+DEFAULT_IDLE_TIMEOUT = 600.0
+DEFAULT_GRACE_PERIOD = 30.0
+
+
+class WorkerType(str, enum.Enum):
+    """How ``trio_parallel`` starts its workers; accepted for compatibility.
+
+    trio_fork forks every worker from a template: a fresh interpreter that imported
+    ``preload`` and serves forks, which is what ``multiprocessing``'s forkserver is.
+    Each worker starts as a clean process with this program's ``sys.path``,
+    directory, environment and ``multiprocessing`` key, and its main module as
+    ``__mp_main__``, whichever type is asked for: the value is checked and kept
+    (:attr:`WorkerContext.worker_type`), and changes nothing else.
+    """
+
+    SPAWN = "spawn"
+    FORKSERVER = "forkserver"
+    FORK = "fork"
+
+
+@final
+@attrs.frozen
+class WorkerContextStatistics:
+    """A snapshot of a :class:`WorkerContext`, as ``trio_parallel`` reports it.
+
+    Attributes:
+        idle_workers: Workers ready and waiting for a call.
+        running_workers: Workers running a call.
+    """
+
+    idle_workers: int
+    running_workers: int
+
+
+@attrs.frozen
+class Settings:
+    """A context's configuration, checked: what trio_parallel takes, and ``preload``."""
+
+    idle_timeout: float
+    init: Callable[[], object] | str | None
+    retire_calls: int | None
+    retire: Callable[[], object] | str | None
+    grace_period: float
+    worker_type: WorkerType
+    preload: tuple[str, ...]
+    # What they were given as, for the context's read-only attributes.
+    given_init: object = None
+    given_retire: object = None
+
+    def spec(self) -> WorkerSpec:
+        return WorkerSpec(apply, self.init, (), Pickled, False, True, None, self.retire)
+
+
+def make_settings(
+    idle_timeout: float,
+    init: object,
+    retire: object,
+    grace_period: float,
+    worker_type: object,
+    preload: Iterable[str],
+) -> Settings:
+    """Check a context's arguments, with trio_parallel's errors (and ours for ``preload``)."""
+    modules = tuple(module_names(preload, "preload"))
+    _seconds("idle_timeout", idle_timeout)
+    _seconds("grace_period", grace_period)
+    try:
+        kind = WorkerType(worker_type)
+    except ValueError:
+        choices = ", ".join(repr(member.value) for member in WorkerType)
+        raise ValueError(f"worker_type must be one of {choices}, not {worker_type!r}") from None
+    function_init = None if init is bool else _function("init", init)
+    calls: int | None = None
+    function_retire: Callable[[], object] | str | None = None
+    if isinstance(retire, int) and not isinstance(retire, bool):
+        if retire < 1:
+            raise ValueError(f"retire must be at least 1 call, not {retire}")
+        calls = retire
+    elif retire is not bool:
+        function_retire = _function("retire", retire)
+    return Settings(
+        float(idle_timeout),
+        function_init,
+        calls,
+        function_retire,
+        float(grace_period),
+        kind,
+        modules,
+        init,
+        retire,
+    )
+
+
+def _seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"{name} must be non-negative, was {value!r}")
+
+
+def _function(name: str, value: object) -> Callable[[], object] | str:
+    if not (callable(value) or isinstance(value, str)):
+        raise TypeError(
+            f"{name} must be callable (or a 'module:qualname' string), not {value!r} "
+            f"(a {type(value).__name__})"
+        )
+    return check_reference(value, name)
+
+
+@final
+@attrs.define(eq=False)
+class WorkerContext(metaclass=NoPublicConstructor):
+    """Workers of one configuration, made by :func:`open_worker_context` (or the default
+    context of :func:`run_sync`)."""
+
+    _settings: Settings
+    _idle: deque[Worker] = attrs.field(factory=deque)
+    _running: set[Worker] = attrs.field(factory=set)
+    _handle: TemplateHandle | None = None
+    # Starting and replacing the template, and loading the main module into it, from
+    # any thread.
+    _lock: threading.Lock = attrs.field(factory=threading.Lock)
+    _closed: bool = False
+    _main_loaded_in: TemplateHandle | None = None
+    # Set when the last running call is done, for a close that waits for them.
+    _drained: anyio.Event | None = None
+    _owner: int = attrs.field(factory=os.getpid)
+
+    def __attrs_post_init__(self) -> None:
+        _contexts.add(self)
+
+    def __repr__(self) -> str:
+        stats = self.statistics()
+        state = "closed, " if self._closed else ""
+        return (
+            f"<trio_fork.WorkerContext {state}{stats.idle_workers} idle, "
+            f"{stats.running_workers} running>"
+        )
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds an idle worker is kept."""
+        return self._settings.idle_timeout
+
+    @property
+    def init(self) -> object:
+        """What each worker runs before its first call."""
+        return self._settings.given_init
+
+    @property
+    def retire(self) -> object:
+        """When workers are replaced: a function run after each call, or a number of calls."""
+        return self._settings.given_retire
+
+    @property
+    def grace_period(self) -> float:
+        """Seconds the workers are given to exit when the context ends."""
+        return self._settings.grace_period
+
+    @property
+    def worker_type(self) -> WorkerType:
+        """As given (see :class:`WorkerType`)."""
+        return self._settings.worker_type
+
+    async def run_sync(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        kill_on_cancel: bool = False,
+        cancellable: bool = False,
+        limiter: AbstractAsyncContextManager[Any] | None = None,
+    ) -> T:
+        """Run ``fn(*args)`` in a worker of this context (see :func:`run_sync`)."""
+        run = this_run()
+        await run.checkpoint_if_cancelled()
+        return await self._run(run, fn, args, kill_on_cancel or cancellable, limiter)
+
+    def statistics(self) -> WorkerContextStatistics:
+        """How many workers are idle and how many are running calls."""
+        self._prune()
+        return WorkerContextStatistics(len(self._idle), len(self._running))
+
+    async def _run(
+        self,
+        run: Run,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kill_on_cancel: bool,
+        limiter: AbstractAsyncContextManager[Any] | None,
+    ) -> T:
+        payload = request_payload(fn, args)
+        if b"__main__" in payload and self._main_loaded_in is None:
+            await self._load_main_for(fn, args)
+        if limiter is None:
+            limiter = run.limiter
+        if type(limiter) is run.limiter_type:
+            # "async with limiter" without its schedule point when a token is free:
+            # the wait for the reply yields anyway.
+            capacity: Any = limiter
+            try:
+                capacity.acquire_nowait()
+            except run.would_block:
+                await capacity.acquire()
+            try:
+                frame = await self._call(run, payload, kill_on_cancel)
+            finally:
+                capacity.release()
+        else:
+            async with limiter:
+                frame = await self._call(run, payload, kill_on_cancel)
+        if frame.op == RESULT:
+            return pickle.loads(frame.payload)  # type: ignore[no-any-return]
+        raise unwrap_error(unpack_strings(frame.payload, 3), originals=True)
+
+    async def _call(self, run: Run, payload: bytes, kill_on_cancel: bool) -> Frame:
+        """One call, in a worker taken from the idle ones or started for it."""
+        if self._closed:
+            raise closed_error(run.backend, "this worker context is closed")
+        worker = self._take()
+        if worker is None:
+            if kill_on_cancel:
+                worker = await self._start_worker()
+            else:
+                # Past the limiter, a call that cannot be cancelled has begun.
+                worker, held = await shielded(self._start_worker)
+                if held is not None:
+                    self._put_back(worker)  # it never ran anything
+                    raise held
+        self._running.add(worker)
+        worker.reusable = False
+        try:
+            return await self._exchange(run, worker, payload, kill_on_cancel)
+        finally:
+            self._running.discard(worker)
+            if worker.reusable:
+                self._put_back(worker)
+            else:
+                worker.close()
+            if not self._running and self._drained is not None:
+                self._drained.set()
+
+    async def _exchange(
+        self, run: Run, worker: Worker, payload: bytes, kill_on_cancel: bool
+    ) -> Frame:
+        """Send the call and wait for its reply, as :func:`run_sync` promises under
+        cancellation; any other interruption kills the worker. Sets ``worker.reusable``."""
+
+        async def finish() -> Frame | BrokenWorkerError:
+            try:
+                frame = await worker.finish(run.wait_readable, run.wait_writable)
+            except WorkerDied:
+                return await worker.lost(running=True)
+            return _check_reply(worker, frame)
+
+        worker.calls += 1
+        try:
+            worker.send(payload)
+            outcome = await finish()
+        except run.cancelled:
+            if kill_on_cancel:
+                worker.kill()
+            outcome, held = await shielded(finish)
+            worker.reusable = not kill_on_cancel and not isinstance(outcome, BrokenWorkerError)
+            if held is not None or not cancellation_kept():
+                # A cancellation delivered once (asyncio's own) is raised now: the
+                # reply, if it came, is not kept.
+                raise
+        except BaseException:
+            # KeyboardInterrupt and the like: the worker's state is unknown; it goes.
+            worker.kill()
+            raise
+        if isinstance(outcome, BrokenWorkerError):
+            raise outcome
+        worker.reusable = True
+        return outcome
+
+    def _retiring(self, worker: Worker) -> bool:
+        calls = self._settings.retire_calls
+        return worker.retiring or (calls is not None and worker.calls >= calls)
+
+    def _take(self) -> Worker | None:
+        """An idle worker, most recently used first; None if there is none alive."""
+        self._prune()
+        idle = self._idle
+        while idle:
+            try:
+                worker = idle.pop()
+            except IndexError:  # another thread took the last one
+                return None
+            if not worker.exited():
+                return worker
+            worker.close()
+        return None
+
+    def _prune(self) -> None:
+        """End the workers idle for longer than ``idle_timeout``."""
+        idle = self._idle
+        if not idle:
+            return
+        expired = time.monotonic() - self._settings.idle_timeout
+        while idle and idle[0].idle_since <= expired:
+            try:
+                worker = idle.popleft()
+            except IndexError:
+                return
+            worker.close()
+
+    def _put_back(self, worker: Worker) -> None:
+        if self._closed or self._retiring(worker):
+            worker.close()
+            return
+        worker.idle_since = time.monotonic()
+        self._idle.append(worker)
+
+    async def _start_worker(self) -> Worker:
+        handle = await self._template()
+        try:
+            return await start_worker(handle, self._invoke(handle))
+        except BrokenTemplateError:
+            # The template died (the OOM killer, say): a new one, once.
+            handle = await self._template(replacing=handle)
+            return await start_worker(handle, self._invoke(handle))
+
+    def _invoke(self, handle: TemplateHandle) -> bytes:
+        """The command that makes a fork of ``handle`` a worker of this context, now."""
+        setup: Any = _setup_now(None, None)
+        if setup == handle._setup:
+            setup = None
+        authkey = None
+        process = sys.modules.get("multiprocessing.process")
+        if process is not None:
+            authkey = bytes(process.current_process().authkey)  # type: ignore[attr-defined]
+        main = main_location()
+        if main != (None, None):
+            # As multiprocessing does: what workers pickle from their __mp_main__
+            # (which is our __main__) is found here.
+            sys.modules.setdefault("__mp_main__", sys.modules["__main__"])
+        return invoke_frame(
+            pickle.dumps(
+                (become_worker, (self._settings.spec(), setup, authkey, main)),
+                pickle.HIGHEST_PROTOCOL,
+            )
+        )
+
+    async def _template(self, replacing: TemplateHandle | None = None) -> TemplateHandle:
+        handle = self._handle
+        if handle is not None and handle is not replacing and not handle.closed:
+            return handle
+        return await anyio.to_thread.run_sync(self._start_template, replacing)
+
+    def _start_template(self, replacing: TemplateHandle | None = None) -> TemplateHandle:
+        """The context's template, started if there is none (or it died); blocking."""
+        if loading.main:
+            # The program's top-level code is running in a template, which is loading
+            # it for its workers: going on would start templates without end.
+            raise RuntimeError(
+                "trio_fork workers were requested while a worker template was loading "
+                "this program's main module: put the code that runs the program under "
+                "'if __name__ == \"__main__\":'"
+            )
+        with self._lock:
+            if self._closed:
+                raise anyio.ClosedResourceError("this worker context is closed")
+            handle = self._handle
+            if handle is not None and handle is not replacing and not handle.closed:
+                return handle
+            if handle is not None:
+                handle.close()  # it died: reap it
+            preload = list(self._settings.preload)
+            preload.append("trio_fork.worker._apply")
+            if "multiprocessing.process" in sys.modules:
+                preload.append("multiprocessing.process")
+            self._handle = handle = start_template(preload)
+            # After the template's own exit handler, so that it runs before it: the
+            # workers exit on their own (and flush what they printed) before the
+            # template ends them.
+            atexit.unregister(self._shutdown_at_exit)
+            atexit.register(self._shutdown_at_exit)
+        return handle
+
+    async def _load_main_for(self, *objects: object) -> None:
+        if refers_to_main(objects):  # rather than "__main__" being only data
+            await anyio.to_thread.run_sync(self._load_main)
+
+    def _load_main(self) -> None:
+        """Load our main module into the template, once, so that workers have it."""
+        handle = self._start_template()
+        with self._lock:
+            if self._main_loaded_in is handle:
+                return
+            load_main(handle)
+            self._main_loaded_in = handle
+        # Forks of the template have it now; the idle workers would each load it.
+        while self._idle:
+            try:
+                self._idle.popleft().close()
+            except IndexError:
+                break
+
+    async def _aclose(self) -> None:
+        """Close: wait for the calls running, then end the workers and the template."""
+        self._closed = True
+        if self._running:
+            self._drained = anyio.Event()
+            await self._drained.wait()
+        await anyio.to_thread.run_sync(self._shutdown)
+
+    def _retire(self) -> None:
+        """No more calls; end what is idle now, and the rest at exit (see _shutdown)."""
+        self._closed = True
+        if not self._running:
+            self._shutdown()
+            return
+        while self._idle:
+            try:
+                self._idle.popleft().close()
+            except IndexError:
+                break
+
+    def _shutdown(self) -> None:
+        """End the workers (``grace_period`` seconds to exit), then the template. Blocking."""
+        atexit.unregister(self._shutdown_at_exit)
+        with self._lock:
+            self._closed = True
+            workers = [*self._idle, *self._running]
+            self._idle.clear()
+            handle, self._handle = self._handle, None
+        for worker in workers:
+            worker.end()
+        wait_reaped(workers, self._settings.grace_period if handle is not None else 0.0)
+        for worker in workers:
+            worker.close()
+        if handle is not None:
+            handle.close()  # kills and reaps what is left below it, and the template
+
+    def _shutdown_at_exit(self) -> None:
+        if os.getpid() == self._owner:
+            self._shutdown()
+
+    def _forget(self) -> None:
+        """In a forked copy of this process: let go of every descriptor, end nothing."""
+        self._lock = threading.Lock()
+        self._closed = True
+        for worker in [*self._idle, *self._running]:
+            worker.close()
+        self._idle.clear()
+        self._running.clear()
+        self._handle = None  # the handle forgets itself (see _handle)
+
+
+def _check_reply(worker: Worker, frame: Frame) -> Frame | BrokenWorkerError:
+    if frame.op != RESULT:
+        try:
+            unpack_strings(frame.payload, 3)
+        except ProtocolError as exc:
+            worker.kill()
+            return BrokenWorkerError(f"worker {worker.pid} broke the protocol ({exc}) and was killed")
+    return frame
+
+
+# Every context alive, so that a forked copy of this process lets go of their workers.
+_contexts: weakref.WeakSet[WorkerContext] = weakref.WeakSet()
+
+
+def _forget_all_in_child() -> None:
+    for context in list(_contexts):
+        context._forget()
+    _contexts.clear()
+
+
+os.register_at_fork(after_in_child=_forget_all_in_child)
+
+
+# What belongs to each event loop run: the backend's own primitives, and the default
+# limiter.
+
+
+@attrs.define(eq=False, slots=True)
+class Run:
+    backend: str
+    limiter: Any
+    limiter_type: type[Any]
+    would_block: type[Exception]
+    cancelled: type[BaseException]
+    checkpoint_if_cancelled: Callable[[], Awaitable[None]]
+    wait_readable: Callable[[Any], Awaitable[None]]
+    wait_writable: Callable[[Any], Awaitable[None]]
+
+
+# Keyed like anyio's RunVar (by trio token or asyncio loop), without its cost on
+# every call.
+_runs: weakref.WeakKeyDictionary[object, Run] = weakref.WeakKeyDictionary()
+
+
+def this_run() -> Run:
+    backend = sniffio.current_async_library()
+    key: object
+    if backend == "trio":
+        key = sys.modules["trio"].lowlevel.current_trio_token()
+    else:
+        key = asyncio.get_running_loop()
+    run = _runs.get(key)
+    if run is None:
+        run = _runs[key] = _new_run(backend)
+    return run
+
+
+def _new_run(backend: str) -> Run:
+    tokens = os.cpu_count() or 1
+    if backend == "trio":
+        import trio
+
+        return Run(
+            backend,
+            trio.CapacityLimiter(tokens),
+            trio.CapacityLimiter,
+            trio.WouldBlock,
+            trio.Cancelled,
+            trio.lowlevel.checkpoint_if_cancelled,
+            trio.lowlevel.wait_readable,
+            trio.lowlevel.wait_writable,
+        )
+    return Run(
+        backend,
+        anyio.CapacityLimiter(tokens),
+        anyio.CapacityLimiter,
+        anyio.WouldBlock,
+        asyncio.CancelledError,
+        anyio.lowlevel.checkpoint_if_cancelled,
+        anyio.wait_readable,
+        anyio.wait_writable,
+    )
+
+
+# What a call sends: its function, pickled once, and its arguments.
+
+
+def request_payload(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
+    """The call's payload; the pickling error itself if ``fn`` or an argument cannot be sent.
+
+    Raises:
+        TypeError: ``fn`` is not callable, or is asynchronous.
+    """
+    function = _pickled_functions.get(fn) if type(fn) in _BY_REFERENCE else None
+    if function is None:
+        function = _pickle_function(fn)
+    try:
+        # pickle itself rather than PICKLE.dumps(): this is every call's path.
+        return pickle.dumps((function, *args), pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        for index, arg in enumerate(args):
+            try:
+                pickle.dumps(arg, pickle.HIGHEST_PROTOCOL)
+            except Exception:
+                _note(exc, f"run_sync: argument {index} ({type(arg).__name__}) cannot be pickled")
+                break
+        raise
+
+
+# Plain functions and built-ins (those that pickle by reference, and live as long as
+# their module) are pickled once; other callables, such as partials, every time.
+_BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType)
+_pickled_functions: dict[Callable[..., Any], bytes] = {}
+_MAX_PICKLED_FUNCTIONS = 256
+
+
+def _pickle_function(fn: Callable[..., Any]) -> bytes:
+    if not callable(fn):
+        raise TypeError(f"run_sync: fn must be callable, not {type(fn).__name__}")
+    if _is_async(fn):
+        raise TypeError(
+            f"run_sync runs sync functions, but {fn!r} is asynchronous: call it with an "
+            "event loop of its own, or use open_rpc"
+        )
+    try:
+        pickled = pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        _note(
+            exc,
+            f"run_sync: {fn!r} cannot be sent to a worker: pass a function defined at the "
+            "top level of a module",
+        )
+        raise
+    if type(fn) in _BY_REFERENCE:
+        if len(_pickled_functions) >= _MAX_PICKLED_FUNCTIONS:
+            _pickled_functions.clear()
+        _pickled_functions[fn] = pickled
+    return pickled
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn)
+
+
+def _note(exc: BaseException, note: str) -> None:
+    add_note: Callable[[str], None] | None = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(note)
