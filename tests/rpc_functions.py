@@ -218,3 +218,10 @@ async def current_backend() -> str:
     import sniffio
 
     return sniffio.current_async_library()
+
+
+class AsyncCallable:
+    """An object whose ``__call__`` is asynchronous: known only once it is called."""
+
+    async def __call__(self, value: Any) -> Any:
+        return value

@@ -239,7 +239,9 @@ class WorkerContext(metaclass=NoPublicConstructor):
         limiter: AbstractAsyncContextManager[Any] | None,
     ) -> T:
         payload = request_payload(fn, args)
-        if b"__main__" in payload and self._main_loaded_in is None:
+        if b"__main__" in payload and (
+            self._main_loaded_in is None or self._main_loaded_in is not self._handle
+        ):
             await self._load_main_for(fn, args)
         if limiter is None:
             limiter = run.limiter
@@ -266,7 +268,7 @@ class WorkerContext(metaclass=NoPublicConstructor):
         """One call, in a worker taken from the idle ones or started for it."""
         if self._closed:
             raise closed_error(run.backend, "this worker context is closed")
-        worker = self._take()
+        worker = self._take(_main_key())
         if worker is None:
             if kill_on_cancel:
                 worker = await self._start_worker()
@@ -310,10 +312,12 @@ class WorkerContext(metaclass=NoPublicConstructor):
             if kill_on_cancel:
                 worker.kill()
             outcome, held = await shielded(finish)
-            worker.reusable = not kill_on_cancel and not isinstance(outcome, BrokenWorkerError)
-            if held is not None or not cancellation_kept():
-                # A cancellation delivered once (asyncio's own) is raised now: the
-                # reply, if it came, is not kept.
+            lost = isinstance(outcome, BrokenWorkerError)
+            worker.reusable = not (kill_on_cancel or lost)
+            # A call that completed keeps its reply, and the cancellation takes
+            # effect at the next checkpoint; not one delivered once (asyncio's own),
+            # which is raised now.
+            if lost or held is not None or not cancellation_kept():
                 raise
         except BaseException:
             # KeyboardInterrupt and the like: the worker's state is unknown; it goes.
@@ -328,8 +332,12 @@ class WorkerContext(metaclass=NoPublicConstructor):
         calls = self._settings.retire_calls
         return worker.retiring or (calls is not None and worker.calls >= calls)
 
-    def _take(self) -> Worker | None:
-        """An idle worker, most recently used first; None if there is none alive."""
+    def _take(self, main: object) -> Worker | None:
+        """An idle worker, most recently used first; None if there is none alive.
+
+        Not one started for another main module: a worker takes on the main module
+        that is ours when it starts (the tests of a test suite may change it).
+        """
         self._prune()
         idle = self._idle
         while idle:
@@ -337,7 +345,7 @@ class WorkerContext(metaclass=NoPublicConstructor):
                 worker = idle.pop()
             except IndexError:  # another thread took the last one
                 return None
-            if not worker.exited():
+            if worker.main == main and not worker.exited():
                 return worker
             worker.close()
         return None
@@ -364,12 +372,15 @@ class WorkerContext(metaclass=NoPublicConstructor):
 
     async def _start_worker(self) -> Worker:
         handle = await self._template()
+        main = _main_key()
         try:
-            return await start_worker(handle, self._invoke(handle))
+            worker = await start_worker(handle, self._invoke(handle))
         except BrokenTemplateError:
             # The template died (the OOM killer, say): a new one, once.
             handle = await self._template(replacing=handle)
-            return await start_worker(handle, self._invoke(handle))
+            worker = await start_worker(handle, self._invoke(handle))
+        worker.main = main
+        return worker
 
     def _invoke(self, handle: TemplateHandle) -> bytes:
         """The command that makes a fork of ``handle`` a worker of this context, now."""
@@ -498,6 +509,12 @@ class WorkerContext(metaclass=NoPublicConstructor):
         self._handle = None  # the handle forgets itself (see _handle)
 
 
+def _main_key() -> object:
+    """What identifies our main module, cheaply (see WorkerContext._take)."""
+    main = sys.modules.get("__main__")
+    return id(main), getattr(main, "__file__", None)
+
+
 def _check_reply(worker: Worker, frame: Frame) -> Frame | BrokenWorkerError:
     if frame.op != RESULT:
         try:
@@ -586,10 +603,12 @@ def _new_run(backend: str) -> Run:
 
 
 def request_payload(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
-    """The call's payload; the pickling error itself if ``fn`` or an argument cannot be sent.
+    """The call's payload: its function, pickled once, and its arguments.
 
     Raises:
         TypeError: ``fn`` is not callable, or is asynchronous.
+        pickle.PicklingError: ``fn`` or an argument cannot be pickled (what pickle
+            raised is its cause).
     """
     function = _pickled_functions.get(fn) if type(fn) in _BY_REFERENCE else None
     if function is None:
@@ -601,10 +620,12 @@ def request_payload(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
         for index, arg in enumerate(args):
             try:
                 pickle.dumps(arg, pickle.HIGHEST_PROTOCOL)
-            except Exception:
-                _note(exc, f"run_sync: argument {index} ({type(arg).__name__}) cannot be pickled")
-                break
-        raise
+            except Exception as arg_exc:
+                raise pickle.PicklingError(
+                    f"run_sync: argument {index} ({type(arg).__name__}) cannot be pickled: "
+                    f"{arg_exc}"
+                ) from arg_exc
+        raise pickle.PicklingError(f"run_sync: the arguments cannot be pickled: {exc}") from exc
 
 
 # Plain functions and built-ins (those that pickle by reference, and live as long as
@@ -625,12 +646,10 @@ def _pickle_function(fn: Callable[..., Any]) -> bytes:
     try:
         pickled = pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        _note(
-            exc,
-            f"run_sync: {fn!r} cannot be sent to a worker: pass a function defined at the "
-            "top level of a module",
-        )
-        raise
+        raise pickle.PicklingError(
+            f"run_sync: {fn!r} cannot be sent to a worker ({exc}): pass a function "
+            "defined at the top level of a module"
+        ) from exc
     if type(fn) in _BY_REFERENCE:
         if len(_pickled_functions) >= _MAX_PICKLED_FUNCTIONS:
             _pickled_functions.clear()
@@ -642,9 +661,3 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     while isinstance(fn, functools.partial):
         fn = fn.func
     return inspect.iscoroutinefunction(fn)
-
-
-def _note(exc: BaseException, note: str) -> None:
-    add_note: Callable[[str], None] | None = getattr(exc, "add_note", None)
-    if add_note is not None:
-        add_note(note)

@@ -60,6 +60,8 @@ class Worker:
     """The worker said it exits after this call (its ``retire`` function said so)."""
     reusable: bool = False
     """Its last call ended with it ready for another."""
+    main: object = None
+    """Which main module of ours it takes on (see WorkerContext._take)."""
     broke_protocol: str | None = None
     _reader: _wire.FrameReader = attrs.field(factory=_wire.FrameReader)
     _outbox: _wire.Outbox = attrs.field(factory=_wire.Outbox)

@@ -9,8 +9,9 @@ the fork's first command, serves the fork's own channel as the worker's socket.
 
 Each call comes with its function, pickled once by the parent and unpickled once per
 worker (:func:`apply`), and its result goes back pickled by :func:`apply` itself, so
-that a result that cannot be pickled fails the call with the pickling error, raised
-as itself in the parent, as trio-parallel and anyio do.
+that a result that cannot be pickled fails the call with a
+:exc:`pickle.PicklingError`, raised as itself in the parent, as trio-parallel and
+anyio raise the pickling error.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def apply(function: bytes, *args: Any) -> bytes:
         TypeError: The function is asynchronous (it returned a coroutine, which is
             closed unawaited): ``run_sync`` runs sync functions.
         RuntimeError: The function could not be unpickled here.
-        Exception: What the function raised, or what pickling its result raised.
+        pickle.PicklingError: Its result cannot be pickled.
+        Exception: What the function raised.
     """
     found = _functions.get(function)
     if found is None:
@@ -73,7 +75,12 @@ def apply(function: bytes, *args: Any) -> bytes:
             f"run_sync runs sync functions, but {found!r} returned a coroutine (it is "
             "asynchronous): call it with an event loop of its own, or use open_rpc"
         )
-    return pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+    try:
+        return pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise pickle.PicklingError(
+            f"the result of {found!r} cannot be pickled: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class Pickled:
@@ -189,7 +196,15 @@ class _LazyMain(_Module):
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(f"module '__main__' has no attribute {name!r}")
         self.__class__ = _Module
-        _run_main(self, *self.__dict__["__trio_fork_main__"])
+        spec_name, path = self.__dict__["__trio_fork_main__"]
+        try:
+            _run_main(self, spec_name, path)
+        except Exception as exc:
+            raise RuntimeError(
+                f"loading the main module {spec_name or path} in the worker failed ("
+                f"{type(exc).__name__}: {exc}): does its top-level code run the program? "
+                "Put that under 'if __name__ == \"__main__\":'"
+            ) from exc
         return getattr(self, name)
 
 
