@@ -225,3 +225,14 @@ class AsyncCallable:
 
     async def __call__(self, value: Any) -> Any:
         return value
+
+
+def main_attribute(name: str) -> Any:
+    """A name of this process's ``__main__`` (run_sync workers take on the parent's)."""
+    return getattr(sys.modules["__main__"], name)
+
+
+def set_event(event: Any) -> bool:
+    """Set a multiprocessing manager's Event: the proxy needs the parent's authkey."""
+    event.set()
+    return event.is_set()  # type: ignore[no-any-return]
