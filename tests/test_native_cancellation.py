@@ -70,15 +70,15 @@ async def test_asyncio_timeout_is_not_swallowed(tmp_path: Path, kind: str) -> No
     async with caller(kind) as call:
         loop = asyncio.get_running_loop()
 
-        async def expire_then_release(timeout: asyncio.Timeout) -> None:
+        async def expire_then_release(scope: asyncio.Timeout) -> None:
             await until(started(path))
-            timeout.reschedule(loop.time())
+            scope.reschedule(loop.time())
             await asyncio.sleep(0)  # the timeout fires while the call runs
             Path(path + ".go").touch()
 
         with pytest.raises(TimeoutError):
-            async with asyncio.timeout(None) as timeout:
-                helper = asyncio.create_task(expire_then_release(timeout))
+            async with asyncio.timeout(None) as scope:
+                helper = asyncio.create_task(expire_then_release(scope))
                 await call(f.wait_for_file, path, "a")
                 await asyncio.sleep(30)
         await helper

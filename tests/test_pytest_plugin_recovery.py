@@ -46,4 +46,5 @@ def test_a_session_template_that_died_is_replaced(pytester: pytest.Pytester, bac
     result.assert_outcomes(passed=2)
     killed, replacement = (int(pid) for pid in (pytester.path / "sessions.txt").read_text().split())
     assert killed != replacement
-    assert not process_exists(killed) and not process_exists(replacement)
+    assert not process_exists(killed)
+    assert not process_exists(replacement)

@@ -67,7 +67,7 @@ async def test_bad_functions_and_arguments() -> None:
     with pytest.raises(pickle.PicklingError, match=r"argument 1 \(lock\) cannot be pickled"):
         await trio_fork.run_sync(f.echo, 1, threading.Lock())
     # A result that cannot be pickled, in the worker.
-    with pytest.raises(pickle.PicklingError, match="cannot pickle '_thread.lock'") as result:
+    with pytest.raises(pickle.PicklingError, match=r"cannot pickle '_thread\.lock'") as result:
         await trio_fork.run_sync(f.return_unpicklable)
     assert isinstance(result.value.__cause__, trio_fork.RemoteError)
     assert await trio_fork.run_sync(operator.neg, 1) == -1

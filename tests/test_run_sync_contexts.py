@@ -65,7 +65,8 @@ def test_event_loops_in_threads_share_the_default_context(anyio_backend: str) ->
     for thread in threads:
         thread.join()
     templates = {pid for pids in results.values() for pid in pids}
-    assert len(results) == 3 and len(templates) == 1
+    assert len(results) == 3
+    assert len(templates) == 1
 
 
 async def test_a_closed_context_raises_what_the_backend_catches(anyio_backend: str) -> None:
@@ -152,7 +153,9 @@ async def test_cache_scope_follows_the_task_tree_on_trio() -> None:
     default = await trio_fork.run_sync(os.getppid)
     seen: dict[str, int] = {}
 
-    async def record(name: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def record(
+        name: str, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         seen[name] = await trio_fork.run_sync(os.getppid)
         task_status.started()
         seen[name + " after started"] = await trio_fork.run_sync(os.getppid)
@@ -233,7 +236,8 @@ async def test_the_default_context_recovers_when_its_template_dies(worker_busy: 
         os.kill(template, signal.SIGKILL)
     assert dead_within([template, worker], 10)
     new_worker, new_template = await getpids()
-    assert new_template != template and new_worker != worker
+    assert new_template != template
+    assert new_worker != worker
     assert await trio_fork.run_sync(abs, -4) == 4
 
 

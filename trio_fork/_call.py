@@ -145,9 +145,12 @@ async def shielded(step: Callable[[], Awaitable[T]]) -> tuple[T, BaseException |
     with anyio.CancelScope(shield=True):
         while True:
             try:
-                return await step(), held
+                result = await step()
             except cancelled as exc:
                 held = exc
+                continue
+            return result, held
+    raise AssertionError("unreachable")  # pragma: no cover (mypy: a shield may swallow)
 
 
 def cancellation_kept() -> bool:

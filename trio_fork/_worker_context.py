@@ -268,16 +268,25 @@ class WorkerContext(metaclass=NoPublicConstructor):
         """One call, in a worker taken from the idle ones or started for it."""
         if self._closed:
             raise closed_error(run.backend, "this worker context is closed")
+        if loading.main:
+            # The program's top-level code is running in a template or a worker, which
+            # is loading it as its __mp_main__: going on would start workers without end.
+            raise RuntimeError(
+                "trio_fork workers were requested while a worker template was loading "
+                "this program's main module: put the code that runs the program under "
+                "'if __name__ == \"__main__\":'"
+            )
         worker = self._take(_main_key())
         if worker is None:
             if kill_on_cancel:
                 worker = await self._start_worker()
             else:
                 # Past the limiter, a call that cannot be cancelled has begun.
-                worker, held = await shielded(self._start_worker)
+                started, held = await shielded(self._start_worker)
                 if held is not None:
-                    self._put_back(worker)  # it never ran anything
+                    self._put_back(started)  # it never ran anything
                     raise held
+                worker = started
         self._running.add(worker)
         worker.reusable = False
         try:
@@ -390,7 +399,7 @@ class WorkerContext(metaclass=NoPublicConstructor):
         authkey = None
         process = sys.modules.get("multiprocessing.process")
         if process is not None:
-            authkey = bytes(process.current_process().authkey)  # type: ignore[attr-defined]
+            authkey = bytes(process.current_process().authkey)
         main = main_location()
         if main != (None, None):
             # As multiprocessing does: what workers pickle from their __mp_main__
@@ -411,14 +420,6 @@ class WorkerContext(metaclass=NoPublicConstructor):
 
     def _start_template(self, replacing: TemplateHandle | None = None) -> TemplateHandle:
         """The context's template, started if there is none (or it died); blocking."""
-        if loading.main:
-            # The program's top-level code is running in a template, which is loading
-            # it for its workers: going on would start templates without end.
-            raise RuntimeError(
-                "trio_fork workers were requested while a worker template was loading "
-                "this program's main module: put the code that runs the program under "
-                "'if __name__ == \"__main__\":'"
-            )
         with self._lock:
             if self._closed:
                 raise anyio.ClosedResourceError("this worker context is closed")
@@ -521,7 +522,9 @@ def _check_reply(worker: Worker, frame: Frame) -> Frame | BrokenWorkerError:
             unpack_strings(frame.payload, 3)
         except ProtocolError as exc:
             worker.kill()
-            return BrokenWorkerError(f"worker {worker.pid} broke the protocol ({exc}) and was killed")
+            return BrokenWorkerError(
+                f"worker {worker.pid} broke the protocol ({exc}) and was killed"
+            )
     return frame
 
 

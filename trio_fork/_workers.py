@@ -26,7 +26,7 @@ from ._channel import remote_error
 from ._child import describe_exit
 from ._errors import BrokenWorkerError, RemoteError
 from ._handle import _send_request
-from ._process import signal_pidfd
+from ._process import readable, signal_pidfd
 from ._transport import ProtocolError, receive_frame, unpack_strings
 from .worker import _wire
 from .worker._wire import CALL, ERROR, FAILED, RESULT, RETIRING, WORKER_READY, encode
@@ -70,7 +70,7 @@ class Worker:
 
     def exited(self) -> bool:
         """Whether the process has exited (its pidfd turned readable)."""
-        return bool(select.select([self._pidfd], (), (), 0)[0])
+        return readable(self._pidfd)
 
     def send(self, payload: bytes) -> None:
         """Start a call: send it, or as much of it as the socket takes now."""
@@ -165,10 +165,6 @@ class Worker:
     def kill(self) -> None:
         if not self._closed:
             signal_pidfd(self._pidfd, signal.SIGKILL)
-
-    def reaped(self) -> bool:
-        """Whether its template has reaped it (the pipe ended)."""
-        return bool(select.select([self._reaped], (), (), 0)[0])
 
     @property
     def reaped_fd(self) -> int:
@@ -277,4 +273,3 @@ def wait_reaped(workers: list[Worker], timeout: float) -> None:
         for fd, _ in poller.poll(min(remaining, 3600.0) * 1000):
             poller.unregister(fd)
             pending.discard(fd)
-

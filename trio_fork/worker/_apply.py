@@ -116,7 +116,9 @@ def become_worker(
     the channel, and this template shuts down as any template does.
     """
     server = _template.current()
-    assert server is not None and server.channel.sock is not None
+    assert server is not None
+    sock = server.channel.sock
+    assert sock is not None
     # A worker dies with the template that made it, as a spawned child does.
     _child.prctl(_child.PR_SET_PDEATHSIG, _signal.SIGKILL)
     if setup is not None:
@@ -130,7 +132,7 @@ def become_worker(
     _template._current[0] = None  # a worker, no longer a template
     code = 0
     try:
-        _rpc.serve(server.channel.sock, spec)
+        _rpc.serve(sock, spec)
     except BaseException as exc:
         _child.print_exception(exc, None)
         code = 1
@@ -195,7 +197,7 @@ class _LazyMain(_Module):
         # by inspect...) must not run the program's code.
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(f"module '__main__' has no attribute {name!r}")
-        self.__class__ = _Module
+        self.__class__ = _Module  # type: ignore[assignment]
         spec_name, path = self.__dict__["__trio_fork_main__"]
         try:
             _run_main(self, spec_name, path)
