@@ -62,7 +62,6 @@ def started(path: str) -> Callable[[], bool]:
     return lambda: "start a" in f.read_journal(path)
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in 3.11")
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("kind", KINDS)
 async def test_asyncio_timeout_is_not_swallowed(tmp_path: Path, kind: str) -> None:
@@ -179,8 +178,6 @@ def interrupted(exc):
 
 
 if __name__ == "__main__":
-    if sys.version_info < (3, 11):
-        from exceptiongroup import BaseExceptionGroup
     try:
         anyio.run(main, backend=sys.argv[1])
     except BaseException as exc:

@@ -59,7 +59,7 @@ async def test_errors_are_raised_as_themselves_with_the_remote_traceback() -> No
 
 
 async def test_bad_functions_and_arguments() -> None:
-    # A pickling error, as with both peers, whatever pickle raised.
+    # A pickling error, whatever pickle raised.
     with pytest.raises(pickle.PicklingError, match="cannot be sent to a worker"):
         await trio_fork.run_sync(lambda: None)
     with pytest.raises(TypeError, match="fn must be callable"):
