@@ -17,6 +17,7 @@ import functools
 import inspect
 import os
 import pickle
+import socket
 import sys
 import threading
 import time
@@ -590,16 +591,36 @@ def _new_run(backend: str) -> Run:
             trio.lowlevel.wait_readable,
             trio.lowlevel.wait_writable,
         )
+    limiter = anyio.CapacityLimiter(tokens)
+    loop = asyncio.get_running_loop()
+
+    async def wait_readable(sock: socket.socket) -> None:
+        # anyio.wait_readable without its bookkeeping (a worker is one caller's alone),
+        # and with the descriptor's number: asyncio formats an error message with the
+        # socket's repr (a getsockname() call) each time it registers one.
+        fd = sock.fileno()
+        future = loop.create_future()
+        loop.add_reader(fd, _wake, future)
+        try:
+            await future
+        finally:
+            loop.remove_reader(fd)
+
     return Run(
         backend,
-        anyio.CapacityLimiter(tokens),
-        anyio.CapacityLimiter,
+        limiter,
+        type(limiter),
         anyio.WouldBlock,
         asyncio.CancelledError,
         anyio.lowlevel.checkpoint_if_cancelled,
-        anyio.wait_readable,
+        wait_readable,
         anyio.wait_writable,
     )
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 # What a call sends: its function, pickled once, and its arguments.
