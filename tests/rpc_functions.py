@@ -236,3 +236,12 @@ def set_event(event: Any) -> bool:
     """Set a multiprocessing manager's Event: the proxy needs the parent's authkey."""
     event.set()
     return event.is_set()  # type: ignore[no-any-return]
+
+
+def emit_then_retire(value: Any) -> Any:
+    """Use the child-side API of RPC workers: an event (outside any call's), then retire."""
+    import trio_fork.worker
+
+    trio_fork.worker.emit(("event", value))
+    trio_fork.worker.retire()
+    return value

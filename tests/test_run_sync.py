@@ -148,6 +148,13 @@ async def test_a_worker_that_dies_is_replaced() -> None:
     assert await trio_fork.run_sync(operator.pos, 1) == 1
 
 
+async def test_workers_may_emit_events_and_retire() -> None:
+    # run_sync has no one to take events: they are dropped. retire() replaces the worker.
+    first = await trio_fork.run_sync(f.getpid)
+    assert await trio_fork.run_sync(f.emit_then_retire, 5) == 5
+    assert await trio_fork.run_sync(f.getpid) != first
+
+
 async def test_the_default_limiter_and_a_limiter_of_our_own(
     tmp_path: Path, anyio_backend: str
 ) -> None:

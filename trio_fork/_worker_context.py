@@ -54,7 +54,7 @@ DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_GRACE_PERIOD = 30.0
 
 
-class WorkerType(str, enum.Enum):
+class WorkerType(enum.StrEnum):
     """How ``trio_parallel`` starts its workers; accepted for compatibility.
 
     trio_fork forks every worker from a template: a fresh interpreter that imported

@@ -29,7 +29,7 @@ from ._handle import _send_request
 from ._process import readable, signal_pidfd
 from ._transport import ProtocolError, receive_frame, unpack_strings
 from .worker import _wire
-from .worker._wire import CALL, ERROR, FAILED, RESULT, RETIRING, WORKER_READY, encode
+from .worker._wire import CALL, ERROR, EVENT, FAILED, RESULT, RETIRING, WORKER_READY, encode
 
 if TYPE_CHECKING:
     from ._handle import TemplateHandle
@@ -113,6 +113,8 @@ class Worker:
                 if frame.op == RETIRING:
                     self.retiring = True
                     continue
+                if frame.op == EVENT:
+                    continue  # trio_fork.worker.emit(): run_sync has no one to take it
                 if frame.op in (RESULT, ERROR):
                     self._reply_due = False
                     return frame

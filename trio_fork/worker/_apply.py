@@ -85,11 +85,13 @@ def apply(function: bytes, *args: Any) -> bytes:
 
 class Pickled:
     """run_sync's serializer: arguments are pickled, results come from :func:`apply`
-    already pickled."""
+    already pickled (as bytes: anything else, an event, is pickled here)."""
 
     @staticmethod
-    def dumps(value: bytes) -> bytes:
-        return value
+    def dumps(value: Any) -> bytes:
+        if type(value) is bytes:
+            return value
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
 
     @staticmethod
     def loads(data: bytes) -> Any:
