@@ -116,7 +116,7 @@ def make_settings(
     _seconds("idle_timeout", idle_timeout)
     _seconds("grace_period", grace_period)
     try:
-        kind = WorkerType(worker_type)
+        kind = WorkerType(worker_type)  # type: ignore[arg-type]  # checked here
     except ValueError:
         choices = ", ".join(repr(member.value) for member in WorkerType)
         raise ValueError(f"worker_type must be one of {choices}, not {worker_type!r}") from None
