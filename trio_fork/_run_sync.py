@@ -20,17 +20,16 @@ from typing import Any, TypeVar
 import sniffio
 
 from ._call import shielded
-from ._task_tree import TaskTreeValue
-from ._worker_context import (
+from ._context_settings import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_IDLE_TIMEOUT,
     Settings,
-    WorkerContext,
-    WorkerContextStatistics,
     WorkerType,
     make_settings,
-    this_run,
 )
+from ._event_loop_run import this_run
+from ._task_tree import TaskTreeValue
+from ._worker_context import WorkerContext, WorkerContextStatistics
 
 __all__ = [
     "WorkerContext",

@@ -10,64 +10,38 @@ OOM killer, say), the next worker that is needed comes from a new one.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import enum
-import functools
-import inspect
 import os
 import pickle
-import socket
 import sys
 import threading
 import time
-import types
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, TypeVar, final
 
 import anyio
-import anyio.lowlevel
 import attrs
-import sniffio
 
-from ._arguments import check_reference, module_names
 from ._call import cancellation_kept, shielded, unwrap_error
 from ._construct import NoPublicConstructor
+from ._context_settings import Settings, WorkerType
 from ._errors import BrokenTemplateError, BrokenWorkerError, closed_error
+from ._event_loop_run import Run, this_run
 from ._handle import TemplateHandle, _setup_now, start_template
 from ._main_module import load_main, main_location, refers_to_main
+from ._run_sync_payload import request_payload
 from ._transport import ProtocolError, unpack_strings
 from ._workers import Worker, WorkerDied, invoke_frame, start_worker, wait_reaped
-from .worker._apply import Pickled, apply, become_worker, loading
-from .worker._rpc import WorkerSpec
+from .worker._apply import become_worker, loading
 from .worker._wire import RESULT
 
 if TYPE_CHECKING:
     from .worker._wire import Frame
 
 T = TypeVar("T")
-
-DEFAULT_IDLE_TIMEOUT = 600.0
-DEFAULT_GRACE_PERIOD = 30.0
-
-
-class WorkerType(enum.StrEnum):
-    """How ``trio_parallel`` starts its workers; accepted for compatibility.
-
-    trio_fork forks every worker from a template: a fresh interpreter that imported
-    ``preload`` and serves forks, which is what ``multiprocessing``'s forkserver is.
-    Each worker starts as a clean process with this program's ``sys.path``,
-    directory, environment and ``multiprocessing`` key, and its main module as
-    ``__mp_main__``, whichever type is asked for: the value is checked and kept
-    (:attr:`WorkerContext.worker_type`), and changes nothing else.
-    """
-
-    SPAWN = "spawn"
-    FORKSERVER = "forkserver"
-    FORK = "fork"
 
 
 @final
@@ -82,80 +56,6 @@ class WorkerContextStatistics:
 
     idle_workers: int
     running_workers: int
-
-
-@attrs.frozen
-class Settings:
-    """A context's configuration, checked: what trio_parallel takes, and ``preload``."""
-
-    idle_timeout: float
-    init: Callable[[], object] | str | None
-    retire_calls: int | None
-    retire: Callable[[], object] | str | None
-    grace_period: float
-    worker_type: WorkerType
-    preload: tuple[str, ...]
-    # What they were given as, for the context's read-only attributes.
-    given_init: object = None
-    given_retire: object = None
-
-    def spec(self) -> WorkerSpec:
-        return WorkerSpec(apply, self.init, (), Pickled, False, True, None, self.retire)
-
-
-def make_settings(
-    idle_timeout: float,
-    init: object,
-    retire: object,
-    grace_period: float,
-    worker_type: object,
-    preload: Iterable[str],
-) -> Settings:
-    """Check a context's arguments, with trio_parallel's errors (and ours for ``preload``)."""
-    modules = tuple(module_names(preload, "preload"))
-    _seconds("idle_timeout", idle_timeout)
-    _seconds("grace_period", grace_period)
-    try:
-        kind = WorkerType(worker_type)  # type: ignore[arg-type]  # checked here
-    except ValueError:
-        choices = ", ".join(repr(member.value) for member in WorkerType)
-        raise ValueError(f"worker_type must be one of {choices}, not {worker_type!r}") from None
-    function_init = None if init is bool else _function("init", init)
-    calls: int | None = None
-    function_retire: Callable[[], object] | str | None = None
-    if isinstance(retire, int) and not isinstance(retire, bool):
-        if retire < 1:
-            raise ValueError(f"retire must be at least 1 call, not {retire}")
-        calls = retire
-    elif retire is not bool:
-        function_retire = _function("retire", retire)
-    return Settings(
-        float(idle_timeout),
-        function_init,
-        calls,
-        function_retire,
-        float(grace_period),
-        kind,
-        modules,
-        init,
-        retire,
-    )
-
-
-def _seconds(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not value >= 0:
-        raise ValueError(f"{name} must be non-negative, was {value!r}")
-
-
-def _function(name: str, value: object) -> Callable[[], object] | str:
-    if not (callable(value) or isinstance(value, str)):
-        raise TypeError(
-            f"{name} must be callable (or a 'module:qualname' string), not {value!r} "
-            f"(a {type(value).__name__})"
-        )
-    return check_reference(value, name)
 
 
 @final
@@ -540,148 +440,3 @@ def _forget_all_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_all_in_child)
-
-
-# What belongs to each event loop run: the backend's own primitives, and the default
-# limiter.
-
-
-@attrs.define(eq=False, slots=True)
-class Run:
-    backend: str
-    limiter: Any
-    limiter_type: type[Any]
-    would_block: type[Exception]
-    cancelled: type[BaseException]
-    checkpoint_if_cancelled: Callable[[], Awaitable[None]]
-    wait_readable: Callable[[Any], Awaitable[None]]
-    wait_writable: Callable[[Any], Awaitable[None]]
-
-
-# Keyed like anyio's RunVar (by trio token or asyncio loop), without its cost on
-# every call.
-_runs: weakref.WeakKeyDictionary[object, Run] = weakref.WeakKeyDictionary()
-
-
-def this_run() -> Run:
-    backend = sniffio.current_async_library()
-    key: object
-    if backend == "trio":
-        key = sys.modules["trio"].lowlevel.current_trio_token()
-    else:
-        key = asyncio.get_running_loop()
-    run = _runs.get(key)
-    if run is None:
-        run = _runs[key] = _new_run(backend)
-    return run
-
-
-def _new_run(backend: str) -> Run:
-    tokens = os.cpu_count() or 1
-    if backend == "trio":
-        import trio
-
-        return Run(
-            backend,
-            trio.CapacityLimiter(tokens),
-            trio.CapacityLimiter,
-            trio.WouldBlock,
-            trio.Cancelled,
-            trio.lowlevel.checkpoint_if_cancelled,
-            trio.lowlevel.wait_readable,
-            trio.lowlevel.wait_writable,
-        )
-    limiter = anyio.CapacityLimiter(tokens)
-    loop = asyncio.get_running_loop()
-
-    async def wait_readable(sock: socket.socket) -> None:
-        # anyio.wait_readable without its bookkeeping (a worker is one caller's alone),
-        # and with the descriptor's number: asyncio formats an error message with the
-        # socket's repr (a getsockname() call) each time it registers one.
-        fd = sock.fileno()
-        future = loop.create_future()
-        loop.add_reader(fd, _wake, future)
-        try:
-            await future
-        finally:
-            loop.remove_reader(fd)
-
-    return Run(
-        backend,
-        limiter,
-        type(limiter),
-        anyio.WouldBlock,
-        asyncio.CancelledError,
-        anyio.lowlevel.checkpoint_if_cancelled,
-        wait_readable,
-        anyio.wait_writable,
-    )
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-# What a call sends: its function, pickled once, and its arguments.
-
-
-def request_payload(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
-    """The call's payload: its function, pickled once, and its arguments.
-
-    Raises:
-        TypeError: ``fn`` is not callable, or is asynchronous.
-        pickle.PicklingError: ``fn`` or an argument cannot be pickled (what pickle
-            raised is its cause).
-    """
-    function = _pickled_functions.get(fn) if type(fn) in _BY_REFERENCE else None
-    if function is None:
-        function = _pickle_function(fn)
-    try:
-        # pickle itself rather than PICKLE.dumps(): this is every call's path.
-        return pickle.dumps((function, *args), pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        for index, arg in enumerate(args):
-            try:
-                pickle.dumps(arg, pickle.HIGHEST_PROTOCOL)
-            except Exception as arg_exc:
-                raise pickle.PicklingError(
-                    f"run_sync: argument {index} ({type(arg).__name__}) cannot be pickled: "
-                    f"{arg_exc}"
-                ) from arg_exc
-        raise pickle.PicklingError(f"run_sync: the arguments cannot be pickled: {exc}") from exc
-
-
-# Plain functions and built-ins (those that pickle by reference, and live as long as
-# their module) are pickled once; other callables, such as partials, every time.
-_BY_REFERENCE = (types.FunctionType, types.BuiltinFunctionType)
-_pickled_functions: dict[Callable[..., Any], bytes] = {}
-_MAX_PICKLED_FUNCTIONS = 256
-
-
-def _pickle_function(fn: Callable[..., Any]) -> bytes:
-    if not callable(fn):
-        raise TypeError(f"run_sync: fn must be callable, not {type(fn).__name__}")
-    if _is_async(fn):
-        raise TypeError(
-            f"run_sync runs sync functions, but {fn!r} is asynchronous: call it with an "
-            "event loop of its own, or use open_rpc"
-        )
-    try:
-        pickled = pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise pickle.PicklingError(
-            f"run_sync: {fn!r} cannot be sent to a worker ({exc}): pass a function "
-            "defined at the top level of a module"
-        ) from exc
-    if type(fn) in _BY_REFERENCE:
-        if len(_pickled_functions) >= _MAX_PICKLED_FUNCTIONS:
-            _pickled_functions.clear()
-        _pickled_functions[fn] = pickled
-    return pickled
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return inspect.iscoroutinefunction(fn)
