@@ -94,3 +94,11 @@ def emit_outside(size: int) -> int:
 
     emit(np.full(size, 4, dtype=np.uint8))
     return size
+
+
+def hold(array: Any, seconds: float) -> float:
+    """Hold the argument mapped for a while (to be cancelled meanwhile)."""
+    import time
+
+    time.sleep(seconds)
+    return float(array[0])

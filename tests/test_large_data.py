@@ -16,6 +16,7 @@ import pickle
 import re
 import subprocess
 import sys
+from typing import Any
 
 import anyio
 import pytest
@@ -238,7 +239,7 @@ async def test_bad_thresholds_fail_at_the_call(template: trio_fork.Template) -> 
     with pytest.raises(TypeError, match="open_pool: buffer_threshold must be a number"):
         async with trio_fork.open_pool(template, f.identity, buffer_threshold=1.0):  # type: ignore[arg-type]
             pass
-    with pytest.raises(TypeError, match="open_worker_context: buffer_threshold"):
+    with pytest.raises(TypeError, match=r"^buffer_threshold must be a number of bytes"):
         async with trio_fork.open_worker_context(buffer_threshold="big"):  # type: ignore[arg-type]
             pass
 
@@ -269,6 +270,18 @@ async def test_a_worker_dying_mid_transfer_leaks_nothing(
                 await call.result()
 
 
+async def test_run_sync_cancelled_or_dead_leaks_nothing(baseline: None) -> None:
+    async with trio_fork.open_worker_context(preload=PRELOAD) as context:
+        array = np.ones(8 * MIB, np.uint8)
+        with anyio.move_on_after(0.2):
+            await context.run_sync(f.hold, array, 30.0, kill_on_cancel=True)
+        with pytest.raises(trio_fork.BrokenWorkerError):
+            await context.run_sync(f.die_holding, array)
+        with anyio.move_on_after(0.2):
+            await context.run_sync(f.make, 64 * MIB, kill_on_cancel=True)
+        assert await context.run_sync(f.hold, array, 0.0) == 1.0
+
+
 @pytest.mark.parametrize("calls", [40, pytest.param(1000, marks=pytest.mark.soak)])
 async def test_many_big_calls_come_back_to_the_baseline(
     template: trio_fork.Template, baseline: None, calls: int
@@ -276,14 +289,21 @@ async def test_many_big_calls_come_back_to_the_baseline(
     """64 MiB each way, with cancellations and worker deaths mixed in."""
     size = 64 * MIB
     rss_before = _shmem()
-    async with trio_fork.open_pool(template, f.double, max=2) as pool:
-        array = np.ones(size, np.uint8)
+    array = np.ones(size, np.uint8)
+    async with (
+        trio_fork.open_pool(template, f.double, max=2) as pool,
+        trio_fork.open_worker_context(preload=PRELOAD) as context,
+    ):
         for index in range(calls):
-            if index % 10 == 5:
+            # Half through a pool, half through run_sync; some cancelled on the way.
+            call: Any = pool.call
+            if index % 2:
+                call = functools.partial(context.run_sync, f.double)
+            if index % 10 in (4, 5):
                 with anyio.move_on_after(0.001):
-                    await pool.call(array, kill_on_cancel=True)
+                    await call(array, kill_on_cancel=True)
                 continue
-            result = await pool.call(array)
+            result = await call(array)
             assert int(result[-1]) == 2
             del result
     assert _shmem() <= rss_before + 4 * MIB

@@ -42,6 +42,11 @@ class Descriptors:
             raise
         return copies
 
+    def take(self) -> list[int]:
+        """The descriptors themselves, for a frame that sends them once (and closes them)."""
+        fds, self.fds = self.fds, []
+        return fds
+
     def close(self, _close: Callable[[list[int]], None] = _buffers._close) -> None:
         # Bound at definition: at interpreter exit, module globals may be gone.
         fds, self.fds = self.fds, []

@@ -114,14 +114,18 @@ def shared_array(
 
 
 def check_threshold(threshold: int | None, where: str) -> int | None:
-    """``threshold`` if it is a valid ``buffer_threshold``, else a clear error."""
+    """``threshold`` if it is a valid ``buffer_threshold``, else a clear error.
+
+    ``where`` (the function's name) starts the message, if given.
+    """
     if threshold is None:
         return None
+    prefix = f"{where}: " if where else ""
     if isinstance(threshold, bool) or not isinstance(threshold, int):
         raise TypeError(
-            f"{where}: buffer_threshold must be a number of bytes or None, "
+            f"{prefix}buffer_threshold must be a number of bytes or None, "
             f"not {type(threshold).__name__}"
         )
     if threshold < 1:
-        raise ValueError(f"{where}: buffer_threshold must be at least 1 byte, not {threshold}")
+        raise ValueError(f"{prefix}buffer_threshold must be at least 1 byte, not {threshold}")
     return threshold

@@ -84,6 +84,12 @@ def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]
     return b"".join([_HEAD.pack(0, len(fds)), *table, data]), fds
 
 
+class Dumped(tuple):  # type: ignore[type-arg]
+    """``(payload, fds)``: a value pickled already, as :func:`dumps` returns it."""
+
+    __slots__ = ()
+
+
 def receive(payload: bytes, fds: list[int]) -> tuple[Any, list[memoryview]]:
     """The pickle of a payload and its buffers, mapped; takes ownership of ``fds``.
 

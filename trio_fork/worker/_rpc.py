@@ -20,6 +20,7 @@ import sys
 
 from . import _buffers, _child, _wire
 from ._child import is_async, resolve
+from ._serializers import PickleSerializer
 from ._wire import CALL, CANCEL, CANCELLED, ERROR, EVENT, RESULT, RETIRING, encode
 
 TYPE_CHECKING = False
@@ -124,7 +125,9 @@ class _Worker:
             return self.error(frame.id, exc, "the worker could not receive the arguments")
 
     def dump(self, value: Any) -> tuple[bytes, list[int]]:
-        if self.buffers:
+        if type(value) is _buffers.Dumped:  # pickled already (run_sync's apply)
+            return value[0], value[1]
+        if self.buffers and isinstance(self.serializer, PickleSerializer):
             return _buffers.dumps(value, self.buffers)
         return self.serializer.dumps(value), []
 
