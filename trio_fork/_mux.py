@@ -85,6 +85,7 @@ class Mux:
     _forwarding_stderr: bool = False
     _closing: bool = False
     _scope: anyio.CancelScope | None = None
+    _ran: bool = False
 
     @classmethod
     def launch(
@@ -159,13 +160,25 @@ class Mux:
             + (f"; its stderr:\n{said}" if said else "")
         )
 
-    def _drain_stderr(self) -> bytes:
+    def _drain_stderr(self) -> bytes | None:
+        """What the transport's stderr has now (kept, in part); None at its end.
+
+        Raises:
+            BlockingIOError: Nothing has come.
+        """
         data = b""
-        while chunk := os.read(self._stderr_fd, 65536):
+        while True:
+            try:
+                chunk = os.read(self._stderr_fd, 65536)
+            except BlockingIOError:
+                if data:
+                    return data
+                raise
+            if not chunk:
+                return data or None
             data += chunk
             del self.stderr[: max(0, len(self.stderr) + len(chunk) - _STDERR_KEPT)]
             self.stderr += chunk[-_STDERR_KEPT:]
-        return data
 
     # Streams -----------------------------------------------------------------------
 
@@ -306,6 +319,7 @@ class Mux:
         Not cancellable, like a template's channel: the blocks nested in it need it
         while they clean up. :meth:`close` ends it.
         """
+        self._ran = True
         try:
             with anyio.CancelScope(shield=True) as self._scope:
                 async with anyio.create_task_group() as task_group:
@@ -325,6 +339,13 @@ class Mux:
                 data = b""
             if self._forwarding_stderr and data:
                 os.write(2, data)
+            os.close(self._stderr_fd)
+
+    def discard(self) -> None:
+        """Close what :meth:`run` would have closed, if it never ran."""
+        if not self._ran:
+            self._ran = True
+            self.transport.close()
             os.close(self._stderr_fd)
 
     async def _read(self) -> None:
@@ -441,10 +462,10 @@ class Mux:
                 continue
             except OSError:
                 return
-            if self._forwarding_stderr and data:
-                await anyio.to_thread.run_sync(os.write, 2, data)
-            if not data:
+            if data is None:
                 return
+            if self._forwarding_stderr:
+                await anyio.to_thread.run_sync(os.write, 2, data)
 
     def started(self) -> None:
         """The remote template is up: its stderr (children's output) is passed on."""

@@ -91,6 +91,14 @@ class RemoteProcess(Process):
         if self.returncode is None and self._mux is not None:
             self._mux.signal(self._stream, sig)
 
+    async def wait(self) -> int:
+        try:
+            return await super().wait()
+        except BrokenTemplateError:
+            if self._mux is not None:
+                self._mux.check()  # the connection's own reason, if it broke
+            raise
+
     async def _wait_dead(self) -> None:
         # Only the template there knows: its report, or the end of the connection.
         await self._exit.event.wait()
@@ -416,6 +424,7 @@ async def open_remote_template(
     mux = Mux.launch(
         command, name, float(link_timeout), _forwarding.answer if forward_imports else None
     )
+    body_error: BaseException | None = None
     try:
         await _boot(mux, python, settings)
         async with anyio.create_task_group() as task_group:
@@ -425,12 +434,17 @@ async def open_remote_template(
                     if modules:
                         await template.require(*modules)
                     yield template
+            except BaseException as exc:
+                body_error = exc  # raised below, as itself, outside the task group
             finally:
                 await mux.aclose(CLOSE_TIMEOUT)
+        if body_error is not None:
+            raise body_error
     finally:
         if mux.process.poll() is None:
             mux.process.kill()
         mux.process.wait()
+        mux.discard()
 
 
 async def _boot(mux: Mux, python: str, settings: Mapping[str, object]) -> None:
