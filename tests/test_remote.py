@@ -26,8 +26,8 @@ import pytest
 import trio_fork
 from tests.helpers import dead_within, process_alive, receive
 from tests.sshd import NetnsHost, SshServer, SshTarget, open_netns_hosts
-from trio_fork._remote import RemoteTemplate, open_remote_template
-from trio_fork.worker import _relay
+from trio_fork._remote import _MARKER, RemoteTemplate, open_remote_template
+from trio_fork.worker import _relay, _wire
 
 pytestmark = pytest.mark.anyio
 
@@ -289,17 +289,23 @@ async def test_bad_input_from_the_remote_side_is_a_clear_error(
 ) -> None:
     script = tmp_path / "corrupt.py"
     script.write_text(_CORRUPT)
-    # The marker line, then the template's READY, its echo's STARTED and a few bytes.
-    command = [sys.executable, str(script), "2000" if how == "garbage" else "0", how]
+    # The remote Python's first line, then the template's READY in a DATA frame.
+    version = subprocess.run(
+        [REMOTE_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
+    first_line = len(b"\n" + _MARKER + version + b"\n")
+    ready = 2 * _wire.HEADER.size + _wire.IDENTITY.size
+    command = [sys.executable, str(script), str(first_line + ready), how]
     with pytest.raises(trio_fork.BrokenTemplateError) as info:
         async with open_remote_template(
             [*command, *ssh_target.command], python=REMOTE_PYTHON
         ) as template:
             async with template.spawn("tests.targets:sleep_forever"):
                 await anyio.sleep_forever()
-    assert "protocol" in str(info.value) or "cut short" in str(info.value) or "did not" in str(
-        info.value
-    )
+    expected = "broke the protocol" if how == "garbage" else "cut short"
+    assert expected in str(info.value)
 
 
 def test_the_relay_ends_everything_on_bad_input() -> None:
@@ -318,9 +324,12 @@ def test_the_relay_ends_everything_on_bad_input() -> None:
     ) as relay:
         assert relay.stdin is not None
         relay.stdin.write(b"%08d" % len(boot) + boot + worker_sources() + setup)
-        relay.stdin.write(b"\x63" * 64)  # garbage: an unknown frame
+        relay.stdin.write(_wire.HEADER.pack(99, 0, 0, 0))  # garbage: an unknown frame
         relay.stdin.flush()
-        _, stderr = relay.communicate(timeout=10)
+        relay.wait(timeout=10)  # its stdin still open
+        assert relay.stderr is not None
+        stderr = relay.stderr.read()
+        relay.stdin.close()
     assert b"trio_fork relay: unknown frame 99" in stderr
     assert relay.returncode == 0
 
@@ -341,12 +350,14 @@ _LOCAL_PROCESS = textwrap.dedent(
 
     async def main():
         async with open_remote_template({command!r}, python={python!r}) as template:
-            async with template.spawn("tests.targets:sleep_forever") as child:
+            async with template.spawn("tests.targets:wait_for_eof") as child:
                 async with template.fork() as forked:
-                    async with forked.spawn("tests.targets:sleep_forever") as grandchild:
+                    async with forked.spawn("tests.targets:wait_for_eof") as grandchild:
                         print(template.pid, child.pid, forked.pid, grandchild.pid, flush=True)
+                        await anyio.to_thread.run_sync(sys.stdin.readline)
                         if {how!r} == "cancel":
-                            with anyio.move_on_after(0.2):
+                            with anyio.CancelScope() as scope:
+                                scope.cancel()
                                 await anyio.sleep_forever()
                             return
                         if {how!r} == "leave":
@@ -369,13 +380,19 @@ def test_the_end_of_the_local_process_ends_every_remote_one(
         how=how,
         backend=anyio_backend,
     )
-    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE) as local:
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as local:
+        assert local.stdin is not None
         assert local.stdout is not None
         remote_pids = [int(pid) for pid in local.stdout.readline().split()]
         assert len(remote_pids) == 4
         assert all(pid in sshd_server.sessions() for pid in remote_pids)
         if how == "sigkill":
             local.kill()
+        else:
+            local.stdin.write(b"go\n")
+            local.stdin.flush()
         ended = time.monotonic()
         local.wait(timeout=30)
     assert dead_within([*remote_pids, *sshd_server.sessions()], 5), sshd_server.sessions()

@@ -134,6 +134,7 @@ class Relay:
 
     def run(self) -> None:
         """Serve until the parent is gone, silent too long, or broke the protocol."""
+        self.dispatch()  # what came with SETUP
         while True:
             self.flush()
             for stream in list(self.streams.values()):
@@ -266,11 +267,14 @@ class Relay:
         except BlockingIOError:
             return True
         self.heard = time.monotonic()
+        self.dispatch()
+        return True
+
+    def dispatch(self) -> None:
         while (frame := self.reader.next_frame()) is not None:
             self.handle(frame)
         if oversized(self.reader):
             raise Broken("a frame too large")
-        return True
 
     def handle(self, frame: _wire.Frame) -> None:
         op, id, payload = frame.op, frame.id, frame.payload
@@ -435,9 +439,8 @@ class Imports:
         return self.found[name][1]
 
 
-def read_frame(fd: int) -> _wire.Frame:
+def read_frame(fd: int, reader: _wire.FrameReader) -> _wire.Frame:
     """The first frame from the parent, read blocking (SETUP)."""
-    reader = _wire.FrameReader()
     while (frame := reader.next_frame()) is None:
         if oversized(reader) or not reader.receive_fd(fd):
             raise Broken("no SETUP")
@@ -452,7 +455,8 @@ def start(channel: str, owner: int, sigint_blocked: bool) -> None:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
-    setup = read_frame(input)
+    reader = _wire.FrameReader()
+    setup = read_frame(input, reader)
     settings = marshal.loads(setup.payload) if setup.op == SETUP else sys.exit(1)
     if settings["cwd"] is not None:
         os.chdir(settings["cwd"])
@@ -476,6 +480,7 @@ def start(channel: str, owner: int, sigint_blocked: bool) -> None:
     for fd in (input, output):
         os.set_blocking(fd, False)
     relay = Relay(input, output, settings["timeout"], serving if settings["imports"] else None)
+    relay.reader = reader  # with what came after SETUP
     relay.add(1, ours, True)
     relay.pidfds[1] = template = os.pidfd_open(pid)
     try:
