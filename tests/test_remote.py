@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -25,7 +24,7 @@ import pytest
 
 import trio_fork
 from tests.helpers import dead_within, process_alive, receive
-from tests.sshd import NetnsHost, SshServer, SshTarget, open_netns_hosts
+from tests.sshd import NetnsHost, SshServer, SshTarget
 from trio_fork._remote import _MARKER, RemoteTemplate, open_remote_template
 from trio_fork.worker import _relay, _wire
 
@@ -68,7 +67,9 @@ async def test_spawn_streams_both_ways_and_reports_the_exit(
 
 async def test_commands_work_and_fail_as_locally(ssh_target: SshTarget) -> None:
     async with remote(ssh_target, preload=["json"]) as template:
-        await template.eval("import json\ndef dumped(sock, *a):\n    sock.sendall(json.dumps(a).encode())")
+        await template.eval(
+            "import json\ndef dumped(sock, *a):\n    sock.sendall(json.dumps(a).encode())"
+        )
         await template.send_args("queued")
         async with template.spawn("__main__:dumped", 1) as child:
             assert await read_all(child.stream) == b'["queued", 1]'
@@ -122,9 +123,7 @@ async def test_a_flooding_child_stalls_no_other_and_stays_bounded(ssh_target: Ss
                     await child.stream.send(b"through")
                     assert await child.stream.receive() == b"through"
             mux = template._mux
-            held = sum(
-                sum(len(view) for view in s.pending) for s in list(mux._streams.values())
-            )
+            held = sum(sum(len(view) for view in s.pending) for s in list(mux._streams.values()))
             assert held <= _relay.WINDOW
             # It flows when read.
             total = 0
@@ -194,7 +193,9 @@ async def test_env_and_cwd_apply_there_and_no_file_is_left(
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TMPDIR": str(tmp_path), "X": "1"}
     async with remote(ssh_target, env=env, cwd=tmp_path) as template:
         await template.eval(
-            "import os\ndef where(sock):\n    sock.sendall(repr((os.getcwd(), os.environ['X'])).encode())"
+            "import os\n"
+            "def where(sock):\n"
+            "    sock.sendall(repr((os.getcwd(), os.environ['X'])).encode())"
         )
         async with template.spawn("__main__:where") as child:
             assert eval(await read_all(child.stream)) == (str(tmp_path), "1")
@@ -241,11 +242,13 @@ async def test_a_connection_that_fails_carries_ssh_stderr(
     ssh_target: SshTarget, tmp_path: Path
 ) -> None:
     config = tmp_path / "config"
-    config.write_text(ssh_target.config.read_text().replace(str(ssh_target.identity), "/nonexistent"))
+    config.write_text(
+        ssh_target.config.read_text().replace(str(ssh_target.identity), "/nonexistent")
+    )
     with pytest.raises(trio_fork.BrokenTemplateError, match="Permission denied"):
         async with open_remote_template(["ssh", "-F", str(config), ssh_target.destination]):
             pass
-    with pytest.raises(trio_fork.BrokenTemplateError, match="no_such_python.*not found"):
+    with pytest.raises(trio_fork.BrokenTemplateError, match=r"no_such_python.*not found"):
         async with open_remote_template(ssh_target.command, python="no_such_python"):
             pass
     old = tmp_path / "old-python"
@@ -290,7 +293,7 @@ async def test_bad_input_from_the_remote_side_is_a_clear_error(
     script = tmp_path / "corrupt.py"
     script.write_text(_CORRUPT)
     # The remote Python's first line, then the template's READY in a DATA frame.
-    version = subprocess.run(
+    version = subprocess.run(  # noqa: ASYNC221 (a moment, before the connection)
         [REMOTE_PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
         capture_output=True,
         check=True,
@@ -402,7 +405,7 @@ def test_the_end_of_the_local_process_ends_every_remote_one(
 async def test_a_cut_link_is_noticed_on_both_sides(netns_hosts: list[NetnsHost]) -> None:
     host = netns_hosts[0]
     timeout = 2.0
-    with pytest.raises(trio_fork.BrokenTemplateError, match="link .* was lost") as info:
+    with pytest.raises(trio_fork.BrokenTemplateError, match=r"link .* was lost") as info:
         async with remote(host.target, link_timeout=timeout) as template:
             async with template.spawn("tests.targets:sleep_forever") as child:
                 remote_pids = [template.pid, child.pid]

@@ -19,8 +19,7 @@ _STDLIB = tuple(
     for key in ("stdlib", "platstdlib")
 )
 _INSTALLED = tuple(
-    os.path.join(os.path.realpath(sysconfig.get_paths()[key]), "")
-    for key in ("purelib", "platlib")
+    os.path.join(os.path.realpath(sysconfig.get_paths()[key]), "") for key in ("purelib", "platlib")
 )
 
 

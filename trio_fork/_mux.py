@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import marshal
 import os
-import signal
-import struct
 import socket
+import struct
 import subprocess
 import time
 from collections import deque
@@ -104,7 +103,9 @@ class Mux:
             raise BrokenTemplateError(
                 f"cannot start the transport {command[0]!r} to {name}: {exc.strerror}"
             ) from None
-        assert process.stdin and process.stdout and process.stderr
+        assert process.stdin is not None
+        assert process.stdout is not None
+        assert process.stderr is not None
         ends = (os.dup(process.stdout.fileno()), os.dup(process.stdin.fileno()))
         stderr = os.dup(process.stderr.fileno())
         for pipe in (process.stdin, process.stdout, process.stderr):
@@ -143,11 +144,21 @@ class Mux:
             elif len(seen) > 64 * 1024:
                 raise await self.failure("the remote side sent a line that never ends")
 
+    async def wait_exit(self, seconds: float) -> None:
+        """Wait, ``seconds`` at most, until the transport process has exited."""
+        if self.process.poll() is not None:
+            return
+        pidfd = os.pidfd_open(self.process.pid)
+        try:
+            with anyio.move_on_after(seconds):
+                await anyio.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        self.process.poll()
+
     async def failure(self, what: str) -> BrokenTemplateError:
         """Why the connection failed, with the transport's stderr and exit status."""
-        with anyio.move_on_after(2):
-            while self.process.poll() is None:  # its last words come as it exits
-                await anyio.sleep(0.01)
+        await self.wait_exit(2)  # its last words come as it exits
         try:
             self._drain_stderr()
         except OSError:
@@ -313,7 +324,9 @@ class Mux:
 
     # The connection ------------------------------------------------------------------
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Read, write and keep the link alive, until closed or broken.
 
         Not cancellable, like a template's channel: the blocks nested in it need it
@@ -505,9 +518,7 @@ class Mux:
                 null = os.open(os.devnull, os.O_WRONLY)
                 os.dup2(null, self.transport.pipes[1])
                 os.close(null)
-            with anyio.move_on_after(grace):
-                while self.process.poll() is None:
-                    await anyio.sleep(0.01)
+            await self.wait_exit(grace)
             if self.process.poll() is None:
                 self.process.kill()
                 self.process.wait()

@@ -32,6 +32,7 @@ from .worker._serializers import PICKLE
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
+    from ._remote import RemoteTemplate
     from ._template import Template
 
 
@@ -69,7 +70,7 @@ class Pool(metaclass=NoPublicConstructor):
     """
 
     _state: PoolState
-    _template: Template
+    _template: Template | RemoteTemplate
     _spec: WorkerSpec
     _task_group: TaskGroup
     _event_loop_imported: bool
@@ -254,7 +255,7 @@ class Pool(metaclass=NoPublicConstructor):
 
 @asynccontextmanager
 async def open_pool(
-    template: Template,
+    template: Template | RemoteTemplate,
     function: str | Callable[..., Any],
     *,
     max: int | None = None,
@@ -303,7 +304,9 @@ async def open_pool(
 
 
 @asynccontextmanager
-async def run_pool(template: Template, limits: Limits, spec: WorkerSpec) -> AsyncIterator[Pool]:
+async def run_pool(
+    template: Template | RemoteTemplate, limits: Limits, spec: WorkerSpec
+) -> AsyncIterator[Pool]:
     """The lifetime of a pool whose template is ready and settings checked."""
     body_error: BaseException | None = None
     timer = anyio.CancelScope()

@@ -42,19 +42,23 @@ _MARKER = b"trio_fork-python "
 # Run by the remote Python first, whatever its version: it says which it is, then
 # (if it will do) reads the bootstrap from stdin and runs it. Python 2 parses it too.
 _STAGE1 = (
-    "import os,sys\n"
-    "v=sys.version_info[:2]\n"
-    "os.write(1,('\\nMARKER%d.%d\\n'%v).encode())\n"
-    "if v<MINIMUM:sys.exit(0)\n"
-    "def r(n):\n"
-    " b=b''\n"
-    " while len(b)<n:\n"
-    "  c=os.read(0,n-len(b))\n"
-    "  if not c:sys.exit(1)\n"
-    "  b+=c\n"
-    " return b\n"
-    "exec(r(int(r(8))))\n"
-).replace("MARKER", _MARKER.decode()).replace("MINIMUM", repr(MINIMUM_PYTHON))
+    (
+        "import os,sys\n"
+        "v=sys.version_info[:2]\n"
+        "os.write(1,('\\nMARKER%d.%d\\n'%v).encode())\n"
+        "if v<MINIMUM:sys.exit(0)\n"
+        "def r(n):\n"
+        " b=b''\n"
+        " while len(b)<n:\n"
+        "  c=os.read(0,n-len(b))\n"
+        "  if not c:sys.exit(1)\n"
+        "  b+=c\n"
+        " return b\n"
+        "exec(r(int(r(8))))\n"
+    )
+    .replace("MARKER", _MARKER.decode())
+    .replace("MINIMUM", repr(MINIMUM_PYTHON))
+)
 _NO_FDS = (
     "file descriptors cannot cross hosts: a remote template's channel and its children's "
     "streams carry bytes only"
