@@ -307,7 +307,9 @@ class Mux:
                 self.send(_relay.CLOSE, stream.id)
             self._maybe_done(stream)
             return
-        if stream.taken >= WINDOW // 4 or (stream.taken and not pending):
+        # Not for every write (see the relay): a sender out of credit has sent a
+        # whole window, so a quarter of it is always taken in the end.
+        if stream.taken >= WINDOW // 4:
             stream.owed -= stream.taken
             self.send(_relay.CREDIT, stream.id, COUNT.pack(stream.taken))
             stream.taken = 0
