@@ -23,6 +23,7 @@ import anyio
 from .._open import open_template
 from .._remote import RemoteTemplate, open_remote_template
 from .._rpc import open_rpc
+from .._template import Template
 
 _GIB = 1 << 30
 _STREAM_CODE = (
@@ -172,12 +173,12 @@ def _echo_rate(command: list[str], seconds: float) -> float:
     return rate
 
 
-async def _spawn_rate(template: RemoteTemplate | object, quick: bool) -> float:
+async def _spawn_rate(template: RemoteTemplate | Template, quick: bool) -> float:
     count = 200 if quick else 1000
     limit = anyio.Semaphore(32)
 
     async def one() -> None:
-        async with limit, template.spawn("socket:socket.close"):  # type: ignore[attr-defined]
+        async with limit, template.spawn("socket:socket.close"):
             pass
 
     started = time.perf_counter()
