@@ -114,15 +114,8 @@ async def _started(
     isolated: bool = False,
 ) -> AsyncIterator[Template]:
     """A template interpreter of our own, ready (see ``launch`` for ``how``)."""
-    process, ours = launch(executable, env, cwd, how=how, isolated=isolated)
+    process, pidfd, ours = launch(executable, env, cwd, how=how, isolated=isolated)
     transport = Transport(ours) if isinstance(ours, socket.socket) else Transport(pipes=ours)
-    try:
-        pidfd = os.pidfd_open(process.pid)
-    except BaseException:
-        transport.close()
-        process.kill()
-        process.wait()
-        raise
     channel = Channel(transport, f"template {process.pid}")
     template = Template._create(channel, process.pid, pidfd, None, process)
     ready = channel.expect_ready()
