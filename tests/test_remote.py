@@ -47,7 +47,7 @@ async def read_all(stream: Any) -> bytes:
 
 
 async def test_spawn_streams_both_ways_and_reports_the_exit(
-    ssh_target: SshTarget, sshd_server: SshServer
+    ssh_target: SshTarget, sshd_server: SshServer, capfd: pytest.CaptureFixture[str]
 ) -> None:
     async with remote(ssh_target) as template:
         assert template.pid in sshd_server.sessions()
@@ -63,6 +63,8 @@ async def test_spawn_streams_both_ways_and_reports_the_exit(
         async with template.spawn("tests.targets:sleep_forever") as child:
             child.terminate()
             assert await child.wait() == -signal.SIGTERM
+    # The other side ended quietly: its stderr comes here.
+    assert "Traceback" not in capfd.readouterr().err
 
 
 async def test_commands_work_and_fail_as_locally(ssh_target: SshTarget) -> None:
@@ -421,3 +423,28 @@ async def test_a_cut_link_is_noticed_on_both_sides(netns_hosts: list[NetnsHost])
     # The far side noticed too, with no FIN, no RST: it killed what it started.
     assert dead_within(remote_pids, timeout * 2)
     host.restore()
+
+
+async def test_a_pool_spans_local_and_remote_templates(
+    ssh_target: SshTarget, sshd_server: SshServer
+) -> None:
+    async with remote(ssh_target) as far, trio_fork.open_template() as near:
+        async with trio_fork.open_pool(
+            [(near, 2), (far, 3)], "tests.rpc_functions:sleep_then_return", idle=5
+        ) as pool:
+            assert pool.statistics().workers == 5
+            # Each template got its own max, and no more.
+            assert pool._placements.counts == [2, 3]
+            async with anyio.create_task_group() as task_group:
+                for index in range(20):
+                    task_group.start_soon(pool.call, 0.01, index)
+            assert pool._placements.counts == [2, 3]
+        with pytest.raises(ValueError, match="given twice"):
+            async with trio_fork.open_pool([near, near], "tests.rpc_functions:add"):
+                pass
+        with pytest.raises(TypeError, match="non-empty sequence"):
+            async with trio_fork.open_pool([], "tests.rpc_functions:add"):
+                pass
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            async with trio_fork.open_pool([(near, 0)], "tests.rpc_functions:add"):
+                pass

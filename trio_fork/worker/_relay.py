@@ -372,9 +372,9 @@ class Relay:
     def shutdown(self, pid: int, pidfd: int) -> None:
         """End everything: the template kills and reaps what it made, then exits."""
         self.pidfds.pop(1, -1)  # the template's (pidfd): it gets SIGTERM, to clean up below it
-        for pidfd in self.pidfds.values():
+        for child in self.pidfds.values():
             try:
-                _signal.pidfd_send_signal(pidfd, _signal.SIGKILL)
+                _signal.pidfd_send_signal(child, _signal.SIGKILL)
             except OSError:
                 pass
         close_all([*self.pidfds.values(), *(reply for _, reply in self.asked.values())])
