@@ -111,6 +111,8 @@ class Mux:
         for pipe in (process.stdin, process.stdout, process.stderr):
             pipe.close()
         os.set_blocking(stderr, False)
+        for fd in ends:
+            _relay.grow_pipe(fd)
         return cls(name, process, Transport(pipes=ends), timeout, answer, stderr_fd=stderr)
 
     # Start-up, before the frames ----------------------------------------------------

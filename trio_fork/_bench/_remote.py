@@ -133,8 +133,11 @@ async def measure(
         async def child_stream() -> float:
             started = time.perf_counter()
             async with template.spawn("__main__:stream", stream_size) as child:
-                async for _ in child.stream:
-                    pass
+                while True:
+                    try:
+                        await child.stream.receive(1 << 20)  # as the raw peer reads
+                    except anyio.EndOfStream:
+                        break
             return time.perf_counter() - started
 
         ours = await _median(samples, child_stream)

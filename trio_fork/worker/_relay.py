@@ -50,6 +50,7 @@ WINDOW = 1024 * 1024  # bytes of one stream in flight one way, at most
 CHUNK = 256 * 1024  # the most bytes of one DATA frame
 MAX_FRAME = CHUNK + 64 * 1024  # a larger frame is not one of ours
 _QUEUE = 4 * CHUNK  # unsent frames before we stop reading streams
+PIPE_SIZE = 1024 * 1024  # what an unprivileged process may ask of a pipe
 _ANCILLARY = socket.CMSG_SPACE(4 * 4)
 _STARTED = HEADER.size + _wire.PID.size  # a child's first frame: STARTED, with a pidfd
 
@@ -393,6 +394,16 @@ def oversized(reader: _wire.FrameReader) -> bool:
     return end - start >= HEADER.size and HEADER.unpack_from(reader._buffer, start)[3] > MAX_FRAME
 
 
+def grow_pipe(fd: int) -> None:
+    """Make a pipe hold a whole frame: fewer wake-ups per MiB (nothing if not a pipe)."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass
+
+
 def answer(reply: int, payload: bytes) -> None:
     with socket.socket(fileno=reply) as sock:
         sock.settimeout(5)  # the asker waits for it; a stopped one is not waited for long
@@ -481,6 +492,7 @@ def start(channel: str, owner: int, sigint_blocked: bool) -> None:
     asking.close()
     for fd in (input, output):
         os.set_blocking(fd, False)
+        grow_pipe(fd)
     relay = Relay(input, output, settings["timeout"], serving if settings["imports"] else None)
     relay.reader = reader  # with what came after SETUP
     relay.add(1, ours, True)
