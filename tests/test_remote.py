@@ -95,6 +95,11 @@ async def test_commands_work_and_fail_as_locally(ssh_target: SshTarget) -> None:
                 assert await receive(child.stream) == ["queued"]
         with pytest.raises(trio_fork.RemoteError, match="NameError"):
             await template.eval("X")
+    with pytest.raises(anyio.ClosedResourceError):
+        await template.eval("X = 1")
+    with pytest.raises(anyio.ClosedResourceError):
+        async with template.spawn("tests.targets:echo"):
+            pass
 
 
 async def test_many_children_at_once(ssh_target: SshTarget) -> None:

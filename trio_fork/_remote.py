@@ -323,8 +323,8 @@ class RemoteTemplate(metaclass=NoPublicConstructor):
         )
 
     def _check(self) -> None:
+        self._channel.check()  # closed: ClosedResourceError, before the connection's end
         self._mux.check()
-        self._channel.check()
 
     async def _translate(self, waiting: Awaitable[_wire.Frame]) -> _wire.Frame:
         """Await a reply; a broken channel is explained by the connection if it broke."""
