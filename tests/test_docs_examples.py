@@ -79,7 +79,8 @@ EXPECTED: dict[str, list[str]] = {
         r"Traceback \(most recent call last\):",
         r"(  .*\n)*?  File \"<trio_fork eval #1>\", line 1, in <module>",
         r"    settings = load\(\)(\n *\^+)?",  # Python 3.11 and later point at the error
-        r"NameError: name 'load' is not defined",
+        # Python 3.13 and later add a suggestion (here "Did you mean: 'float'?").
+        r"NameError: name 'load' is not defined(\. Did you mean: .*\?)?",
         r"spawn: AttributeError: module 'workers' has no attribute 'no_such_function'",
         r"spawn\(lambda\): TypeError: target .*<lambda>.* cannot be found by name in another "
         r"process: .*",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from . import _calls, _fixtures, _helper, _numpy, _peers, _spawns
@@ -173,7 +173,7 @@ async def _sample_memory(settings: Settings, results: _Results, progress: Progre
 async def run_bench(settings: Settings, progress: Progress) -> Report:
     """Measure every row; a row that cannot be measured here says why."""
     results = _Results()
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     load_before = load_average()
     start = time.perf_counter()
     await _sample_rounds(settings, results, progress)
