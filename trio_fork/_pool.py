@@ -310,6 +310,8 @@ async def open_pool(
         RemoteError: The function or ``init`` could not be found in the first
             workers, or ``init`` raised.
     """
+    if max is not None:
+        _check_int("max", max, 1)
     placements = Placements.of(template, max if max is not None else os.cpu_count() or 1)
     limits = _limits(placements.total, idle, load, start, stop, retire)
     for each in placements.templates:

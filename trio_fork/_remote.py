@@ -323,7 +323,11 @@ class RemoteTemplate(metaclass=NoPublicConstructor):
         )
 
     def _check(self) -> None:
-        self._channel.check()  # closed: ClosedResourceError, before the connection's end
+        try:
+            self._channel.check()
+        except BrokenTemplateError:
+            self._mux.check()  # the connection's own reason, if it broke
+            raise
         self._mux.check()
 
     async def _translate(self, waiting: Awaitable[_wire.Frame]) -> _wire.Frame:
