@@ -157,6 +157,8 @@ async def test_large_messages_both_ways(ssh_target: SshTarget) -> None:
                     data += await child.stream.receive(1 << 20)
         assert int.from_bytes(data[:8], "little") == size
         assert len(data) == size + 8
+        # A command as large, through the template's channel, cut in DATA frames.
+        await template.eval(f"assert len(args[0]) == {size}", bytes(size))
         async with trio_fork.open_rpc(template, "tests.rpc_functions:length") as rpc:
             assert await rpc.call(bytes(size)) == size
         async with trio_fork.open_rpc(template, "tests.rpc_functions:make_bytes") as rpc:
