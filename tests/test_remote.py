@@ -263,7 +263,7 @@ async def test_a_connection_that_fails_carries_ssh_stderr(
     old = tmp_path / "old-python"
     old.write_text("#!/bin/sh\nprintf '\\ntrio_fork-python 3.6\\n'\n")
     old.chmod(0o755)
-    with pytest.raises(trio_fork.BrokenTemplateError, match=r"is 3\.6, but trio_fork needs 3\.10"):
+    with pytest.raises(trio_fork.BrokenTemplateError, match=r"is 3\.6, but trio_fork needs 3\.11"):
         async with open_remote_template(ssh_target.command, python=str(old)):
             pass
     with pytest.raises(ValueError, match="destination"):

@@ -37,7 +37,7 @@ from ._process import BOOTSTRAP, CLOSE_TIMEOUT, worker_sources
 from ._transport import Transport, receive_frame
 from .worker import _relay, _wire
 
-MINIMUM_PYTHON = (3, 10)
+MINIMUM_PYTHON = (3, 11)
 _MARKER = b"trio_fork-python "
 # Run by the remote Python first, whatever its version: it says which it is, then
 # (if it will do) reads the bootstrap from stdin and runs it. Python 2 parses it too.
@@ -383,7 +383,7 @@ async def open_remote_template(
     """Start a template on another host, and end it and everything it started on exit.
 
     Use as ``async with open_remote_template("user@host") as template:``. Nothing of
-    trio_fork needs to be installed there, only a Python 3.10 or later: the worker
+    trio_fork needs to be installed there, only a Python 3.11 or later: the worker
     side is sent over the connection and started from its sources. See
     :doc:`remote` for the model.
 
