@@ -18,6 +18,7 @@ from ._errors import RemoteError
 from .worker._apply import adopt_main
 
 if TYPE_CHECKING:
+    from ._remote import RemoteTemplate
     from ._template import Template
 
 
@@ -55,7 +56,7 @@ def _main_location() -> tuple[str | None, str | None]:
     return None, None
 
 
-async def load_main(template: Template) -> None:
+async def load_main(template: Template | RemoteTemplate) -> None:
     name, path = _main_location()
     if name is None and path is None:
         raise TypeError(

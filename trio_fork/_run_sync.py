@@ -43,6 +43,7 @@ from .worker._serializers import PICKLE
 
 if TYPE_CHECKING:
     from ._pool import Pool
+    from ._remote import RemoteTemplate
     from ._template import Template
 
 T = TypeVar("T")
@@ -69,7 +70,7 @@ class WorkerContextStatistics:
 class WorkerContext(metaclass=NoPublicConstructor):
     """Workers of one configuration, made by :func:`open_worker_context`."""
 
-    _template: Template
+    _template: Template | RemoteTemplate
     _pool: Pool
     _main_loaded: bool
     _main_lock: anyio.Lock = attrs.field(factory=anyio.Lock)
@@ -139,6 +140,7 @@ async def open_worker_context(
     idle_timeout: float = _DEFAULT_IDLE_TIMEOUT,
     init: Callable[[], object] | str | None = None,
     retire: int | Callable[[], object] | str | None = None,
+    template: Template | RemoteTemplate | None = None,
 ) -> AsyncIterator[WorkerContext]:
     """A context of workers of its own, isolated from the default one.
 
@@ -154,11 +156,23 @@ async def open_worker_context(
             function defined at the top level of a module, or ``"module:qualname"``.
         retire: When workers are replaced: after this many calls, or whenever this
             function (run in the worker after each call, like ``init``) returns true.
+        template: Fork the workers from this template instead, local or remote
+            (see :func:`open_remote_template`), which imports ``preload`` first and
+            stays open after the block. On a remote template, functions travel by
+            reference as locally, and their modules are forwarded if the other host
+            lacks them; this program's ``__main__`` is found there only if it was run
+            as a module (``python -m``).
 
     Raises:
         RemoteError: A preloaded module failed to import.
     """
     settings = _settings(preload, idle_timeout, init, retire)
+    if template is not None:
+        if settings.preload:
+            await template.require(*settings.preload)
+        async with _context_on(template, settings) as context:
+            yield context
+        return
     async with _open_context(settings) as context:
         yield context
 
@@ -340,6 +354,18 @@ async def _hold_default(run: _Run, default: _Default, settings: _Settings) -> No
 
 @asynccontextmanager
 async def _open_context(settings: _Settings) -> AsyncIterator[WorkerContext]:
+    async with (
+        open_template(preload=settings.preload) as template,
+        _context_on(template, settings) as context,
+    ):
+        yield context
+
+
+@asynccontextmanager
+async def _context_on(
+    template: Template | RemoteTemplate, settings: _Settings
+) -> AsyncIterator[WorkerContext]:
+    """Workers forked from ``template``, which has imported ``settings.preload``."""
     if loading.main:
         # The program's top-level code is running in a template, which is loading
         # it for its workers: going on would start templates without end.
@@ -357,15 +383,14 @@ async def _open_context(settings: _Settings) -> AsyncIterator[WorkerContext]:
         exceptions=True,
         retire=settings.retire,
     )
-    async with open_template(preload=settings.preload) as template:
-        await prepare_template(template, False)
-        await template.require("trio_fork.worker._apply")
-        main_loaded = False
-        if refers_to_main((settings.init, settings.retire)):
-            await load_main(template)
-            main_loaded = True
-        async with run_pool(template, settings.limits, spec) as pool:
-            yield WorkerContext._create(template, pool, main_loaded)
+    await prepare_template(template, False)
+    await template.require("trio_fork.worker._apply")
+    main_loaded = False
+    if refers_to_main((settings.init, settings.retire)):
+        await load_main(template)
+        main_loaded = True
+    async with run_pool(template, settings.limits, spec) as pool:
+        yield WorkerContext._create(template, pool, main_loaded)
 
 
 def _settings(
