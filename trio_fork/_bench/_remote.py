@@ -166,6 +166,8 @@ def _echo_rate(command: list[str], seconds: float) -> float:
         assert process.stdin is not None
         assert process.stdout is not None
         write, read = process.stdin.fileno(), process.stdout.fileno()
+        os.write(write, b"x")  # the connection is made: not part of the figure
+        os.read(read, 100)
         count, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
             os.write(write, b"x" * 40)
