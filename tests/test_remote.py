@@ -25,7 +25,7 @@ import pytest
 import trio_fork
 from tests.helpers import dead_within, process_alive, receive
 from tests.sshd import NetnsHost, SshServer, SshTarget
-from trio_fork._remote import _MARKER, RemoteTemplate, open_remote_template
+from trio_fork._remote import _MARKER, RemoteTemplate, open_remote_template, transport_command
 from trio_fork.worker import _relay, _wire
 
 pytestmark = pytest.mark.anyio
@@ -257,6 +257,13 @@ async def test_a_connection_that_fails_carries_ssh_stderr(
     with pytest.raises(trio_fork.BrokenTemplateError, match="Permission denied"):
         async with open_remote_template(["ssh", "-F", str(config), ssh_target.destination]):
             pass
+    strange = tmp_path / "strange_config"
+    strange.write_text(
+        ssh_target.config.read_text().replace(str(ssh_target.known_hosts), "/dev/null")
+    )
+    with pytest.raises(trio_fork.BrokenTemplateError, match="Host key verification failed"):
+        async with open_remote_template(["ssh", "-F", str(strange), ssh_target.destination]):
+            pass
     with pytest.raises(trio_fork.BrokenTemplateError, match=r"no_such_python.*not found"):
         async with open_remote_template(ssh_target.command, python="no_such_python"):
             pass
@@ -269,6 +276,21 @@ async def test_a_connection_that_fails_carries_ssh_stderr(
     with pytest.raises(ValueError, match="destination"):
         async with open_remote_template("-oProxyCommand=x"):
             pass
+
+
+def test_the_transport_command() -> None:
+    assert transport_command("me@far") == (
+        ["ssh", "-T", "-o", "BatchMode=yes", "me@far", "sh"],
+        "me@far",
+    )
+    assert transport_command(["docker", "exec", "-i", "box"]) == (
+        ["docker", "exec", "-i", "box", "sh"],
+        "docker exec -i box",
+    )
+    with pytest.raises(TypeError, match="destination"):
+        transport_command([])
+    with pytest.raises(TypeError, match="destination"):
+        transport_command(["ssh", ""])
 
 
 _CORRUPT = textwrap.dedent(
