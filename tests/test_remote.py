@@ -492,3 +492,34 @@ async def test_run_sync_on_remote_workers(ssh_target: SshTarget, sshd_server: Ss
                 await context.run_sync(operator.truediv, 1, 0)
         # The template is the caller's: it outlives the context.
         await template.eval("import json")
+
+
+def _other_python() -> str | None:
+    """A CPython 3.11 or later of another version than this one, if the machine has one."""
+    import glob
+    import shutil
+
+    mine = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for version in ("3.12", "3.13", "3.11", "3.14"):
+        if version == mine:
+            continue
+        pattern = os.path.expanduser(f"~/.pyenv/versions/{version}.*/bin/python3")
+        for found in [*sorted(glob.glob(pattern)), shutil.which(f"python{version}")]:
+            # A pyenv shim of a version not selected is on the PATH, and fails.
+            if found and subprocess.run([found, "-c", ""], capture_output=True).returncode == 0:
+                return found
+    return None
+
+
+async def test_the_remote_python_may_be_another_version(ssh_target: SshTarget) -> None:
+    python = _other_python()
+    if python is None:
+        pytest.skip("no CPython 3.11 or later of another version on this machine")
+    async with open_remote_template(ssh_target.command, python=python) as template:
+        await template.eval(
+            "import sys\ndef version(sock):\n    sock.sendall(repr(sys.version_info[:2]).encode())"
+        )
+        async with template.spawn("__main__:version") as child:
+            assert eval(await read_all(child.stream)) != sys.version_info[:2]
+        async with trio_fork.open_rpc(template, "tests.rpc_functions:add") as rpc:
+            assert await rpc.call([1], [2]) == [1, 2]
