@@ -479,21 +479,6 @@ async def test_a_pool_spans_local_and_remote_templates(
                 pass
 
 
-async def test_run_sync_on_remote_workers(ssh_target: SshTarget, sshd_server: SshServer) -> None:
-    import operator
-
-    from tests import rpc_functions
-
-    async with remote(ssh_target) as template:
-        async with trio_fork.open_worker_context(template=template, preload=["json"]) as context:
-            assert await context.run_sync(rpc_functions.getpid) in sshd_server.sessions()
-            assert await context.run_sync(operator.add, 2, 3) == 5
-            with pytest.raises(ZeroDivisionError):
-                await context.run_sync(operator.truediv, 1, 0)
-        # The template is the caller's: it outlives the context.
-        await template.eval("import json")
-
-
 def _other_python() -> str | None:
     """A CPython 3.11 or later of another version than this one, if the machine has one."""
     import glob

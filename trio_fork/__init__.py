@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from ._rpc import open_rpc as open_rpc
     from ._run_sync import WorkerContext as WorkerContext
     from ._run_sync import WorkerContextStatistics as WorkerContextStatistics
+    from ._run_sync import WorkerType as WorkerType
+    from ._run_sync import cache_scope as cache_scope
     from ._run_sync import configure_default_context as configure_default_context
     from ._run_sync import current_default_worker_limiter as current_default_worker_limiter
     from ._run_sync import default_context_statistics as default_context_statistics
@@ -73,6 +75,8 @@ _LOCATIONS = {
     "open_rpc": "_rpc",
     "WorkerContext": "_run_sync",
     "WorkerContextStatistics": "_run_sync",
+    "WorkerType": "_run_sync",
+    "cache_scope": "_run_sync",
     "configure_default_context": "_run_sync",
     "current_default_worker_limiter": "_run_sync",
     "default_context_statistics": "_run_sync",

@@ -322,11 +322,6 @@ class RemoteTemplate(metaclass=NoPublicConstructor):
             f"before it could run {name}"
         )
 
-    async def _invoke(self, function: Callable[..., object], *args: object) -> None:
-        """Call a function of the worker side in the template (see ``INVOKE``)."""
-        payload = pickle.dumps((function, args), pickle.HIGHEST_PROTOCOL)
-        await self._request(_wire.INVOKE, payload)
-
     def _check(self) -> None:
         try:
             self._channel.check()
