@@ -352,18 +352,11 @@ async def open_pool(
 
 
 @asynccontextmanager
-async def run_pool(
-    template: Template | RemoteTemplate | Placements, limits: Limits, spec: WorkerSpec
-) -> AsyncIterator[Pool]:
+async def run_pool(placements: Placements, limits: Limits, spec: WorkerSpec) -> AsyncIterator[Pool]:
     """The lifetime of a pool whose template is ready and settings checked."""
     body_error: BaseException | None = None
     timer = anyio.CancelScope()
     async with anyio.create_task_group() as task_group:
-        placements = (
-            template
-            if isinstance(template, Placements)
-            else Placements.of(template, limits.max or os.cpu_count() or 1)
-        )
         pool = Pool._create(
             PoolState(limits), placements, spec, task_group, is_async_function(spec.function)
         )
