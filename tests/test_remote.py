@@ -276,6 +276,9 @@ async def test_a_connection_that_fails_carries_ssh_stderr(
     with pytest.raises(ValueError, match="destination"):
         async with open_remote_template("-oProxyCommand=x"):
             pass
+    with pytest.raises(trio_fork.BrokenTemplateError, match="cannot start the transport"):
+        async with open_remote_template(["no-such-transport-command"]):
+            pass
 
 
 def test_the_transport_command() -> None:
