@@ -23,6 +23,8 @@ import pytest
 
 import trio_fork
 from tests import buffer_functions as f
+from tests.sshd import SshTarget
+from tests.test_remote import remote
 from trio_fork import _open
 from trio_fork._rpc import worker_spec
 from trio_fork.worker import _buffers
@@ -215,6 +217,22 @@ async def test_a_channel_without_descriptors_falls_back_to_the_pickle() -> None:
             "assert type(value) is bytearray and len(value) == 2 << 20, type(value)\n"
             "assert not any('memfd:' in line for line in open('/proc/self/maps'))\n"
         )
+
+
+async def test_remote_templates_fall_back_to_the_pickle(
+    ssh_target: SshTarget, baseline: None
+) -> None:
+    """A remote worker's socket is bridged over ssh: no descriptor can reach it."""
+    big = pickle.PickleBuffer(bytearray(2 * MIB))
+    async with remote(ssh_target) as far, trio_fork.open_template() as near:
+        async with trio_fork.open_rpc(far, "tests.rpc_functions:length") as rpc:
+            assert await rpc.call(big) == 2 * MIB
+        # A pool across both: one way of sending for all its workers, the pickle.
+        async with trio_fork.open_pool(
+            [(near, 1), (far, 1)], "tests.rpc_functions:length", idle=2
+        ) as pool:
+            for _ in range(4):
+                assert await pool.call(big) == 2 * MIB
 
 
 async def test_other_serializers_are_unaffected(template: trio_fork.Template) -> None:

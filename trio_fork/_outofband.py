@@ -55,6 +55,17 @@ class Descriptors:
     __del__ = close
 
 
+def carries_fds(template: object) -> bool:
+    """Whether workers of ``template`` can be sent descriptors.
+
+    A local template's can. A remote one's cannot: their sockets are bridged over a
+    byte stream (even though the local end of that bridge is a Unix socket).
+    """
+    from ._template import Template
+
+    return isinstance(template, Template) and template._channel.carries_fds
+
+
 def buffer_threshold(serializer: object, threshold: int | None) -> int | None:
     """The threshold of workers with ``serializer``: buffers go out of band in pickles only."""
     return threshold if isinstance(serializer, PickleSerializer) else None

@@ -26,24 +26,25 @@ from ._call import Call, Request, make_request, open_call, outcome, wait_for, wa
 from ._connection import Connection
 from ._construct import NoPublicConstructor
 from ._errors import BrokenWorkerError
-from ._outofband import buffer_threshold, loads
+from ._outofband import buffer_threshold, carries_fds, loads
 from ._shared import DEFAULT_BUFFER_THRESHOLD, check_threshold
 from ._transport import Transport
 from .worker._rpc import WorkerSpec
 from .worker._serializers import PICKLE
 
 if TYPE_CHECKING:
+    from ._remote import RemoteTemplate
     from ._template import Template
 
 
-async def prepare_template(template: Template, concurrent: bool) -> None:
+async def prepare_template(template: Template | RemoteTemplate, concurrent: bool) -> None:
     """Make ``template`` fork RPC workers fast: the worker loop imported, once for all."""
     await template.require("trio_fork.worker._rpc")
     if concurrent:
         await require_event_loop(template)
 
 
-async def require_event_loop(template: Template) -> None:
+async def require_event_loop(template: Template | RemoteTemplate) -> None:
     """Import what an async worker's event loop needs into ``template``, once for all."""
     await template.require(f"anyio._backends._{sniffio.current_async_library()}")
 
@@ -87,7 +88,7 @@ def worker_spec(
 
 
 async def prepare_worker(
-    template: Template,
+    template: Template | RemoteTemplate,
     function: str | Callable[..., Any],
     *,
     init: str | Callable[..., Any] | None,
@@ -108,7 +109,7 @@ async def prepare_worker(
         events=events,
         exceptions=False,
         done=done,
-        buffers=threshold if template._channel.carries_fds else None,
+        buffers=threshold if carries_fds(template) else None,
     )
     await prepare_template(template, is_async_function(function))
     return spec
@@ -287,7 +288,7 @@ class RPC(metaclass=NoPublicConstructor):
 
 @asynccontextmanager
 async def open_rpc(
-    template: Template,
+    template: Template | RemoteTemplate,
     function: str | Callable[..., Any],
     *,
     init: str | Callable[..., Any] | None = None,
