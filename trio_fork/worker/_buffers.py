@@ -31,6 +31,7 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Any
 
 THRESHOLD = 1 << 20
@@ -39,6 +40,7 @@ PRIVATE, SHARED = 0, 1  # how the receiver maps a buffer: copy-on-write, or shar
 _HEAD = struct.Struct("<BI")  # 0, number of buffers
 _ENTRY = struct.Struct("<QQB")  # offset in the memfd, length, mode
 _PAGE = mmap.PAGESIZE
+_PLAIN = frozenset((int, float, complex, str, bytes, bool, type(None)))
 FIXED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _FROZEN = FIXED | fcntl.F_SEAL_WRITE
 # mmap keeps a duplicate of the descriptor unless told not to (Python 3.13+).
@@ -58,8 +60,16 @@ def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]
 
     Returns the payload and the descriptors to send with it, which the caller owns.
     """
-    if threshold is None:
-        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL), []
+    # The small values of most calls surely hold no buffer: pickled the short way.
+    kind = type(obj)
+    if threshold is None or kind in _PLAIN:
+        return pickle.dumps(obj, 5), []
+    if kind is tuple and len(obj) <= 8:
+        for item in obj:
+            if type(item) not in _PLAIN:
+                break
+        else:
+            return pickle.dumps(obj, 5), []
     fds: list[int] = []
     table: list[bytes] = []
 
@@ -125,7 +135,7 @@ def take(payload: bytes, fds: list[int]) -> list[int]:
     return taken
 
 
-def loads(data: Any, buffers: list[memoryview]) -> Any:
+def loads(data: Any, buffers: Iterable[memoryview]) -> Any:
     """Unpickle what :func:`receive` returned."""
     return pickle.loads(data, buffers=buffers)
 

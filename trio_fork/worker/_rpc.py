@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import _thread
 import collections
+import functools
 import os
 import pickle
 import signal
@@ -25,7 +26,7 @@ from ._wire import CALL, CANCEL, CANCELLED, ERROR, EVENT, RESULT, RETIRING, enco
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import Any
 
     Hook = Callable[..., Any] | None
@@ -105,6 +106,12 @@ class _Worker:
         self.spec = spec
         self.serializer = spec.serializer
         self.buffers = spec.buffers  # frames carry descriptors only when this is set
+        # Chosen once: this is every call's path.
+        self.dump: Callable[[Any], tuple[bytes, Sequence[int]]] = self.dump_plain
+        if self.buffers and isinstance(self.serializer, PickleSerializer):
+            self.dump = functools.partial(_buffers.dumps, threshold=self.buffers)
+        elif self.buffers:
+            self.dump = self.dump_pickled
         # Results sent out of band, freed once their reply is sent: after the caller
         # has it, not on its way.
         self.kept: list[Any] = []
@@ -114,9 +121,10 @@ class _Worker:
         return encode(_wire.WORKER_READY, 0, _wire.WORKER.pack(os.getpid(), concurrent))
 
     def take(self, frame: _wire.Frame) -> tuple[Any, list[memoryview]] | list[_wire.Segment]:
-        """A CALL frame's pickle and its buffers, mapped; or the frame of its error."""
-        if not frame.fds and not frame.fds_lost:
-            return frame.payload, []
+        """A CALL frame's pickle and its buffers, mapped; or the frame of its error.
+
+        For a frame that came with descriptors (or lost them) only.
+        """
         try:
             if frame.fds_lost:  # or sent with buffers off: the kernel dropped them
                 raise OSError("descriptors were lost in transit (is RLIMIT_NOFILE too low?)")
@@ -124,15 +132,17 @@ class _Worker:
         except (OSError, ValueError) as exc:
             return self.error(frame.id, exc, "the worker could not receive the arguments")
 
-    def dump(self, value: Any) -> tuple[bytes, list[int]]:
-        if type(value) is _buffers.Dumped:  # pickled already (run_sync's apply)
+    def dump_plain(self, value: Any) -> tuple[bytes, Sequence[int]]:
+        """``value`` serialized, and the descriptors of its out-of-band buffers: none."""
+        return self.serializer.dumps(value), ()
+
+    def dump_pickled(self, value: Any) -> tuple[bytes, Sequence[int]]:
+        if type(value) is _buffers.Dumped:  # pickled already, by run_sync's apply
             return value[0], value[1]
-        if self.buffers and isinstance(self.serializer, PickleSerializer):
-            return _buffers.dumps(value, self.buffers)
-        return self.serializer.dumps(value), []
+        return self.serializer.dumps(value), ()
 
     def begin(
-        self, call_id: int, payload: Any, buffers: list[memoryview]
+        self, call_id: int, payload: Any, buffers: Sequence[memoryview]
     ) -> tuple[Any, ...] | list[_wire.Segment]:
         """A call's arguments (its ``emit`` first if asked), or the frame of its error."""
         try:
@@ -169,7 +179,7 @@ class _Worker:
         if self.spec.events:
             args[0].finished = True
 
-    def emit(self, call_id: int, payload: bytes, fds: list[int]) -> Any:
+    def emit(self, call_id: int, payload: bytes, fds: Sequence[int]) -> Any:
         raise NotImplementedError
 
     def serve(self, init: Hook, retire: Hook, done: Hook) -> None:
@@ -211,7 +221,7 @@ class _SyncWorker(_Worker):
             _fail(sock, exc)
             return
         self.reader = _wire.FrameReader()
-        self.queue: collections.deque[tuple[int, Any, list[memoryview]]] = collections.deque()
+        self.queue: collections.deque[tuple[int, Any, Sequence[memoryview]]] = collections.deque()
         try:
             self.post(self.ready(False))
             while self.receive():
@@ -236,7 +246,7 @@ class _SyncWorker(_Worker):
         with self.lock:
             _wire.send_blocking(self.sock, segments)
 
-    def run(self, call_id: int, payload: Any, buffers: list[memoryview]) -> list[_wire.Segment]:
+    def run(self, call_id: int, payload: Any, buffers: Sequence[memoryview]) -> list[_wire.Segment]:
         args = self.begin(call_id, payload, buffers)
         if isinstance(args, list):
             return args
@@ -248,7 +258,7 @@ class _SyncWorker(_Worker):
             self.finish(args)
         return self.result(call_id, value)
 
-    def emit(self, call_id: int, payload: bytes, fds: list[int]) -> None:
+    def emit(self, call_id: int, payload: bytes, fds: Sequence[int]) -> None:
         self.post(encode(EVENT, call_id, payload, fds))
 
     def should_retire(self, retire: Callable[..., Any]) -> bool:
@@ -270,8 +280,9 @@ class _SyncWorker(_Worker):
             return True
         while (frame := self.reader.next_frame()) is not None:
             if frame.op == CALL:
-                taken = self.take(frame)
-                if isinstance(taken, list):
+                if not (frame.fds or frame.fds_lost):
+                    self.queue.append((frame.id, frame.payload, ()))
+                elif isinstance(taken := self.take(frame), list):
                     self.post(taken)
                 else:
                     self.queue.append((frame.id, *taken))
@@ -382,19 +393,23 @@ class _AsyncWorker(_Worker):
                 return
             while (frame := reader.next_frame()) is not None:
                 if frame.op == CALL:
-                    taken = self.take(frame)
-                    if isinstance(taken, list):
-                        self.send(taken)
-                        continue
+                    payload: Any = frame.payload
+                    buffers: Sequence[memoryview] = ()
+                    if frame.fds or frame.fds_lost:
+                        taken = self.take(frame)
+                        if isinstance(taken, list):
+                            self.send(taken)
+                            continue
+                        payload, buffers = taken
                     self.running[frame.id] = scope = self.scope()
-                    self.start_soon(self.serve_call, frame.id, *taken, scope)
+                    self.start_soon(self.serve_call, frame.id, payload, buffers, scope)
                 elif frame.op == CANCEL and frame.id in self.running:
                     self.running[frame.id].cancel()
             # Let the calls just started run before reading more.
             await self.checkpoint()
 
     async def serve_call(
-        self, call_id: int, payload: Any, buffers: list[memoryview], scope: Any
+        self, call_id: int, payload: Any, buffers: Sequence[memoryview], scope: Any
     ) -> None:
         frame = None
         with scope:
@@ -404,7 +419,7 @@ class _AsyncWorker(_Worker):
         self.send(frame or encode(CANCELLED, call_id), now=not self.running)
 
     async def outcome(
-        self, call_id: int, payload: Any, buffers: list[memoryview]
+        self, call_id: int, payload: Any, buffers: Sequence[memoryview]
     ) -> list[_wire.Segment]:
         """Run one call; the frame that answers it. Only cancellation escapes."""
         args = self.begin(call_id, payload, buffers)
@@ -455,7 +470,7 @@ class _AsyncWorker(_Worker):
                 await self.wait_writable(self.sock)
             self.writer_busy = False
 
-    async def emit(self, call_id: int, payload: bytes, fds: list[int]) -> None:
+    async def emit(self, call_id: int, payload: bytes, fds: Sequence[int]) -> None:
         # It waits only when a megabyte of output is queued, so that a fast emitter
         # cannot fill the worker's memory while the parent falls behind.
         self.send(encode(EVENT, call_id, payload, fds), now=False)

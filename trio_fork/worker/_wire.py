@@ -19,6 +19,10 @@ import struct
 import sys
 from collections import deque
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
 HEADER = struct.Struct("<BIIQ")  # opcode, number of descriptors, id, payload length
 MAX_FDS_PER_MESSAGE = 253  # the kernel's SCM_MAX_FD: descriptors in one sendmsg
 RECEIVE_SIZE = 256 * 1024
@@ -81,9 +85,7 @@ Segment = tuple[list[bytes], list[int]]
 """Buffers sent by one ``sendmsg``, with the descriptors that ride on them."""
 
 
-def encode(
-    op: int, id: int = 0, payload: bytes = b"", fds: list[int] | tuple[int, ...] = ()
-) -> list[Segment]:
+def encode(op: int, id: int = 0, payload: bytes = b"", fds: Sequence[int] = ()) -> list[Segment]:
     """The ``sendmsg`` calls that carry one frame; one, unless it has over 253 fds."""
     nfds = len(fds)
     # Every batch of descriptors needs a byte of its own frame to ride on.
