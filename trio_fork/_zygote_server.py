@@ -1,0 +1,566 @@
+"""``trio_fork serve``: the server that ``trio_fork run`` hands programs to (a zygote).
+
+The server keeps a template that has imported the preload list, listens on a Unix
+socket in a directory only its user can enter, and for each run forks a child of the
+template that becomes the program (see :mod:`trio_fork.worker._program`). It hands
+the child the client's request and descriptors and its connection, waits for the
+program to end and sends the client its exit status. If the client goes away first
+(killed, even by SIGKILL), the program and its process group are killed: a program
+never outlives its client.
+
+Before each run it checks that the template is still fresh (:mod:`._zygote_fresh`);
+when a preloaded module's file, the interpreter or the installed packages changed, it
+starts a new template for the run and ends the old one once its runs are over.
+
+It refuses a peer of another uid (``SO_PEERCRED``), although the directory already
+keeps others out; it never listens on an abstract socket (those have no permissions
+at all: CVE-2022-42919 in multiprocessing's forkserver), nor on TCP.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+import anyio
+import attrs
+from anyio.abc import TaskGroup, TaskStatus
+
+from ._child import Child
+from ._errors import BrokenTemplateError, RemoteError
+from ._open import open_template
+from ._process import readable
+from ._template import Template
+from ._transport import _receive_into
+from ._zygote_client import (
+    HEADER_SIZE,
+    MAGIC,
+    ZygoteError,
+    base_path,
+    peer_credentials,
+    socket_path,
+)
+from ._zygote_fresh import Fingerprint, watched_paths
+from .worker import _wire
+
+_PROGRAM_MODULE = "trio_fork.worker._program"
+_PROGRAM = f"{_PROGRAM_MODULE}:serve"
+_FILES = "trio_fork.worker._program:report_files"
+# Arguments and environment: the kernel passes a few MiB of them to a program at most.
+_MAX_REQUEST = 64 << 20
+_PYTHON_IGNORES = {signal.SIGPIPE, signal.SIGXFSZ, signal.SIGKILL, signal.SIGSTOP}
+SPARES = 2
+"""Children kept forked and waiting for a run, per template."""
+
+
+class RunError(Exception):
+    """A request cannot be served; the client is told why."""
+
+
+@attrs.define(eq=False)
+class Spare:
+    """A child forked ahead of time, waiting in ``_program.serve`` for a run."""
+
+    child: Child
+    pidfd: int
+    released: anyio.Event = attrs.field(factory=anyio.Event)
+
+
+@attrs.define(eq=False)
+class Generation:
+    """One template of the server's life, its spare children, and the runs forked from it.
+
+    Spares are forked before they are needed, so that a run does not wait for a fork:
+    :data:`SPARES` of them, and one more for each run waiting for one.
+    """
+
+    number: int
+    template: Template
+    fingerprint: Fingerprint
+    keepers: TaskGroup
+    idle: list[Spare] = attrs.field(factory=list)
+    starting: int = 0
+    waiting: int = 0
+    changed: anyio.Event = attrs.field(factory=anyio.Event)
+    runs: int = 0
+    retired: bool = False
+    broken: bool = False
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+
+    def stale(self) -> str | None:
+        """Why the next run must come from a new template, or None."""
+        if self.broken:
+            return "its template died"
+        changed = self.fingerprint.changed()
+        return None if changed is None else f"{changed} changed"
+
+    def retire(self) -> None:
+        """No new runs: end once the last one is over."""
+        self.retired = True
+        self.leave(0)
+
+    def leave(self, runs: int = 1) -> None:
+        self.runs -= runs
+        if self.retired and not self.runs:
+            self.done.set()
+
+    async def take(self) -> Spare:
+        """A spare for a run, forking one if none is waiting."""
+        self.waiting += 1
+        try:
+            while not self.idle:
+                if self.broken:
+                    raise BrokenTemplateError(f"the template of generation {self.number} died")
+                self.top_up()
+                await self.changed.wait()
+            spare = self.idle.pop(0)
+        finally:
+            self.waiting -= 1
+        self.top_up()
+        return spare
+
+    def top_up(self) -> None:
+        if self.retired or self.broken:
+            return
+        for _ in range(SPARES + self.waiting - len(self.idle) - self.starting):
+            self.starting += 1
+            self.keepers.start_soon(self._keep_spare)
+
+    async def _keep_spare(self) -> None:
+        spare = None
+        try:
+            async with self.template.spawn(_PROGRAM) as child:
+                # The child's own pidfd: unlike its pid, it never names another process.
+                spare = Spare(child, os.dup(child._process._pidfd))  # type: ignore[arg-type]
+                self.starting -= 1
+                self.idle.append(spare)
+                self._wake()
+                # The block's end waits for the child: a program that ran, or a spare
+                # that sees its socket closed and exits.
+                await spare.released.wait()
+        except (BrokenTemplateError, RemoteError, OSError) as exc:
+            self.broken = True
+            _log(f"generation {self.number} cannot fork: {exc}")
+        finally:
+            if spare is None:
+                self.starting -= 1
+            else:
+                os.close(spare.pidfd)
+            self._wake()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+
+@attrs.define(eq=False)
+class Server:
+    preload: list[str]
+    path: str
+    idle_timeout: float | None
+    task_group: TaskGroup
+    catch_sighup: bool
+    current: Generation | None = None
+    generations: int = 0
+    served: int = 0
+    running: int = 0
+    started: float = attrs.field(factory=time.time)
+    last_active: float = attrs.field(factory=time.monotonic)
+    restarting: anyio.Lock = attrs.field(factory=anyio.Lock)
+    stopping: anyio.Event = attrs.field(factory=anyio.Event)
+    # Connections of `serve --stop` clients, closed once everything has ended.
+    stop_waiters: list[int] = attrs.field(factory=list)
+
+    async def start_generation(self) -> Generation:
+        generation: Generation = await self.task_group.start(self._keep_generation)
+        return generation
+
+    async def _keep_generation(self, *, task_status: TaskStatus[Generation]) -> None:
+        since = time.time_ns()
+        async with open_template(self.preload) as template:
+            await template.require(_PROGRAM_MODULE)
+            files = await _module_files(template)
+            fingerprint = Fingerprint.of(watched_paths(files, sys.path), since)
+            async with anyio.create_task_group() as keepers:
+                self.generations += 1
+                generation = Generation(self.generations, template, fingerprint, keepers)
+                generation.top_up()
+                task_status.started(generation)
+                await generation.done.wait()
+                keepers.cancel_scope.cancel()
+
+    async def fresh_generation(self) -> Generation:
+        """The generation to fork the next run from: a new one if the current is stale."""
+        generation = self.current
+        if generation is not None and generation.stale() is None:
+            return generation
+        async with self.restarting:
+            generation = self.current
+            reason = "the last start failed" if generation is None else generation.stale()
+            if generation is not None and reason is None:
+                return generation  # another run started it meanwhile
+            _log(f"starting a new template: {reason}")
+            old, self.current = self.current, None
+            if old is not None:
+                old.retire()  # it ends once its runs are over
+            try:
+                new = await self.start_generation()
+            except RemoteError as exc:
+                raise RunError(
+                    f"a preloaded module failed to import:\n{exc.remote_traceback}"
+                ) from None
+            except (BrokenTemplateError, OSError) as exc:
+                # Most likely the interpreter changed under us: a new server will do.
+                self.stopping.set()
+                raise RunError(f"cannot start a template ({exc}); the server stops") from None
+            self.current = new
+            return new
+
+    async def handle(self, conn: socket.socket) -> None:
+        fds: list[int] = []
+        try:
+            with conn:
+                pid, uid, _ = peer_credentials(conn)
+                if uid != os.getuid():
+                    _log(f"refused a connection from pid {pid}, uid {uid}")
+                    return
+                try:
+                    payload, fds = await _read_request(conn)
+                except (OSError, RunError) as exc:
+                    _log(f"dropped a bad request from pid {pid}: {exc}")
+                    return
+                command = payload.split(b"\0", 1)[0]
+                try:
+                    if command == b"run":
+                        await self.run(conn, payload, fds)
+                    elif command == b"status":
+                        await _send(conn, _text(b"T", self.status()))
+                    elif command == b"stop":
+                        _log(f"stopping, as pid {pid} asked")
+                        self.stop_waiters.append(os.dup(conn.fileno()))
+                        await _send(conn, _text(b"T", f"stopping server {os.getpid()}\n"))
+                        self.stopping.set()
+                    else:
+                        raise RunError(f"unknown request {command[:20]!r}")
+                except RunError as exc:
+                    await _send(conn, _text(b"E", str(exc)))
+        except OSError:
+            pass  # the client went away while we answered
+        finally:
+            _wire.close_all(fds)
+
+    async def run(self, conn: socket.socket, payload: bytes, fds: list[int]) -> None:
+        if not 1 <= len(fds) <= 4:
+            raise RunError(f"a run comes with 1 to 4 descriptors, not {len(fds)}")
+        self.running += 1
+        self.last_active = time.monotonic()
+        try:
+            status = await self._run_once(conn, payload, fds, retry=True)
+        except anyio.get_cancelled_exc_class():
+            try:  # no waiting now: the client hears it, or the end of the connection
+                conn.send(_text(b"E", "the server stopped before the program ended"))
+            except OSError:
+                pass
+            raise
+        finally:
+            self.running -= 1
+            self.last_active = time.monotonic()
+        self.served += 1
+        await _send(conn, b"X" + status.to_bytes(4, "little", signed=True))
+
+    async def _run_once(
+        self, conn: socket.socket, payload: bytes, fds: list[int], retry: bool
+    ) -> int:
+        generation = await self.fresh_generation()
+        generation.runs += 1
+        try:
+            spare = await generation.take()
+        except BrokenTemplateError as exc:
+            generation.broken = True
+            generation.leave()
+            if not retry:
+                raise RunError(f"cannot fork the program: {exc}") from None
+            return await self._run_once(conn, payload, fds, retry=False)
+        try:
+            frame = _wire.HEADER.pack(_wire.ARGS, len(fds) + 1, 0, len(payload)) + payload
+            try:
+                await spare.child.stream.send_fds(frame, [conn.fileno(), *fds])
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the spare died waiting: another one will do
+            else:
+                _wire.close_all(fds)
+                fds.clear()
+                return await _until_exit(conn, spare)
+        except BrokenTemplateError as exc:
+            raise RunError(f"the program was lost: {exc}") from None
+        except BaseException:
+            spare.child.kill()
+            raise
+        finally:
+            spare.released.set()
+            generation.leave()
+        if not retry:
+            raise RunError("the program's process died before it could start")
+        return await self._run_once(conn, payload, fds, retry=False)
+
+    def status(self) -> str:
+        uptime = int(time.time() - self.started)
+        generation = self.current
+        template = (
+            "no template (its last start failed)"
+            if generation is None
+            else f"template pid {generation.template.pid} (generation {generation.number})"
+        )
+        return (
+            f"trio_fork server pid {os.getpid()}, up {uptime // 3600}h{uptime // 60 % 60:02}m"
+            f"{uptime % 60:02}s, socket {self.path}\n"
+            f"  python {sys.executable}, preload: {', '.join(self.preload) or '(nothing)'}\n"
+            f"  {template}; {self.running} run(s) in progress, {self.served} served\n"
+        )
+
+    async def accept(self, listener: socket.socket) -> None:
+        while True:
+            await anyio.wait_readable(listener)
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:  # out of descriptors, say: let runs end first
+                _log(f"cannot accept a connection: {exc}")
+                await anyio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            self.task_group.start_soon(self.handle, conn)
+
+    async def watch_signals(self) -> None:
+        stops = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if self.catch_sighup else [])]
+        with anyio.open_signal_receiver(*stops) as received:
+            async for sig in received:
+                _log(f"stopping on {signal.Signals(sig).name}")
+                self.stopping.set()
+
+    async def stop_when_idle(self, seconds: float) -> None:
+        while True:
+            left = self.last_active + seconds - time.monotonic()
+            if left <= 0 and not self.running:
+                _log(f"stopping: no run for {seconds:g} s")
+                self.stopping.set()
+                return
+            await anyio.sleep(max(left, 1.0))
+
+
+async def _module_files(template: Template) -> list[str]:
+    async with template.spawn(_FILES) as child:
+        data = bytearray()
+        async for chunk in child.stream:
+            data += chunk
+    return [os.fsdecode(name) for name in bytes(data).split(b"\0") if name]
+
+
+async def _read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
+    data = bytearray()
+    fds: list[int] = []
+    try:
+        if not await _receive_into(conn, data, HEADER_SIZE, fds):
+            raise RunError("the connection ended before a request")
+        if data[: len(MAGIC)] != MAGIC:
+            raise RunError("not a trio_fork run request (another version of trio_fork?)")
+        length = int.from_bytes(data[len(MAGIC) : HEADER_SIZE], "little")
+        if length > _MAX_REQUEST:
+            raise RunError(f"a request of {length} bytes is too long")
+        if not await _receive_into(conn, data, HEADER_SIZE + length, fds):
+            raise RunError("the connection ended in the middle of a request")
+    except BaseException:
+        _wire.close_all(fds)
+        raise
+    return bytes(data[HEADER_SIZE:]), fds
+
+
+async def _until_exit(conn: socket.socket, spare: Spare) -> int:
+    """The program's exit status; kill it if its client goes away first."""
+    child = spare.child
+    async with anyio.create_task_group() as group:
+
+        async def kill_when_client_gone() -> None:
+            # The client sends nothing after its request: this is its end of file.
+            await anyio.wait_readable(conn)
+            # A client that heard the program's exit status leaves as soon as the
+            # program has exited: what the program started and left running lives on.
+            if not readable(spare.pidfd):
+                # Its process group too: until it has exited, its pid names that group.
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                child.kill()
+
+        group.start_soon(kill_when_client_gone)
+        status = await child.wait()
+        group.cancel_scope.cancel()
+    return status
+
+
+def _text(kind: bytes, text: str) -> bytes:
+    data = text.encode("utf-8", "replace")
+    return kind + len(data).to_bytes(4, "little") + data
+
+
+async def _send(conn: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[conn.send(view) :]
+        except BlockingIOError:
+            await anyio.wait_writable(conn)
+
+
+def _log(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    sys.stderr.write(f"trio_fork serve [{os.getpid()}] {stamp}: {message}\n")
+    sys.stderr.flush()
+
+
+def _listen(path: str) -> socket.socket:
+    if path.startswith("\0") or not os.path.isabs(path):
+        raise ZygoteError(f"not a path for a socket: {path!r}")  # never an abstract socket
+    try:
+        os.unlink(path)  # left by a server that was killed: we hold the lock
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(128)
+    except BaseException:
+        listener.close()
+        raise
+    listener.setblocking(False)
+    return listener
+
+
+def _report(ready_fd: int | None, text: str) -> None:
+    """Tell the client that started us how the start went."""
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, text.encode())
+        except OSError:
+            pass
+        os.close(ready_fd)
+
+
+async def _serve(preload: list[str], idle_timeout: float | None, ready_fd: int | None) -> int:
+    catch_sighup = signal.getsignal(signal.SIGHUP) not in (signal.SIG_IGN, _ignore)
+    try:
+        path = socket_path(preload)
+    except ZygoteError as exc:
+        _report(ready_fd, f"{exc}\n")
+        _log(str(exc))
+        return 1
+    # Templates import from the path that the server's name stands for.
+    sys.path[:] = base_path()
+    lock = os.open(path[: -len(".sock")] + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _report(ready_fd, "running\n")
+            _log(f"a server for {path} runs already")
+            return 0
+        listener = None
+        async with anyio.create_task_group() as group:
+            server = Server(preload, path, idle_timeout, group, catch_sighup)
+            try:
+                server.current = await server.start_generation()
+            except RemoteError as exc:
+                message = f"a preloaded module failed to import:\n{exc.remote_traceback}"
+                _report(ready_fd, message)
+                _log(message)
+                return 1
+            except (BrokenTemplateError, OSError) as exc:
+                _report(ready_fd, f"{exc}\n")
+                _log(str(exc))
+                return 1
+            listener = _listen(path)
+            identity = os.stat(path).st_ino
+            _log(f"serving {sys.executable} with preload {preload} on {path}")
+            _report(ready_fd, f"ready {os.getpid()}\n")
+            group.start_soon(server.accept, listener)
+            group.start_soon(server.watch_signals)
+            if idle_timeout is not None:
+                group.start_soon(server.stop_when_idle, idle_timeout)
+            await server.stopping.wait()
+            group.cancel_scope.cancel()
+        if listener is not None:
+            listener.close()
+            try:
+                if os.stat(path).st_ino == identity:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+        _log("stopped")
+        _wire.close_all(server.stop_waiters)
+        return 0
+    finally:
+        os.close(lock)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """A handler that does what SIG_IGN does, but that a new program does not inherit."""
+
+
+def _unignore_signals() -> None:
+    """Let templates start with the signal dispositions of a fresh program.
+
+    A program inherits the signals ignored by whoever started it (``nohup`` ignores
+    SIGHUP); the templates would, and so every program forked from them. Those the
+    client ignores are ignored again in its program.
+    """
+    for sig in signal.valid_signals():
+        if sig not in _PYTHON_IGNORES and signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, _ignore)
+
+
+def _own_session(ready_fd: int | None) -> int | None:
+    """Run in a session of our own, without a controlling terminal; None in the server.
+
+    Programs run in process groups of the server's session: were it a terminal's,
+    a program reading that terminal from its background group would be stopped. A
+    server started from a shell is a process group leader and cannot leave its
+    session: this process forks, the child serves in a new session, and this one
+    waits for it where it was started, passing on the signals that stop it (Ctrl-C).
+    """
+    if os.getsid(0) == os.getpid():
+        return None
+    _wire.flush_stdio()
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        return None
+    if ready_fd is not None:
+        os.close(ready_fd)  # the server's to write and close: its end of file is news
+
+    def relay(signum: int, frame: object) -> None:
+        os.kill(pid, signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, relay)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def main(
+    preload: Sequence[str], *, backend: str, idle_timeout: float | None, ready_fd: int | None
+) -> int:
+    """``serve``: run a server in the foreground until it is stopped; the exit status."""
+    status = _own_session(ready_fd)
+    if status is not None:
+        return status if status >= 0 else 128 - status
+    _unignore_signals()
+    return anyio.run(_serve, list(preload), idle_timeout, ready_fd, backend=backend)

@@ -1,0 +1,200 @@
+"""A program run as ``__main__`` in a forked child: the worker side of ``trio_fork run``.
+
+A ``trio_fork run`` server (``trio_fork._zygote_server``) keeps children of its
+template waiting in :func:`serve`. A run sends one of them the client's request,
+with its connection, working directory and standard streams as descriptors, and the
+child turns into what ``python script.py`` would have started: the client's
+arguments, environment, umask and directory, its streams on fds 0-2 (a terminal
+stays a terminal), a fresh ``__main__``, and the interpreter's way of ending:
+threads joined, ``atexit`` handlers run, files flushed, the exit status of
+``SystemExit``, and death by SIGINT after an uncaught KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import _signal  # type: ignore[import-not-found]
+import io
+import os
+import socket
+import sys
+
+from . import _wire
+from ._child import print_exception
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
+
+def report_files(sock: socket.socket) -> None:
+    """Spawn target: the files of every module loaded here, for the server's freshness check."""
+    names = [getattr(module, "__file__", None) for module in list(sys.modules.values())]
+    sock.sendall(b"\0".join(os.fsencode(name) for name in names if isinstance(name, str)))
+
+
+def serve(sock: socket.socket) -> None:
+    """Spawn target: wait for a run's request on ``sock``, then become its program.
+
+    Returns (and the child exits) if the server lets this child go unused.
+    """
+    reader = _wire.FrameReader()
+    while (frame := reader.next_frame()) is None:
+        if not reader.receive(sock):
+            return
+    reader.close()
+    sock.close()  # the program must not see it
+    (_, mode, target, program, umask, unbuffered, present, ignored, count, *rest) = (
+        frame.payload.split(b"\0")
+    )
+    conn, cwd, *streams = frame.fds
+    os.setpgid(0, 0)  # its own group: what the terminal's signals reach, forwarded
+    for fd in (0, 1, 2):
+        if str(fd).encode() in present:
+            os.dup2(streams.pop(0), fd)
+        else:
+            os.close(fd)
+    _wire.close_all([fd for fd in frame.fds if fd > 2 and fd not in (conn, cwd)])
+    os.fchdir(cwd)
+    os.close(cwd)
+    os.umask(int(umask, 8))
+    tz = os.environ.get("TZ")
+    os.environ.clear()
+    os.environ.update(
+        (os.fsdecode(name), os.fsdecode(value))
+        for name, _, value in (entry.partition(b"=") for entry in rest[int(count) :])
+    )
+    if os.environ.get("TZ") != tz and "time" in sys.modules:
+        sys.modules["time"].tzset()
+    for sig in filter(None, ignored.split(b",")):
+        _signal.signal(int(sig), _signal.SIG_IGN)
+    sys.argv = [os.fsdecode(arg) for arg in rest[: int(count)]]
+    sys.stdin, sys.stdout, sys.stderr = (_stdio(fd, unbuffered == b"u") for fd in (0, 1, 2))
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr  # type: ignore[misc]
+    # Out of the way of the program's own descriptors: the client hears from us here
+    # that we start (the pid to forward signals to) and how we end, before the
+    # template could tell the server.
+    client = socket.socket(fileno=os.dup2(conn, min(os.sysconf("SC_OPEN_MAX"), 1024) - 1, False))
+    os.close(conn)
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        client.sendmsg([b"S" + os.getpid().to_bytes(4, "little")], _wire.ancillary([pidfd]))
+    except OSError:
+        os._exit(1)  # the client is gone, and the server kills us now
+    os.close(pidfd)
+    _finish(client, os.getpid(), *_run(mode.decode(), os.fsdecode(target), os.fsdecode(program)))
+
+
+def _stdio(fd: int, unbuffered: bool) -> io.TextIOWrapper | None:
+    """``sys.stdin``, ``stdout`` or ``stderr`` as the interpreter makes them at start-up.
+
+    The template's were made for its own descriptors: a terminal's must be
+    line-buffered.
+    """
+    old = (sys.stdin, sys.stdout, sys.stderr)[fd]
+    try:
+        raw = io.FileIO(fd, "wb" if fd else "rb", closefd=False)
+    except OSError:
+        return None  # closed in the client too
+    raw.name = ("<stdin>", "<stdout>", "<stderr>")[fd]
+    buffer: Any = raw
+    if not fd:
+        buffer = io.BufferedReader(raw)
+    elif not unbuffered:
+        buffer = io.BufferedWriter(raw)
+    stream = io.TextIOWrapper(
+        buffer,
+        encoding=getattr(old, "encoding", None) or "utf-8",
+        errors=getattr(old, "errors", None) or ("backslashreplace" if fd == 2 else "strict"),
+        newline="\n",
+        line_buffering=not unbuffered and (fd == 2 or raw.isatty()),
+        write_through=unbuffered,
+    )
+    stream.mode = "w" if fd else "r"  # type: ignore[misc]
+    return stream
+
+
+def _run(mode: str, target: str, program: str) -> tuple[int, bool]:
+    """Run the program in a new ``__main__``: its exit code, and whether Ctrl-C ended it."""
+    import builtins
+
+    main = type(sys)("__main__")
+    main.__dict__.update(__builtins__=builtins, __annotations__={}, __spec__=None)
+    main.__loader__ = sys.modules["_frozen_importlib"].BuiltinImporter
+    sys.modules["__main__"] = main
+    path = os.path.abspath(target) if mode == "script" else ""
+    safe = getattr(sys.flags, "safe_path", False)
+    try:
+        if mode == "script" and not os.path.isdir(path):
+            try:
+                with open(path, "rb") as file:
+                    source = file.read()
+            except OSError as exc:
+                message = f"{program}: can't open file {path!r}: [Errno {exc.errno}] {exc.strerror}"
+                print(message, file=sys.stderr)
+                return 2, False
+            if not source.startswith(b"PK\x03\x04"):  # else a zip application
+                sys.path[:0] = [] if safe else [os.path.dirname(path)]
+                loader = sys.modules["_frozen_importlib_external"].SourceFileLoader
+                main.__dict__.update(
+                    __file__=path, __cached__=None, __loader__=loader("__main__", path)
+                )
+                exec(compile(source, path, "exec", dont_inherit=True), main.__dict__)
+                return 0, False
+        if mode == "code":
+            sys.path[:0] = [] if safe else [""]
+            exec(compile(target, "<string>", "exec", dont_inherit=True), main.__dict__)
+            return 0, False
+        import runpy
+
+        # As the interpreter runs -m and directories or zip files: through runpy.
+        sys.path[:0] = [] if safe else [os.getcwd() if mode == "module" else path]
+        name = target if mode == "module" else "__main__"
+        runpy._run_module_as_main(name, alter_argv=mode == "module")  # type: ignore[attr-defined]
+        return 0, False
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0), False
+        print(exc.code, file=sys.stderr)
+        return 1, False
+    except BaseException as exc:
+        print_exception(exc, None)
+        return 1, isinstance(exc, KeyboardInterrupt)
+
+
+def _finish(client: socket.socket, pid: int, code: int, interrupted: bool) -> NoReturn:
+    """End as the interpreter does, without tearing down the template's modules."""
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()  # joins the threads, as the interpreter does
+        import atexit
+
+        atexit._run_exitfuncs()
+        # Module teardown would close, and so flush, files nobody closed.
+        import gc
+
+        for obj in gc.get_objects():
+            if isinstance(obj, (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)):
+                try:
+                    if not obj.closed and obj not in (sys.stdout, sys.stderr):
+                        obj.flush()
+                except (OSError, ValueError):
+                    pass
+    except BaseException as exc:  # a KeyboardInterrupt while threads are joined, say
+        print_exception(exc, None)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            code = 120 if stream is sys.stdout else code  # as the interpreter
+    status = -_signal.SIGINT if interrupted else code & 0xFF
+    if os.getpid() == pid:  # not in a process the program forked
+        try:
+            client.send(b"x" + status.to_bytes(4, "little", signed=True))
+        except OSError:
+            pass  # the program closed it, or the client is gone
+    if interrupted:
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+        os.kill(os.getpid(), _signal.SIGINT)
+    os._exit(code & 0xFF)
