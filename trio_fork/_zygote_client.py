@@ -27,6 +27,7 @@ from __future__ import annotations
 import _signal  # type: ignore[import-not-found]
 import _socket
 import os
+import stat
 import sys
 
 TYPE_CHECKING = False
@@ -120,15 +121,17 @@ def runtime_directory() -> str:
     else:
         path = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"trio_fork-{os.getuid()}")
     try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ZygoteError(f"cannot make the directory {path!r}: {exc.strerror}") from None
-    else:
-        os.chmod(path, 0o700)  # mkdir's mode is subject to the umask
-    info = os.lstat(path)
-    if not os.path.isdir(path) or os.path.islink(path):
+        info = os.lstat(path)
+    except FileNotFoundError:
+        try:
+            os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)  # mkdir's mode is subject to the umask
+        except FileExistsError:
+            pass  # another client made it meanwhile
+        except OSError as exc:
+            raise ZygoteError(f"cannot make the directory {path!r}: {exc.strerror}") from None
+        info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
         raise ZygoteError(f"{path!r} is not a directory: remove it, or set XDG_RUNTIME_DIR")
     if info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise ZygoteError(
@@ -203,7 +206,8 @@ def send_request(sock: _socket.socket, payload: bytes, fds: Sequence[int] = ()) 
     data = memoryview(MAGIC + len(payload).to_bytes(8, "little") + payload)
     ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _pack_fds(fds))] if fds else []
     sent = sock.sendmsg([data], ancillary)
-    sock.sendall(data[sent:])
+    if sent < len(data):
+        sock.sendall(data[sent:])
 
 
 def _pack_fds(fds: Sequence[int]) -> bytes:
@@ -357,13 +361,11 @@ def main(args: Sequence[str]) -> int:
     try:
         preload, verbose, mode, target, argv = parse_run(args)
         path = socket_path(preload)
-        sock = connect(path) or start_server(path, preload, verbose)
         payload, fds = request(mode, target, argv)
         try:
-            send_request(sock, payload, fds)
+            status = _run(path, preload, verbose, payload, fds)
         finally:
             os.close(fds[0])
-        status = StandIn(sock).wait()
     except UsageError as exc:
         sys.stderr.write(f"{_USAGE.format(prog=prog)}{prog} run: error: {exc}\n")
         return 2
@@ -373,6 +375,32 @@ def main(args: Sequence[str]) -> int:
     if status < 0:
         die_by(-status)
     return status
+
+
+class _ServerGone(Exception):
+    """The connection ended before the program started (the server was stopping)."""
+
+
+def _run(path: str, preload: Sequence[str], verbose: bool, payload: bytes, fds: list[int]) -> int:
+    for attempt in range(2):
+        sock = connect(path) or start_server(path, preload, verbose)
+        try:
+            # Signals that come from now on are the program's, forwarded once it starts.
+            stand_in = StandIn(sock)
+            try:
+                send_request(sock, payload, fds)
+            except (BrokenPipeError, ConnectionResetError):
+                # A stopping server, or a program that ran and ended while we were
+                # descheduled: what we read next tells which.
+                pass
+            return stand_in.wait()
+        except _ServerGone:
+            if attempt:
+                message = "the server ended the connection before the program started"
+                raise ZygoteError(message) from None
+        finally:
+            sock.close()
+    raise AssertionError("unreachable")
 
 
 class StandIn:
@@ -393,16 +421,20 @@ class StandIn:
             try:
                 message = self.answers.next()
             except OSError as exc:
+                if self.pidfd < 0:
+                    raise _ServerGone from None
                 raise ZygoteError(f"lost the server: {exc.strerror}") from None
             if message is None:
+                if self.pidfd < 0:
+                    raise _ServerGone
                 raise ZygoteError("the server ended before the program did (see its log)")
             kind, body = message
             if kind == b"S" and self.answers.fds:
                 self.pid = int.from_bytes(body, "little")
                 self.pidfd = self.answers.fds.pop()
-                for sig in self.pending:
-                    self.deliver(sig)
-                self.pending.clear()
+                pending, self.pending = self.pending, []
+                for sig in pending:
+                    self.on_signal(sig, None)
             elif kind == b"X":
                 return int.from_bytes(body, "little", signed=True)
             elif kind == b"x" and self.pidfd >= 0:
@@ -418,9 +450,9 @@ class StandIn:
 
     def on_signal(self, sig: int, frame: object) -> None:
         if self.pidfd < 0:
-            self.pending.append(sig)
-        else:
-            self.deliver(sig)
+            self.pending.append(sig)  # until the program starts (and we stop then)
+            return
+        self.deliver(sig)
         if sig == _signal.SIGTSTP:
             # Stop ourselves too, as the shell expects of its job; SIGCONT wakes us
             # (and is forwarded in turn).

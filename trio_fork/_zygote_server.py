@@ -262,10 +262,11 @@ class Server:
         try:
             status = await self._run_once(conn, payload, fds, retry=True)
         except anyio.get_cancelled_exc_class():
-            try:  # no waiting now: the client hears it, or the end of the connection
-                conn.send(_text(b"E", "the server stopped before the program ended"))
-            except OSError:
-                pass
+            if not fds:  # the program ran; else the client tries again, with a new server
+                try:  # no waiting now: the client hears it, or the end of the connection
+                    conn.send(_text(b"E", "the server stopped before the program ended"))
+                except OSError:
+                    pass
             raise
         finally:
             self.running -= 1

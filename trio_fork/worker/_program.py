@@ -58,11 +58,7 @@ def serve(sock: socket.socket) -> None:
     os.close(cwd)
     os.umask(int(umask, 8))
     tz = os.environ.get("TZ")
-    os.environ.clear()
-    os.environ.update(
-        (os.fsdecode(name), os.fsdecode(value))
-        for name, _, value in (entry.partition(b"=") for entry in rest[int(count) :])
-    )
+    _set_environment(rest[int(count) :])
     if os.environ.get("TZ") != tz and "time" in sys.modules:
         sys.modules["time"].tzset()
     for sig in filter(None, ignored.split(b",")):
@@ -82,6 +78,20 @@ def serve(sock: socket.socket) -> None:
         os._exit(1)  # the client is gone, and the server kills us now
     os.close(pidfd)
     _finish(client, os.getpid(), *_run(mode.decode(), os.fsdecode(target), os.fsdecode(program)))
+
+
+def _set_environment(entries: list[bytes]) -> None:
+    """Make ``os.environ`` the client's, changing only what differs (usually nothing)."""
+    environ = os.environ
+    wanted = {
+        os.fsdecode(name): os.fsdecode(value)
+        for name, _, value in (entry.partition(b"=") for entry in entries)
+    }
+    for name in [name for name in environ if name not in wanted]:
+        del environ[name]
+    for name, value in wanted.items():
+        if environ.get(name) != value:
+            environ[name] = value
 
 
 def _stdio(fd: int, unbuffered: bool) -> io.TextIOWrapper | None:

@@ -1,0 +1,545 @@
+"""``trio_fork run`` and ``serve``: programs run by a preloaded server, as python runs them.
+
+Everything here runs real processes: a server per AnyIO backend (started apart from
+the test process, as ``run`` starts one), clients as the user would run them, real
+signals, a real pseudo-terminal. Where it can, a test runs the same program with
+``python`` and with ``trio_fork run`` and compares what they did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from tests.helpers import dead_within, process_alive
+
+DETACHED = Path(__file__).resolve().parent / "scripts" / "detached.py"
+PRELOAD = "zyfresh"
+TIMEOUT = 60  # a safety net for a hang; nothing here should take more than a second
+
+PROBE = """\
+import json, os, signal, sys
+main = sys.modules["__main__"]
+umask = os.umask(0)
+print(json.dumps({
+    "argv": sys.argv,
+    "file": getattr(main, "__file__", None),
+    "path0": sys.path[0],
+    "cwd": os.getcwd(),
+    "umask": umask,
+    "env": os.environ.get("ZY_VALUE"),
+    "main": sorted(vars(main)),
+    "spec": main.__spec__ and [main.__spec__.name, main.__spec__.origin],
+    "sighup_ignored": signal.getsignal(signal.SIGHUP) == signal.SIG_IGN,
+    "sigint": repr(signal.getsignal(signal.SIGINT)),
+    "isatty": [os.isatty(fd) for fd in (0, 1, 2)],
+    "stdio": [(s.name, s.mode, s.line_buffering, s.encoding, s.errors)
+              for s in (sys.stdin, sys.stdout, sys.stderr)],
+    "stdin_seekable": sys.stdin.seekable(),
+}))
+"""
+SIGNALS = """\
+import os, signal, sys, time
+def report(signum, frame):
+    os.write(1, f"{signal.Signals(signum).name}\\n".encode())  # print() is not reentrant
+    if signum == signal.SIGTERM:
+        sys.exit(42)
+for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGQUIT,
+            signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, report)
+print("ready", os.getpid(), flush=True)
+while True:
+    time.sleep(1)
+"""
+SLEEPER = """\
+import os, subprocess, sys, time
+helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print("ready", os.getpid(), helper.pid, flush=True)
+time.sleep(60)
+"""
+READER = """\
+import os, sys
+print("ready", os.getpid(), flush=True)
+print("got", sys.stdin.readline().strip(), flush=True)
+"""
+TERMINAL = """\
+import sys, time
+print("tty", sys.stdin.isatty(), sys.stdout.isatty(), sys.stdout.line_buffering)
+name = input("name? ")
+print("hello", name)
+time.sleep(60)
+"""
+CONCURRENT = """\
+import os, sys
+fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+print(sys.argv[1], os.environ["ZY_VALUE"], sys.stdin.read(), fds, flush=True)
+sys.exit(int(sys.argv[1]))
+"""
+ENDING = """\
+import atexit, threading, time
+from concurrent.futures import ThreadPoolExecutor
+atexit.register(print, "atexit ran")
+log = open("unclosed.txt", "w")
+log.write("flushed at exit")
+def late():
+    time.sleep(0.1)
+    print("thread joined", flush=True)
+threading.Thread(target=late).start()
+ThreadPoolExecutor().submit(print, "pool worked")
+"""
+
+
+@attrs.frozen
+class Zygote:
+    """A server for one backend, and how to run programs through it."""
+
+    backend: str
+    env: dict[str, str]
+    scripts: Path
+    modules: Path
+    log: Path
+
+    def command(self, *args: str, preload: bool = True) -> list[str]:
+        options = [f"--preload={PRELOAD}"] if preload else []
+        return [sys.executable, "-m", "trio_fork", "run", *options, *args]
+
+    def run(self, *args: str, **options: Any) -> subprocess.CompletedProcess[str]:
+        options.setdefault("cwd", self.scripts)
+        return subprocess.run(
+            self.command(*args),
+            env=options.pop("env", self.env),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+            **options,
+        )
+
+    @contextmanager
+    def popen(self, *args: str, **options: Any) -> Iterator[subprocess.Popen[str]]:
+        """A client running in the block; killed if the block fails."""
+        options.setdefault("cwd", self.scripts)
+        options.setdefault("stdout", subprocess.PIPE)
+        with subprocess.Popen(self.command(*args), env=self.env, text=True, **options) as process:
+            try:
+                yield process
+            finally:
+                if process.poll() is None:
+                    process.kill()
+
+    def python(self, *args: str, **options: Any) -> subprocess.CompletedProcess[str]:
+        options.setdefault("cwd", self.scripts)
+        return subprocess.run(
+            [sys.executable, *args],
+            env=options.pop("env", self.env),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+            **options,
+        )
+
+    def control(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "trio_fork", "serve", f"--preload={PRELOAD}", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+
+
+def runtime_dir() -> Path:
+    # Short, under /tmp: a socket's path may hold 107 bytes at most.
+    path = Path(tempfile.mkdtemp(prefix="tfz-", dir="/tmp"))
+    path.chmod(0o700)
+    return path
+
+
+def socket_file(env: dict[str, str], preload: str = PRELOAD) -> str:
+    """Where the server for ``env`` and ``preload`` listens, as a client computes it."""
+    code = f"from trio_fork._zygote_client import socket_path; print(socket_path([{preload!r}]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return result.stdout.strip()
+
+
+def wait_listening(path: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(path)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module", params=["trio", "asyncio"])
+def zygote(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Zygote]:
+    """A server on ``backend`` with ``zyfresh`` preloaded, run apart from this process."""
+    backend = str(request.param)
+    base = tmp_path_factory.mktemp(f"zygote-{backend}")
+    scripts, modules = base / "scripts", base / "modules"
+    scripts.mkdir()
+    modules.mkdir()
+    (modules / f"{PRELOAD}.py").write_text("VALUE = 1\n")
+    for name, text in [
+        ("probe.py", PROBE),
+        ("signals.py", SIGNALS),
+        ("sleeper.py", SLEEPER),
+        ("reader.py", READER),
+        ("terminal.py", TERMINAL),
+        ("many.py", CONCURRENT),
+        ("ending.py", ENDING),
+    ]:
+        (scripts / name).write_text(text)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir()), "PYTHONPATH": str(modules)}
+    env.pop("PYTHONUNBUFFERED", None)  # so that buffering shows
+    log = base / "server.log"
+    control_read, control_write = os.pipe()
+    command = [sys.executable, "-m", "trio_fork", "serve", "--backend", backend]
+    with (
+        open(log, "ab") as log_file,
+        subprocess.Popen(
+            [sys.executable, str(DETACHED), *command, f"--preload={PRELOAD}"],
+            stdin=control_read,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            env=env,
+        ) as launcher,
+    ):
+        assert launcher.stdout is not None
+        launcher.stdout.readline()
+    os.close(control_read)
+    zygote = Zygote(backend, env, scripts, modules, log)
+    try:
+        wait_listening(socket_file(env))
+        yield zygote
+    finally:
+        zygote.control("--stop")
+        os.close(control_write)
+
+
+def read_line(stream: Any, seconds: float = 30) -> str:
+    """A line from a pipe, waiting no longer than ``seconds`` (a safety net).
+
+    Read a byte at a time, so that nothing waits in a buffer that select cannot see.
+    """
+    line = b""
+    deadline = time.monotonic() + seconds
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([stream], [], [], left)[0], f"no line: {line!r}"
+        byte = os.read(stream.fileno(), 1)
+        assert byte, f"end of file after {line!r}"
+        line += byte
+    return line.decode()
+
+
+def state_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as file:
+        stat = file.read()
+    return stat[stat.rindex(")") + 2]
+
+
+def wait_for_state(pids: list[int], wanted: bool, state: str = "T") -> None:
+    deadline = time.monotonic() + 30
+    while any((state_of(pid) == state) != wanted for pid in pids):
+        assert time.monotonic() < deadline, f"{pids} did not get to state {state}={wanted}"
+        time.sleep(0.005)
+
+
+# What a program sees --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("probe.py", "a", "b c"),
+        ("-m", "probe", "x"),
+        ("-c", PROBE, "y"),
+    ],
+    ids=["script", "module", "code"],
+)
+def test_a_program_sees_what_python_would_show_it(zygote: Zygote, args: tuple[str, ...]) -> None:
+    env = {**zygote.env, "ZY_VALUE": "from the client"}
+    with open(zygote.scripts / "probe.py") as stdin:
+        ours = zygote.run(*args, env=env, umask=0o027, stdin=stdin)
+    with open(zygote.scripts / "probe.py") as stdin:
+        python = zygote.python(*args, env=env, umask=0o027, stdin=stdin)
+    assert ours.returncode == python.returncode == 0, ours.stderr
+    assert json.loads(ours.stdout) == json.loads(python.stdout)
+    assert ours.stderr == python.stderr == ""
+
+
+def test_the_preloaded_module_is_there_before_the_program_imports_it(zygote: Zygote) -> None:
+    result = zygote.run("-c", f"import sys; print(sys.modules['{PRELOAD}'].VALUE)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().isdigit()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import sys; sys.exit(3)",
+        "import sys; sys.exit('a message')",
+        "raise ValueError('boom')",
+        "def f(:\n  pass",
+        "import os; os._exit(7)",
+        "import os, signal; os.kill(os.getpid(), signal.SIGUSR1)",
+        "import os, resource; resource.setrlimit(resource.RLIMIT_CORE, (0, 0)); os.abort()",
+        "raise KeyboardInterrupt",
+        "import sys; sys.stdout.write('unflushed'); sys.exit(4)",
+    ],
+    ids=["exit3", "message", "exception", "syntax", "os_exit", "signal", "abort", "ctrl_c", "out"],
+)
+def test_exit_status_and_messages_are_pythons(zygote: Zygote, code: str) -> None:
+    (zygote.scripts / "ending_case.py").write_text(code + "\n")
+    ours = zygote.run("ending_case.py")
+    python = zygote.python("ending_case.py")
+    assert (ours.returncode, ours.stdout, ours.stderr) == (
+        python.returncode,
+        python.stdout,
+        python.stderr,
+    )
+
+
+def test_a_missing_script_fails_as_with_python(zygote: Zygote) -> None:
+    ours = zygote.run("no_such_script.py")
+    python = zygote.python("no_such_script.py")
+    assert ours.returncode == python.returncode == 2
+    assert ours.stderr == python.stderr
+    assert "can't open file" in ours.stderr
+
+
+def test_a_directory_with_main_runs_as_with_python(zygote: Zygote) -> None:
+    package = zygote.scripts / "app"
+    package.mkdir(exist_ok=True)
+    (package / "__main__.py").write_text("import sys; print(sys.argv, __name__, sys.path[0])\n")
+    ours, python = zygote.run("app", "z"), zygote.python("app", "z")
+    assert ours.returncode == python.returncode == 0, ours.stderr
+    assert ours.stdout == python.stdout
+
+
+def test_threads_atexit_and_unclosed_files_end_as_with_python(zygote: Zygote) -> None:
+    ours = zygote.run("ending.py")
+    assert ours.returncode == 0, ours.stderr
+    written = (zygote.scripts / "unclosed.txt").read_text()
+    python = zygote.python("ending.py")
+    assert ours.stdout == python.stdout
+    assert written == (zygote.scripts / "unclosed.txt").read_text() == "flushed at exit"
+    assert set(ours.stdout.split("\n")) >= {"atexit ran", "thread joined", "pool worked"}
+
+
+def test_signals_ignored_by_the_client_are_ignored_by_the_program(zygote: Zygote) -> None:
+    nohup = "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+    nohup += "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    ours = zygote.python("-c", nohup, *zygote.command("probe.py")[1:])
+    assert ours.returncode == 0, ours.stderr
+    assert json.loads(ours.stdout)["sighup_ignored"] is True
+    assert json.loads(zygote.run("probe.py").stdout)["sighup_ignored"] is False
+
+
+# Streams --------------------------------------------------------------------------
+
+
+def test_stdin_from_a_pipe(zygote: Zygote) -> None:
+    result = zygote.run("-c", "import sys; print(len(sys.stdin.read()))", input="x" * 100_000)
+    assert (result.returncode, result.stdout) == (0, "100000\n"), result.stderr
+
+
+def test_stdin_from_a_file_is_that_file(zygote: Zygote) -> None:
+    code = "import os, sys; print(sys.stdin.seekable(), os.fstat(0).st_ino, sys.stdin.read(5))"
+    path = zygote.scripts / "probe.py"
+    with open(path) as stdin:
+        result = zygote.run("-c", code, stdin=stdin)
+    assert result.stdout.split() == ["True", str(path.stat().st_ino), "impor"], result.stderr
+
+
+def test_a_hundred_megabytes_on_stdout(zygote: Zygote) -> None:
+    code = "import sys\nfor _ in range(100): sys.stdout.buffer.write(b'x' * 2**20)"
+    with zygote.popen("-c", code) as process:
+        assert process.stdout is not None
+        total = 0
+        while chunk := process.stdout.buffer.read1(2**20):
+            total += len(chunk)
+        assert process.wait(TIMEOUT) == 0
+    assert total == 100 * 2**20
+
+
+# Signals --------------------------------------------------------------------------
+
+
+def test_signals_reach_the_program_as_if_sent_to_it(zygote: Zygote) -> None:
+    with zygote.popen("signals.py") as process:
+        assert process.stdout is not None
+        assert read_line(process.stdout).startswith("ready")
+        for sig in (
+            signal.SIGHUP,
+            signal.SIGUSR1,
+            signal.SIGUSR2,
+            signal.SIGWINCH,
+            signal.SIGQUIT,
+            signal.SIGINT,
+        ):
+            process.send_signal(sig)
+            assert read_line(process.stdout) == f"{sig.name}\n"
+        process.send_signal(signal.SIGTERM)
+        assert read_line(process.stdout) == "SIGTERM\n"
+        assert process.wait(TIMEOUT) == 42
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_that_ends_the_program_ends_the_client_alike(
+    zygote: Zygote, sig: signal.Signals
+) -> None:
+    with zygote.popen("reader.py", stdin=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        program = int(read_line(process.stdout).split()[1])
+        process.send_signal(sig)
+        assert process.wait(TIMEOUT) == -sig
+        assert dead_within([program], 30)
+        if sig == signal.SIGINT:  # python's KeyboardInterrupt, and its death by SIGINT
+            assert process.stderr.read().splitlines()[-1] == "KeyboardInterrupt"
+
+
+def test_stop_and_continue_reach_the_program(zygote: Zygote) -> None:
+    # A group of its own, as a shell's job: the stop signals work in it.
+    with zygote.popen("reader.py", stdin=subprocess.PIPE, process_group=0) as process:
+        assert process.stdout is not None
+        assert process.stdin is not None
+        program = int(read_line(process.stdout).split()[1])
+        process.send_signal(signal.SIGTSTP)
+        wait_for_state([process.pid, program], True)
+        process.send_signal(signal.SIGCONT)
+        wait_for_state([process.pid, program], False)
+        process.stdin.write("on\n")
+        process.stdin.flush()
+        assert read_line(process.stdout) == "got on\n"
+        assert process.wait(TIMEOUT) == 0
+
+
+def test_a_killed_client_takes_its_program_along(zygote: Zygote) -> None:
+    with zygote.popen("sleeper.py") as process:
+        assert process.stdout is not None
+        _, program, helper = read_line(process.stdout).split()
+        process.kill()
+    assert dead_within([int(program), int(helper)], 30)
+
+
+# A terminal -----------------------------------------------------------------------
+
+# With start_new_session: the client leads a session with the terminal as its controlling
+# terminal, in the foreground, as a shell runs a job.
+ON_A_TERMINAL = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
+def converse_on_a_terminal(command: list[str], env: dict[str, str], cwd: Path) -> tuple[str, int]:
+    """Answer the prompt, then press Ctrl-C: what the terminal showed, and the status."""
+    leader, follower = os.openpty()
+    shown = b""
+
+    def wait_for(text: bytes) -> None:
+        nonlocal shown
+        deadline = time.monotonic() + 30
+        while text not in shown:
+            assert time.monotonic() < deadline, f"{text!r} never came: {shown!r}"
+            if select.select([leader], [], [], 1)[0]:
+                try:
+                    shown += os.read(leader, 4096)
+                except OSError:  # EIO: nothing has the terminal open any more
+                    raise AssertionError(f"{text!r} never came: {shown!r}") from None
+
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-c", ON_A_TERMINAL, *command[1:]],
+            stdin=follower,
+            stdout=follower,
+            stderr=follower,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        ) as process:
+            os.close(follower)
+            follower = -1
+            try:
+                wait_for(b"name? ")
+                os.write(leader, b"bob\n")
+                wait_for(b"hello bob")
+                os.write(leader, b"\x03")
+                wait_for(b"KeyboardInterrupt")
+                status = process.wait(TIMEOUT)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+        # Where the traceback starts depends on when Ctrl-C came: its frames are left out.
+        lines = shown.decode().replace("\r\n", "\n").splitlines()
+        return "\n".join(line for line in lines if not line.startswith(" ")), status
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+
+
+def test_a_terminal_stays_a_terminal_and_ctrl_c_interrupts(zygote: Zygote) -> None:
+    ours, status = converse_on_a_terminal(
+        zygote.command("terminal.py"), zygote.env, zygote.scripts
+    )
+    assert "tty True True True" in ours
+    assert status == -signal.SIGINT  # a shell says 130
+    python, python_status = converse_on_a_terminal(
+        [sys.executable, "terminal.py"], zygote.env, zygote.scripts
+    )
+    assert (ours, status) == (python, python_status)
+
+
+# Many at once ---------------------------------------------------------------------
+
+
+def test_twenty_concurrent_runs_are_independent(zygote: Zygote) -> None:
+    processes = [
+        subprocess.Popen(
+            zygote.command("many.py", str(index)),
+            env={**zygote.env, "ZY_VALUE": f"value{index}"},
+            cwd=zygote.scripts,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(20)
+    ]
+    outputs = [
+        process.communicate(f"input{index}", TIMEOUT) for index, process in enumerate(processes)
+    ]
+    for index, (process, (out, _)) in enumerate(zip(processes, outputs, strict=True)):
+        assert process.returncode == index
+        number, value, data, fds = out.split(" ", 3)
+        assert (number, value, data) == (str(index), f"value{index}", f"input{index}")
+        # The standard streams, the one that listdir opened, and the connection to
+        # its own client: nothing of another run's.
+        assert len(json.loads(fds)) <= 5, fds
