@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 import pytest
 
-from tests.helpers import dead_within, process_alive
+from tests.helpers import dead_within
 
 DETACHED = Path(__file__).resolve().parent / "scripts" / "detached.py"
 PRELOAD = "zyfresh"
@@ -250,7 +250,8 @@ def read_line(stream: Any, seconds: float = 30) -> str:
     deadline = time.monotonic() + seconds
     while not line.endswith(b"\n"):
         left = deadline - time.monotonic()
-        assert left > 0 and select.select([stream], [], [], left)[0], f"no line: {line!r}"
+        assert left > 0, f"no line: {line!r}"
+        assert select.select([stream], [], [], left)[0], f"no line: {line!r}"
         byte = os.read(stream.fileno(), 1)
         assert byte, f"end of file after {line!r}"
         line += byte
@@ -507,9 +508,7 @@ def converse_on_a_terminal(command: list[str], env: dict[str, str], cwd: Path) -
 
 
 def test_a_terminal_stays_a_terminal_and_ctrl_c_interrupts(zygote: Zygote) -> None:
-    ours, status = converse_on_a_terminal(
-        zygote.command("terminal.py"), zygote.env, zygote.scripts
-    )
+    ours, status = converse_on_a_terminal(zygote.command("terminal.py"), zygote.env, zygote.scripts)
     assert "tty True True True" in ours
     assert status == -signal.SIGINT  # a shell says 130
     python, python_status = converse_on_a_terminal(
