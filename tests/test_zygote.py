@@ -542,3 +542,289 @@ def test_twenty_concurrent_runs_are_independent(zygote: Zygote) -> None:
         # The standard streams, the one that listdir opened, and the connection to
         # its own client: nothing of another run's.
         assert len(json.loads(fds)) <= 5, fds
+
+
+# Freshness ------------------------------------------------------------------------
+
+
+def generation(zygote: Zygote) -> int:
+    status = zygote.control("--status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    return int(status.stdout.split("(generation ")[1].split(")")[0])
+
+
+def test_a_changed_preloaded_module_is_picked_up(zygote: Zygote) -> None:
+    read_value = ("-c", f"import sys; print(sys.modules['{PRELOAD}'].VALUE)")
+    module = zygote.modules / f"{PRELOAD}.py"
+    before = zygote.run(*read_value)
+    assert before.returncode == 0, before.stderr
+    first = generation(zygote)
+    # Another size as well as another time: .pyc files are checked by both.
+    module.write_text(f"VALUE = {int(before.stdout) + 1000}  # changed\n")
+    after = zygote.run(*read_value)
+    assert int(after.stdout) == int(before.stdout) + 1000
+    assert generation(zygote) == first + 1
+    assert zygote.run(*read_value).stdout == after.stdout
+    assert generation(zygote) == first + 1  # nothing changed since
+
+
+def test_an_installed_package_is_picked_up(zygote: Zygote) -> None:
+    first = generation(zygote)
+    package = zygote.modules / f"installed_{time.monotonic_ns()}"
+    package.mkdir()  # the directory on the import path changes, as pip changes it
+    assert zygote.run("-c", "pass").returncode == 0
+    assert generation(zygote) == first + 1
+
+
+def test_a_preloaded_module_that_breaks_is_reported_until_it_is_fixed(zygote: Zygote) -> None:
+    module = zygote.modules / f"{PRELOAD}.py"
+    good = module.read_text()
+    module.write_text("raise RuntimeError('broken on purpose')\n")
+    try:
+        broken = zygote.run("-c", "print('ran')")
+        assert broken.returncode == 1
+        assert broken.stdout == ""
+        assert "a preloaded module failed to import" in broken.stderr
+        assert "RuntimeError: broken on purpose" in broken.stderr
+    finally:
+        module.write_text(good)
+    fixed = zygote.run("-c", "print('ran')")
+    assert (fixed.returncode, fixed.stdout) == (0, "ran\n"), fixed.stderr
+
+
+# Security -------------------------------------------------------------------------
+
+
+def test_a_peer_of_another_uid_is_refused(zygote: Zygote) -> None:
+    from trio_fork._zygote_client import request, send_request
+
+    if os.getuid() != 0:
+        pytest.skip("needs root, to connect as another uid")
+    path = socket_file(zygote.env)
+    marker = zygote.scripts / f"ran-{zygote.backend}"
+    payload, fds = request("code", f"open({str(marker)!r}, 'w')", ["-c"])
+    directory = os.path.dirname(path)
+    # Let uid 65534 reach the socket, so that the server itself must refuse it.
+    for private in (directory, os.path.dirname(directory)):
+        os.chmod(private, 0o711)
+    os.chmod(path, 0o666)
+    read, write = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - a forked child, which exits here
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.connect(path)
+                    answer = b"answer:"
+                    try:
+                        send_request(sock, payload, fds)  # type: ignore[arg-type]
+                        while chunk := sock.recv(4096):
+                            answer += chunk
+                    except (BrokenPipeError, ConnectionResetError):  # closed on us
+                        answer += b"closed"
+                os.write(write, answer)
+            except BaseException as exc:
+                os.write(write, repr(exc).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        write = -1
+        _, status = os.waitpid(pid, 0)
+        with open(read, "rb", closefd=False) as result:
+            answer = result.read()
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+        os.close(fds[0])
+        for private in (directory, os.path.dirname(directory)):
+            os.chmod(private, 0o700)
+        os.chmod(path, 0o600)
+    # Connected, then dropped unheard.
+    assert (status, answer) in [(0, b"answer:"), (0, b"answer:closed")]
+    assert not marker.exists()
+    assert "refused a connection from pid" in zygote.log.read_text()
+    assert "uid 65534" in zygote.log.read_text()
+
+
+def test_the_socket_is_private_and_a_path(zygote: Zygote) -> None:
+    path = socket_file(zygote.env)
+    assert path.startswith(zygote.env["XDG_RUNTIME_DIR"] + "/trio_fork/")  # never abstract
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("problem", ["others may enter", "another owner", "a symbolic link"])
+def test_the_client_refuses_a_directory_that_is_not_private(tmp_path: Path, problem: str) -> None:
+    base = runtime_dir()
+    directory = base / "trio_fork"
+    if problem == "a symbolic link":
+        directory.symlink_to(tmp_path)
+    else:
+        directory.mkdir(mode=0o755 if problem == "others may enter" else 0o700)
+        if problem == "another owner":
+            if os.getuid() != 0:
+                pytest.skip("needs root, to give a directory away")
+            os.chown(directory, 65534, 65534)
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_fork", "run", "-c", "print('ran')"],
+        env={**os.environ, "XDG_RUNTIME_DIR": str(base)},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert str(directory) in result.stderr
+
+
+# Starting, stopping and asking ------------------------------------------------------
+
+
+@pytest.fixture
+def private_env() -> Iterator[dict[str, str]]:
+    """An environment of its own for servers started by ``run``; they are stopped after."""
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir())}
+    try:
+        yield env
+    finally:
+        subprocess.run(
+            [sys.executable, "-m", "trio_fork", "serve", "--stop", "--all"],
+            env=env,
+            capture_output=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trio_fork", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+def test_run_starts_a_server_says_so_once_and_serve_stops_it(private_env: dict[str, str]) -> None:
+    first = cli(private_env, "run", "-v", "-c", "print(1)")
+    assert (first.returncode, first.stdout) == (0, "1\n"), first.stderr
+    assert "started a server (pid " in first.stderr
+    server = int(first.stderr.split("(pid ")[1].split(")")[0])
+    second = cli(private_env, "run", "-v", "-c", "print(2)")
+    assert (second.returncode, second.stdout, second.stderr) == (0, "2\n", "")
+    status = cli(private_env, "serve", "--status")
+    assert status.returncode == 0, status.stderr
+    assert f"server pid {server}," in status.stdout
+    assert "0 run(s) in progress, 2 served" in status.stdout
+    stop = cli(private_env, "serve", "--stop")
+    assert (stop.returncode, stop.stdout) == (0, f"stopping server {server}\n")
+    assert dead_within([server], 30)
+    after = cli(private_env, "serve", "--status")
+    assert after.returncode == 1
+    assert after.stdout.startswith("no server runs for")
+    assert not list((Path(private_env["XDG_RUNTIME_DIR"]) / "trio_fork").glob("*.sock"))
+
+
+def test_concurrent_first_runs_start_one_server(private_env: dict[str, str]) -> None:
+    command = [sys.executable, "-m", "trio_fork", "run", "-v", "-c", "print('ran')"]
+    processes = [
+        subprocess.Popen(
+            command, env=private_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(8)
+    ]
+    results = [process.communicate(timeout=TIMEOUT) for process in processes]
+    assert [out for out, _ in results] == ["ran\n"] * 8
+    assert sum("started a server" in err for _, err in results) == 1
+    status = cli(private_env, "serve", "--status", "--all")
+    assert status.stdout.count("server pid") == 1
+
+
+def test_status_and_stop_of_every_server(private_env: dict[str, str]) -> None:
+    for preload in ([], ["--preload=json"]):
+        assert cli(private_env, "run", *preload, "-c", "pass").returncode == 0
+    status = cli(private_env, "serve", "--status", "--all")
+    assert status.stdout.count("server pid") == 2
+    assert "preload: json" in status.stdout
+    assert "preload: (nothing)" in status.stdout
+    assert cli(private_env, "serve", "--stop", "--all").stdout.count("stopping server") == 2
+    after = cli(private_env, "serve", "--status", "--all")
+    assert (after.returncode, after.stdout) == (1, "no server runs\n")
+
+
+def test_a_preload_that_fails_to_import_is_reported(private_env: dict[str, str]) -> None:
+    result = cli(private_env, "run", "--preload=no_such_module_zz", "-c", "print('ran')")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert "the server did not start" in result.stderr
+    assert "ModuleNotFoundError: No module named 'no_such_module_zz'" in result.stderr
+    # The server gave up: nothing listens, nothing is left running.
+    status = cli(private_env, "serve", "--preload=no_such_module_zz", "--status")
+    assert status.returncode == 1
+
+
+def test_a_foreground_server_ends_on_sigterm_or_when_idle(private_env: dict[str, str]) -> None:
+    idle = cli(private_env, "serve", "--idle-timeout", "0.1")
+    assert idle.returncode == 0, idle.stderr
+    assert "no run for 0.1 s" in idle.stderr
+    with subprocess.Popen(
+        [sys.executable, "-m", "trio_fork", "serve"],
+        env=private_env,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as server:
+        wait_listening(socket_file(private_env, preload=""))
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(TIMEOUT) == 0
+        assert server.stderr is not None
+        assert "stopping on SIGTERM" in server.stderr.read()
+    assert cli(private_env, "serve", "--status").returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run"], "no program to run"),
+        (["run", "--preload"], "--preload needs a module name"),
+        (["run", "--preload", "not a module", "x.py"], "is not a module name"),
+        (["run", "--frobnicate", "x.py"], "unknown option '--frobnicate'"),
+        (["run", "-m"], "-m needs an argument"),
+        (["run", "-"], "a program on stdin"),
+        (["serve", "--all"], "--all goes with --status or --stop"),
+        (["serve", "--idle-timeout", "0"], "must be more than 0"),
+        (["serve", "--preload", "a b"], "is not a module name"),
+    ],
+)
+def test_bad_command_lines_are_usage_errors(
+    private_env: dict[str, str], args: list[str], message: str
+) -> None:
+    result = cli(private_env, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "usage:" in result.stderr
+
+
+def test_run_help(private_env: dict[str, str]) -> None:
+    result = cli(private_env, "run", "--help")
+    assert result.returncode == 0
+    assert "-m module" in result.stdout
+    assert "--preload MODULES" in result.stdout
+
+
+def test_the_console_script_runs_programs_too(zygote: Zygote) -> None:
+    script = Path(sys.executable).parent / "trio-fork"
+    assert script.exists(), "reinstall trio_fork: the trio-fork script is missing"
+    result = subprocess.run(
+        [str(script), "run", f"--preload={PRELOAD}", "-c", "import sys; print(sys.argv)", "x"],
+        env=zygote.env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, "['-c', 'x']\n"), result.stderr

@@ -19,9 +19,10 @@ import attrs
 Signature = tuple[int, int, int, int] | None
 """What ``stat`` says of a path (change times, size, inode); None if it is missing."""
 
-# Files whose last change is this close to the template's start may have been read
-# in their earlier state, since timestamps come from a coarse clock.
-_MARGIN_NS = 50_000_000
+# A file changes at a time the kernel reads from a clock that lags by up to a tick (4
+# ms at 250 Hz): one whose change time is this close to the template's start may have
+# changed after it, and been imported as it was before.
+_MARGIN_NS = 10_000_000
 
 
 def signature(path: str) -> Signature:
