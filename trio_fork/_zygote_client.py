@@ -16,10 +16,10 @@ rarely taken paths (starting a server, ``--status``) import what they need.
 
 The wire, over a Unix stream socket: the request is ``b"TFZ1"``, an 8-byte length
 and NUL-separated fields (see :func:`request`), with the working directory, stdin,
-stdout and stderr riding as ``SCM_RIGHTS``. Answers are ``S`` + pid with a pidfd
-(from the program itself, as it starts), ``X`` + its exit status (from the server,
-subprocess-style: -N for death by signal N; ``x`` + the same from the program as it
-exits), or ``T``/``E`` + length + text.
+stdout and stderr riding as ``SCM_RIGHTS``; after it, a byte for each signal to pass
+on. Answers are ``x`` + the exit status (from the program itself as it exits),
+``X`` + the same (from the server once the program is reaped, subprocess-style: -N
+for death by signal N), or ``T``/``E`` + 4-byte length + text.
 """
 
 from __future__ import annotations
@@ -220,7 +220,6 @@ class Answers:
     def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
-        self.fds: list[int] = []
 
     def next(self) -> tuple[bytes, bytes] | None:
         """The next message (kind, body), or None at end of file."""
@@ -228,15 +227,7 @@ class Answers:
             message = self._parse()
             if message is not None:
                 return message
-            data, ancillary, _, _ = self.sock.recvmsg(
-                65536, _socket.CMSG_SPACE(4), _socket.MSG_CMSG_CLOEXEC
-            )
-            for level, kind, fds in ancillary:
-                if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-                    self.fds += [
-                        int.from_bytes(fds[i : i + 4], sys.byteorder, signed=True)
-                        for i in range(0, len(fds) - 3, 4)
-                    ]
+            data = self.sock.recv(65536)
             if not data:
                 return None
             self.buffer += data
@@ -246,7 +237,7 @@ class Answers:
         if not buffer:
             return None
         kind = buffer[:1]
-        fixed = kind in (b"S", b"X", b"x")
+        fixed = kind in (b"X", b"x")
         size = 5 if fixed else 5 + int.from_bytes(buffer[1:5], "little")
         if len(buffer) < size:
             return None
@@ -377,43 +368,41 @@ def main(args: Sequence[str]) -> int:
     return status
 
 
-class _ServerGone(Exception):
-    """The connection ended before the program started (the server was stopping)."""
-
-
 def _run(path: str, preload: Sequence[str], verbose: bool, payload: bytes, fds: list[int]) -> int:
-    for attempt in range(2):
-        sock = connect(path) or start_server(path, preload, verbose)
+    sock = connect(path) or start_server(path, preload, verbose)
+    try:
+        # Signals that come from now on are the program's: held until it is asked for.
+        stand_in = StandIn(sock)
         try:
-            # Signals that come from now on are the program's, forwarded once it starts.
-            stand_in = StandIn(sock)
-            try:
-                send_request(sock, payload, fds)
-            except (BrokenPipeError, ConnectionResetError):
-                # A stopping server, or a program that ran and ended while we were
-                # descheduled: what we read next tells which.
-                pass
-            return stand_in.wait()
-        except _ServerGone:
-            if attempt:
-                message = "the server ended the connection before the program started"
-                raise ZygoteError(message) from None
-        finally:
-            sock.close()
-    raise AssertionError("unreachable")
+            send_request(sock, payload, fds)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # what we read next says why (a program that ran and ended already?)
+        stand_in.forward_from_now()
+        return stand_in.wait()
+    finally:
+        sock.close()
 
 
 class StandIn:
-    """Forward signals to the program while it runs, and learn how it ended."""
+    """Pass the signals we get on to the program, and learn how it ended.
+
+    Signals go to the server as one byte each, on the connection; the server, which
+    holds the program's pidfd, delivers them. So the client sleeps from its request
+    until the program ends, and is woken only by the signals it gets.
+    """
 
     def __init__(self, sock: _socket.socket) -> None:
         self.answers = Answers(sock)
-        self.pid = 0
-        self.pidfd = -1
-        self.pending: list[int] = []
+        self.sock = sock
+        self.pending: list[int] | None = []
         for sig in SIGNALS:
             if not _ignored(sig):
                 _signal.signal(sig, self.on_signal)
+
+    def forward_from_now(self) -> None:
+        pending, self.pending = self.pending or [], None
+        for sig in pending:
+            self.on_signal(sig, None)
 
     def wait(self) -> int:
         """The program's exit status, subprocess-style."""
@@ -421,54 +410,37 @@ class StandIn:
             try:
                 message = self.answers.next()
             except OSError as exc:
-                if self.pidfd < 0:
-                    raise _ServerGone from None
                 raise ZygoteError(f"lost the server: {exc.strerror}") from None
             if message is None:
-                if self.pidfd < 0:
-                    raise _ServerGone
-                raise ZygoteError("the server ended before the program did (see its log)")
+                raise ZygoteError("the server ended the connection (see its log)")
             kind, body = message
-            if kind == b"S" and self.answers.fds:
-                self.pid = int.from_bytes(body, "little")
-                self.pidfd = self.answers.fds.pop()
-                pending, self.pending = self.pending, []
-                for sig in pending:
-                    self.on_signal(sig, None)
-            elif kind == b"X":
+            if kind in (b"x", b"X"):
+                # x: the program's own word, once it has closed its descriptors and
+                # is about to exit; X: the server's, once the template reaped it. The
+                # server hears that we leave of our own accord.
+                self.pending = []
+                try:
+                    self.sock.send(b"\0")
+                except OSError:
+                    pass
                 return int.from_bytes(body, "little", signed=True)
-            elif kind == b"x" and self.pidfd >= 0:
-                # The program's own word, just before it exits: return once it has
-                # (its descriptors closed, its locks released), without waiting for
-                # the server to hear it from the template.
-                import select
-
-                select.select([self.pidfd], [], [])
-                return int.from_bytes(body, "little", signed=True)
-            elif kind == b"E":
+            if kind == b"E":
                 raise ZygoteError(body.decode("utf-8", "replace").rstrip("\n"))
 
     def on_signal(self, sig: int, frame: object) -> None:
-        if self.pidfd < 0:
-            self.pending.append(sig)  # until the program starts (and we stop then)
+        if self.pending is not None:
+            self.pending.append(sig)  # the request is still on its way
             return
-        self.deliver(sig)
+        try:
+            self.sock.send(sig.to_bytes(1, "little"))
+        except OSError:
+            pass  # the server is gone, and so is the program
         if sig == _signal.SIGTSTP:
             # Stop ourselves too, as the shell expects of its job; SIGCONT wakes us
-            # (and is forwarded in turn).
+            # (and is passed on in turn).
             _signal.signal(sig, _signal.SIG_DFL)
             os.kill(os.getpid(), sig)
             _signal.signal(sig, self.on_signal)
-
-    def deliver(self, sig: int) -> None:
-        try:
-            # The pidfd holds the pid: while a signal still reaches it, the program
-            # is not reaped, so its pid (which names its process group) is its own.
-            _signal.pidfd_send_signal(self.pidfd, 0 if sig in TERMINAL_SIGNALS else sig)
-            if sig in TERMINAL_SIGNALS:
-                os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def die_by(sig: int) -> NoReturn:

@@ -40,6 +40,8 @@ from ._transport import _receive_into
 from ._zygote_client import (
     HEADER_SIZE,
     MAGIC,
+    SIGNALS,
+    TERMINAL_SIGNALS,
     ZygoteError,
     base_path,
     peer_credentials,
@@ -175,6 +177,11 @@ class Server:
     stopping: anyio.Event = attrs.field(factory=anyio.Event)
     # Connections of `serve --stop` clients, closed once everything has ended.
     stop_waiters: list[int] = attrs.field(factory=list)
+    listener: socket.socket | None = None
+    identity: int = 0  # the inode of the socket's name
+    accepting: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
+    handlers: int = 0  # connections being served
+    quiet: anyio.Event = attrs.field(factory=anyio.Event)  # set when none are
 
     async def start_generation(self) -> Generation:
         generation: Generation = await self.task_group.start(self._keep_generation)
@@ -253,6 +260,9 @@ class Server:
             pass  # the client went away while we answered
         finally:
             _wire.close_all(fds)
+            self.handlers -= 1
+            if not self.handlers:
+                self.quiet.set()
 
     async def run(self, conn: socket.socket, payload: bytes, fds: list[int]) -> None:
         if not 1 <= len(fds) <= 4:
@@ -324,19 +334,56 @@ class Server:
             f"  {template}; {self.running} run(s) in progress, {self.served} served\n"
         )
 
-    async def accept(self, listener: socket.socket) -> None:
+    async def accept(self) -> None:
+        assert self.listener is not None
+        with self.accepting:
+            while True:
+                await anyio.wait_readable(self.listener)
+                try:
+                    conn, _ = self.listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:  # out of descriptors, say: let runs end first
+                    _log(f"cannot accept a connection: {exc}")
+                    await anyio.sleep(0.1)
+                    continue
+                self.start_handler(conn)
+
+    def start_handler(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        self.handlers += 1
+        self.task_group.start_soon(self.handle, conn)
+
+    def stop_listening(self, *, serve_queued: bool) -> None:
+        """Take the socket's name away, then serve or turn away who connected already.
+
+        Once the name is gone, a client starts a new server instead of connecting to
+        this one: so no run is lost between the decision to stop and the stop.
+        """
+        listener, self.listener = self.listener, None
+        if listener is None:
+            return
+        self.accepting.cancel()
+        try:
+            if os.stat(self.path).st_ino == self.identity:  # not a new server's
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
         while True:
-            await anyio.wait_readable(listener)
             try:
                 conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
+            except OSError:  # BlockingIOError: nobody else
+                break
+            if serve_queued:
+                self.start_handler(conn)
                 continue
-            except OSError as exc:  # out of descriptors, say: let runs end first
-                _log(f"cannot accept a connection: {exc}")
-                await anyio.sleep(0.1)
-                continue
-            conn.setblocking(False)
-            self.task_group.start_soon(self.handle, conn)
+            with conn:
+                try:
+                    conn.send(_text(b"E", "the server is stopping: run the command again"))
+                except OSError:
+                    pass
+        anyio.notify_closing(listener)
+        listener.close()
 
     async def watch_signals(self) -> None:
         stops = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if self.catch_sighup else [])]
@@ -348,11 +395,16 @@ class Server:
     async def stop_when_idle(self, seconds: float) -> None:
         while True:
             left = self.last_active + seconds - time.monotonic()
-            if left <= 0 and not self.running:
-                _log(f"stopping: no run for {seconds:g} s")
-                self.stopping.set()
-                return
+            if left <= 0 and not self.handlers:
+                break
             await anyio.sleep(max(left, 1.0))
+        _log(f"stopping: no run for {seconds:g} s")
+        self.stop_listening(serve_queued=True)
+        self.quiet = anyio.Event()
+        if not self.handlers:
+            self.quiet.set()
+        await self.quiet.wait()
+        self.stopping.set()
 
 
 async def _module_files(template: Template) -> list[str]:
@@ -383,27 +435,58 @@ async def _read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
 
 
 async def _until_exit(conn: socket.socket, spare: Spare) -> int:
-    """The program's exit status; kill it if its client goes away first."""
+    """The program's exit status; meanwhile, pass on the client's signals.
+
+    The client sends a byte for each signal it gets, and a 0 when it leaves because
+    the program said it ends: an end of file before that means that the client is
+    gone (killed, even by SIGKILL), and the program is killed.
+    """
     child = spare.child
     async with anyio.create_task_group() as group:
 
-        async def kill_when_client_gone() -> None:
-            # The client sends nothing after its request: this is its end of file.
-            await anyio.wait_readable(conn)
-            # A client that heard the program's exit status leaves as soon as the
-            # program has exited: what the program started and left running lives on.
-            if not readable(spare.pidfd):
-                # Its process group too: until it has exited, its pid names that group.
+        async def serve_client() -> None:
+            while True:
+                await anyio.wait_readable(conn)
                 try:
-                    os.killpg(child.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                child.kill()
+                    data = conn.recv(64)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if readable(spare.pidfd):
+                    return  # it has exited already
+                for sig in data or [signal.SIGKILL]:
+                    if sig == 0:
+                        # The client heard the program's last word and leaves: what
+                        # the program started and left running lives on, as after python.
+                        return
+                    if sig in SIGNALS or sig == signal.SIGKILL:
+                        _deliver(spare, sig)
+                if not data:
+                    return
 
-        group.start_soon(kill_when_client_gone)
+        group.start_soon(serve_client)
         status = await child.wait()
         group.cancel_scope.cancel()
     return status
+
+
+def _deliver(spare: Spare, sig: int) -> None:
+    """Signal the program as its client was signalled, as a terminal would have."""
+    try:
+        if sig in TERMINAL_SIGNALS or sig == signal.SIGKILL:
+            # Its process group, as a terminal signals a job's: the pid names the group
+            # until the program is reaped, which it is not while its pidfd is not
+            # readable.
+            try:
+                os.killpg(spare.child.pid, sig)
+                if sig != signal.SIGKILL:
+                    return
+            except ProcessLookupError:
+                pass  # it left the group
+        signal.pidfd_send_signal(spare.pidfd, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _text(kind: bytes, text: str) -> bytes:
@@ -473,7 +556,6 @@ async def _serve(preload: list[str], idle_timeout: float | None, ready_fd: int |
             _report(ready_fd, "running\n")
             _log(f"a server for {path} runs already")
             return 0
-        listener = None
         async with anyio.create_task_group() as group:
             server = Server(preload, path, idle_timeout, group, catch_sighup)
             try:
@@ -487,23 +569,19 @@ async def _serve(preload: list[str], idle_timeout: float | None, ready_fd: int |
                 _report(ready_fd, f"{exc}\n")
                 _log(str(exc))
                 return 1
-            listener = _listen(path)
-            identity = os.stat(path).st_ino
+            server.listener = _listen(path)
+            server.identity = os.stat(path).st_ino
             _log(f"serving {sys.executable} with preload {preload} on {path}")
             _report(ready_fd, f"ready {os.getpid()}\n")
-            group.start_soon(server.accept, listener)
+            group.start_soon(server.accept)
             group.start_soon(server.watch_signals)
             if idle_timeout is not None:
                 group.start_soon(server.stop_when_idle, idle_timeout)
-            await server.stopping.wait()
-            group.cancel_scope.cancel()
-        if listener is not None:
-            listener.close()
             try:
-                if os.stat(path).st_ino == identity:
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
+                await server.stopping.wait()
+            finally:
+                server.stop_listening(serve_queued=False)
+                group.cancel_scope.cancel()
         _log("stopped")
         _wire.close_all(server.stop_waiters)
         return 0

@@ -177,7 +177,7 @@ SECTIONS: tuple[Section, ...] = (
         "Programs: `trio_fork run` (a warm server) against python, command start to exit",
         (
             Row("numpy_run", "trio_fork run --preload=numpy numpy_line.py", Kind.LATENCY),
-            Row("numpy_python", "python numpy_line.py (imports numpy, prints a line)", Kind.LATENCY),
+            Row("numpy_python", "python numpy_line.py (imports numpy, prints)", Kind.LATENCY),
             Row("run_empty", "trio_fork run of an empty script", Kind.LATENCY),
             Row("python_pass", "python -c pass", Kind.LATENCY),
             Row("numpy_run_20", "20 of trio_fork run numpy_line.py at once", Kind.LATENCY),

@@ -67,16 +67,9 @@ def serve(sock: socket.socket) -> None:
     sys.stdin, sys.stdout, sys.stderr = (_stdio(fd, unbuffered == b"u") for fd in (0, 1, 2))
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr  # type: ignore[misc]
     # Out of the way of the program's own descriptors: the client hears from us here
-    # that we start (the pid to forward signals to) and how we end, before the
-    # template could tell the server.
-    client = socket.socket(fileno=os.dup2(conn, min(os.sysconf("SC_OPEN_MAX"), 1024) - 1, False))
+    # how we end, before the template could tell the server.
+    client = os.dup2(conn, min(os.sysconf("SC_OPEN_MAX"), 1024) - 1, False)
     os.close(conn)
-    pidfd = os.pidfd_open(os.getpid())
-    try:
-        client.sendmsg([b"S" + os.getpid().to_bytes(4, "little")], _wire.ancillary([pidfd]))
-    except OSError:
-        os._exit(1)  # the client is gone, and the server kills us now
-    os.close(pidfd)
     _finish(client, os.getpid(), *_run(mode.decode(), os.fsdecode(target), os.fsdecode(program)))
 
 
@@ -171,7 +164,7 @@ def _run(mode: str, target: str, program: str) -> tuple[int, bool]:
         return 1, isinstance(exc, KeyboardInterrupt)
 
 
-def _finish(client: socket.socket, pid: int, code: int, interrupted: bool) -> NoReturn:
+def _finish(client: int, pid: int, code: int, interrupted: bool) -> NoReturn:
     """End as the interpreter does, without tearing down the template's modules."""
     try:
         threading = sys.modules.get("threading")
@@ -200,8 +193,12 @@ def _finish(client: socket.socket, pid: int, code: int, interrupted: bool) -> No
             code = 120 if stream is sys.stdout else code  # as the interpreter
     status = -_signal.SIGINT if interrupted else code & 0xFF
     if os.getpid() == pid:  # not in a process the program forked
+        # What exiting does first: with our descriptors closed (streams at their end,
+        # locks released), the client may say how we ended and go, at once.
+        os.closerange(0, client)
+        os.closerange(client + 1, os.sysconf("SC_OPEN_MAX"))
         try:
-            client.send(b"x" + status.to_bytes(4, "little", signed=True))
+            os.write(client, b"x" + status.to_bytes(4, "little", signed=True))
         except OSError:
             pass  # the program closed it, or the client is gone
     if interrupted:
