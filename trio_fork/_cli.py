@@ -7,11 +7,11 @@ imports that every run would pay): see :mod:`trio_fork._zygote_client`.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Sequence
 
 
 def _positive_int(text: str) -> int:

@@ -141,17 +141,6 @@ def runtime_directory() -> str:
     return path
 
 
-def _sha256(data: bytes) -> str:
-    try:  # the C module alone: hashlib would cost a run a few milliseconds
-        from _sha256 import sha256  # type: ignore[import-not-found]
-    except ImportError:
-        try:
-            from _sha2 import sha256  # type: ignore[import-not-found]
-        except ImportError:
-            from hashlib import sha256
-    return str(sha256(data).hexdigest())
-
-
 def base_path() -> list[str]:
     """``sys.path`` without the entry that names the running script's directory."""
     return list(sys.path if getattr(sys.flags, "safe_path", False) else sys.path[1:])
@@ -169,7 +158,11 @@ def server_key(preload: Sequence[str]) -> str:
         if name.startswith("PYTHON") or name in ("LANG", "LC_ALL", "LC_CTYPE")
     )
     fields = [MAGIC.decode(), sys.executable, ",".join(preload), *base_path(), "", *settings]
-    return _sha256("\0".join(fields).encode("utf-8", "surrogateescape"))[:24]
+    material = "\0".join(fields).encode("utf-8", "surrogateescape")
+    # Not hashlib, which would cost a run a few milliseconds: the remainder by a
+    # Mersenne prime tells configurations apart as well, if not adversaries (who
+    # would have to be this user already).
+    return f"{int.from_bytes(material, 'big') % ((1 << 127) - 1):032x}"[:24]
 
 
 def socket_path(preload: Sequence[str]) -> str:

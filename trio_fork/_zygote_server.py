@@ -1,16 +1,23 @@
 """``trio_fork serve``: the server that ``trio_fork run`` hands programs to (a zygote).
 
-The server keeps a template that has imported the preload list, listens on a Unix
-socket in a directory only its user can enter, and for each run forks a child of the
-template that becomes the program (see :mod:`trio_fork.worker._program`). It hands
-the child the client's request and descriptors and its connection, waits for the
-program to end and sends the client its exit status. If the client goes away first
-(killed, even by SIGKILL), the program and its process group are killed: a program
-never outlives its client.
+The server keeps a template that has imported the preload list
+(:mod:`._zygote_generation`), and listens on a Unix socket in a directory only its
+user can enter. It does not take the connections itself, as a rule: it *arms*
+spare children of its template, hands them the listening socket, and the first to
+take a connection checks the client's uid and the template's freshness, reads the
+request and becomes the program (:mod:`trio_fork.worker._program`); a run costs no
+wake-up of the server. The spare tells the server which connection it took; the
+server then passes on the client's signals, sends the program's exit status once
+the template has reaped it, and kills the program (and its process group) if the
+client goes away first, even killed by SIGKILL: a program never outlives its client.
+What a spare does not run (``status`` and ``stop``, a run that its template is too
+old for) it leaves to the server, which also takes connections itself whenever no
+spare is armed.
 
-Before each run it checks that the template is still fresh (:mod:`._zygote_fresh`);
-when a preloaded module's file, the interpreter or the installed packages changed, it
-starts a new template for the run and ends the old one once its runs are over.
+Before a run, the server (or the armed spare) checks that the template is fresh
+(:mod:`._zygote_fresh`); when a preloaded module's file, the interpreter or the
+installed packages changed, a new template serves the run, and the old one ends once
+its runs are over.
 
 It refuses a peer of another uid (``SO_PEERCRED``), although the directory already
 keeps others out; it never listens on an abstract socket (those have no permissions
@@ -29,13 +36,10 @@ from collections.abc import Sequence
 
 import anyio
 import attrs
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
-from ._child import Child
 from ._errors import BrokenTemplateError, RemoteError
-from ._open import open_template
 from ._process import readable
-from ._template import Template
 from ._transport import _receive_into
 from ._zygote_client import (
     HEADER_SIZE,
@@ -47,17 +51,15 @@ from ._zygote_client import (
     peer_credentials,
     socket_path,
 )
-from ._zygote_fresh import Fingerprint, watched_paths
+from ._zygote_generation import Generation, Spare, keep_generation
 from .worker import _wire
 
-_PROGRAM_MODULE = "trio_fork.worker._program"
-_PROGRAM = f"{_PROGRAM_MODULE}:serve"
-_FILES = "trio_fork.worker._program:report_files"
 # Arguments and environment: the kernel passes a few MiB of them to a program at most.
 _MAX_REQUEST = 64 << 20
 _PYTHON_IGNORES = {signal.SIGPIPE, signal.SIGXFSZ, signal.SIGKILL, signal.SIGSTOP}
-SPARES = 2
-"""Children kept forked and waiting for a run, per template."""
+ARMED = 2
+"""Spares waiting on the socket at a time: the second takes a run while the first is
+replaced."""
 
 
 class RunError(Exception):
@@ -65,108 +67,13 @@ class RunError(Exception):
 
 
 @attrs.define(eq=False)
-class Spare:
-    """A child forked ahead of time, waiting in ``_program.serve`` for a run."""
-
-    child: Child
-    pidfd: int
-    released: anyio.Event = attrs.field(factory=anyio.Event)
-
-
-@attrs.define(eq=False)
-class Generation:
-    """One template of the server's life, its spare children, and the runs forked from it.
-
-    Spares are forked before they are needed, so that a run does not wait for a fork:
-    :data:`SPARES` of them, and one more for each run waiting for one.
-    """
-
-    number: int
-    template: Template
-    fingerprint: Fingerprint
-    keepers: TaskGroup
-    idle: list[Spare] = attrs.field(factory=list)
-    starting: int = 0
-    waiting: int = 0
-    changed: anyio.Event = attrs.field(factory=anyio.Event)
-    runs: int = 0
-    retired: bool = False
-    broken: bool = False
-    done: anyio.Event = attrs.field(factory=anyio.Event)
-
-    def stale(self) -> str | None:
-        """Why the next run must come from a new template, or None."""
-        if self.broken:
-            return "its template died"
-        changed = self.fingerprint.changed()
-        return None if changed is None else f"{changed} changed"
-
-    def retire(self) -> None:
-        """No new runs: end once the last one is over."""
-        self.retired = True
-        self.leave(0)
-
-    def leave(self, runs: int = 1) -> None:
-        self.runs -= runs
-        if self.retired and not self.runs:
-            self.done.set()
-
-    async def take(self) -> Spare:
-        """A spare for a run, forking one if none is waiting."""
-        self.waiting += 1
-        try:
-            while not self.idle:
-                if self.broken:
-                    raise BrokenTemplateError(f"the template of generation {self.number} died")
-                self.top_up()
-                await self.changed.wait()
-            spare = self.idle.pop(0)
-        finally:
-            self.waiting -= 1
-        self.top_up()
-        return spare
-
-    def top_up(self) -> None:
-        if self.retired or self.broken:
-            return
-        for _ in range(SPARES + self.waiting - len(self.idle) - self.starting):
-            self.starting += 1
-            self.keepers.start_soon(self._keep_spare)
-
-    async def _keep_spare(self) -> None:
-        spare = None
-        try:
-            async with self.template.spawn(_PROGRAM) as child:
-                # The child's own pidfd: unlike its pid, it never names another process.
-                spare = Spare(child, os.dup(child._process._pidfd))  # type: ignore[arg-type]
-                self.starting -= 1
-                self.idle.append(spare)
-                self._wake()
-                # The block's end waits for the child: a program that ran, or a spare
-                # that sees its socket closed and exits.
-                await spare.released.wait()
-        except (BrokenTemplateError, RemoteError, OSError) as exc:
-            self.broken = True
-            _log(f"generation {self.number} cannot fork: {exc}")
-        finally:
-            if spare is None:
-                self.starting -= 1
-            else:
-                os.close(spare.pidfd)
-            self._wake()
-
-    def _wake(self) -> None:
-        self.changed.set()
-        self.changed = anyio.Event()
-
-
-@attrs.define(eq=False)
 class Server:
     preload: list[str]
     path: str
-    idle_timeout: float | None
     task_group: TaskGroup
     catch_sighup: bool
+    listener: socket.socket
+    identity: int  # the inode of the socket's name, to remove it only if it is ours
     current: Generation | None = None
     generations: int = 0
     served: int = 0
@@ -174,32 +81,26 @@ class Server:
     started: float = attrs.field(factory=time.time)
     last_active: float = attrs.field(factory=time.monotonic)
     restarting: anyio.Lock = attrs.field(factory=anyio.Lock)
+    new_generation: anyio.Event = attrs.field(factory=anyio.Event)
     stopping: anyio.Event = attrs.field(factory=anyio.Event)
+    listening: bool = True
     # Connections of `serve --stop` clients, closed once everything has ended.
     stop_waiters: list[int] = attrs.field(factory=list)
-    listener: socket.socket | None = None
-    identity: int = 0  # the inode of the socket's name
-    accepting: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
     handlers: int = 0  # connections being served
     quiet: anyio.Event = attrs.field(factory=anyio.Event)  # set when none are
+    armed: int = 0
+    arm_wanted: anyio.Event = attrs.field(factory=anyio.Event)
+    unarmed: anyio.Event = attrs.field(factory=anyio.Event)
+    accept_wait: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
+
+    # Generations --------------------------------------------------------------
 
     async def start_generation(self) -> Generation:
-        generation: Generation = await self.task_group.start(self._keep_generation)
+        self.generations += 1
+        generation: Generation = await self.task_group.start(
+            keep_generation, self.generations, self.preload
+        )
         return generation
-
-    async def _keep_generation(self, *, task_status: TaskStatus[Generation]) -> None:
-        since = time.time_ns()
-        async with open_template(self.preload) as template:
-            await template.require(_PROGRAM_MODULE)
-            files = await _module_files(template)
-            fingerprint = Fingerprint.of(watched_paths(files, sys.path), since)
-            async with anyio.create_task_group() as keepers:
-                self.generations += 1
-                generation = Generation(self.generations, template, fingerprint, keepers)
-                generation.top_up()
-                task_status.started(generation)
-                await generation.done.wait()
-                keepers.cancel_scope.cancel()
 
     async def fresh_generation(self) -> Generation:
         """The generation to fork the next run from: a new one if the current is stale."""
@@ -218,15 +119,126 @@ class Server:
             try:
                 new = await self.start_generation()
             except RemoteError as exc:
-                raise RunError(
-                    f"a preloaded module failed to import:\n{exc.remote_traceback}"
-                ) from None
+                message = f"a preloaded module failed to import:\n{exc.remote_traceback}"
+                raise RunError(message) from None
             except (BrokenTemplateError, OSError) as exc:
                 # Most likely the interpreter changed under us: a new server will do.
                 self.stopping.set()
                 raise RunError(f"cannot start a template ({exc}); the server stops") from None
             self.current = new
+            self.new_generation.set()
+            self.new_generation = anyio.Event()
+            # Spares of the old template still wait on the socket: a connection each
+            # sends them away (they find it is not a run).
+            for _ in range(self.armed):
+                _poke(self.path)
             return new
+
+    # Armed spares -------------------------------------------------------------
+
+    async def keep_armed(self) -> None:
+        """Keep :data:`ARMED` spares waiting on the socket itself."""
+        while True:
+            if self.armed >= ARMED or not self.listening:
+                self.arm_wanted = anyio.Event()
+                await self.arm_wanted.wait()
+                continue
+            try:
+                generation = await self.fresh_generation()
+            except RunError:
+                await self.new_generation.wait()  # a run will try again, and say why not
+                continue
+            generation.runs += 1
+            try:
+                spare = await generation.take()
+            except BrokenTemplateError:
+                generation.broken = True
+                generation.leave()
+                continue
+            fingerprint = generation.fingerprint.encode()
+            frame = _wire.HEADER.pack(_wire.FDS, 1, 0, len(fingerprint)) + fingerprint
+            try:
+                await spare.child.stream.send_fds(frame, [self.listener.fileno()])
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                spare.released.set()
+                generation.leave()
+                continue
+            self._count_armed(+1)
+            self.task_group.start_soon(self.serve_armed, generation, spare)
+
+    def _count_armed(self, change: int) -> None:
+        self.armed += change
+        if not self.armed:
+            self.unarmed.set()
+        elif self.unarmed.is_set():
+            self.unarmed = anyio.Event()
+            self.accept_wait.cancel()  # the spares take the connections now
+        if change < 0:
+            self.arm_wanted.set()
+
+    async def serve_armed(self, generation: Generation, spare: Spare) -> None:
+        """Serve the connection that an armed spare takes, with it or without it."""
+        conn = None
+        try:
+            try:
+                message, fds = await spare.child.stream.receive_fds(1, 1)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                message, fds = b"", []  # it died, or the socket was shut
+            finally:
+                self._count_armed(-1)
+            if message != b"T" or len(fds) != 1:
+                _wire.close_all(fds)
+                return
+            conn = socket.socket(fileno=fds[0])
+            conn.setblocking(False)
+            self.handlers += 1
+            pid, uid, _ = peer_credentials(conn)
+            if uid != os.getuid():
+                _log(f"refused a connection from pid {pid}, uid {uid}")  # so did the spare
+                return
+            try:
+                answer = await spare.child.stream.receive(1)
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                answer = b""  # it closed its socket: it runs the program
+            if answer == b"N":
+                handled, conn = conn, None
+                await self.handle(handled)
+                return
+            await self.watch_run(conn, spare)
+        finally:
+            if conn is not None:
+                conn.close()
+                self._handler_done()
+            spare.released.set()
+            generation.leave()
+
+    # Connections the server takes -------------------------------------------
+
+    async def accept(self) -> None:
+        """Take connections while no spare is armed (none could be forked, say)."""
+        while self.listening:
+            await self.unarmed.wait()
+            with anyio.CancelScope() as self.accept_wait:
+                await anyio.wait_readable(self.listener)
+                try:
+                    conn, _ = self.listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:  # out of descriptors, say: let runs end first
+                    _log(f"cannot accept a connection: {exc}")
+                    await anyio.sleep(0.1)
+                    continue
+                self.start_handler(conn)
+
+    def start_handler(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        self.handlers += 1
+        self.task_group.start_soon(self.handle, conn)
+
+    def _handler_done(self) -> None:
+        self.handlers -= 1
+        if not self.handlers:
+            self.quiet.set()
 
     async def handle(self, conn: socket.socket) -> None:
         fds: list[int] = []
@@ -252,7 +264,7 @@ class Server:
                         self.stop_waiters.append(os.dup(conn.fileno()))
                         await _send(conn, _text(b"T", f"stopping server {os.getpid()}\n"))
                         self.stopping.set()
-                    else:
+                    elif command != b"noop":  # a poke, for spares to move aside
                         raise RunError(f"unknown request {command[:20]!r}")
                 except RunError as exc:
                     await _send(conn, _text(b"E", str(exc)))
@@ -260,64 +272,63 @@ class Server:
             pass  # the client went away while we answered
         finally:
             _wire.close_all(fds)
-            self.handlers -= 1
-            if not self.handlers:
-                self.quiet.set()
+            self._handler_done()
 
     async def run(self, conn: socket.socket, payload: bytes, fds: list[int]) -> None:
+        """A run that came to the server: hand it to a spare of a fresh template."""
         if not 1 <= len(fds) <= 4:
             raise RunError(f"a run comes with 1 to 4 descriptors, not {len(fds)}")
+        for _ in range(2):  # a second try, if the first spare died waiting
+            generation = await self.fresh_generation()
+            generation.runs += 1
+            try:
+                try:
+                    spare = await generation.take()
+                except BrokenTemplateError:
+                    generation.broken = True
+                    continue
+                try:
+                    frame = _wire.HEADER.pack(_wire.ARGS, len(fds) + 1, 0, len(payload))
+                    await spare.child.stream.send_fds(frame + payload, [conn.fileno(), *fds])
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    spare.released.set()
+                    continue
+                _wire.close_all(fds)
+                fds.clear()
+                try:
+                    await self.watch_run(conn, spare)
+                finally:
+                    spare.released.set()
+                return
+            finally:
+                generation.leave()
+        raise RunError("cannot fork the program: the template's children die at once")
+
+    # A run ------------------------------------------------------------------
+
+    async def watch_run(self, conn: socket.socket, spare: Spare) -> None:
+        """While a spare runs a program: pass on signals, then send the exit status."""
         self.running += 1
         self.last_active = time.monotonic()
         try:
-            status = await self._run_once(conn, payload, fds, retry=True)
+            status = await _until_exit(conn, spare)
+        except BrokenTemplateError as exc:
+            raise RunError(f"the program was lost: {exc}") from None
         except anyio.get_cancelled_exc_class():
-            if not fds:  # the program ran; else the client tries again, with a new server
-                try:  # no waiting now: the client hears it, or the end of the connection
-                    conn.send(_text(b"E", "the server stopped before the program ended"))
-                except OSError:
-                    pass
+            try:  # no waiting now: the client hears it, or the end of the connection
+                conn.send(_text(b"E", "the server stopped before the program ended"))
+            except OSError:
+                pass
+            spare.child.kill()
             raise
         finally:
             self.running -= 1
             self.last_active = time.monotonic()
         self.served += 1
-        await _send(conn, b"X" + status.to_bytes(4, "little", signed=True))
-
-    async def _run_once(
-        self, conn: socket.socket, payload: bytes, fds: list[int], retry: bool
-    ) -> int:
-        generation = await self.fresh_generation()
-        generation.runs += 1
         try:
-            spare = await generation.take()
-        except BrokenTemplateError as exc:
-            generation.broken = True
-            generation.leave()
-            if not retry:
-                raise RunError(f"cannot fork the program: {exc}") from None
-            return await self._run_once(conn, payload, fds, retry=False)
-        try:
-            frame = _wire.HEADER.pack(_wire.ARGS, len(fds) + 1, 0, len(payload)) + payload
-            try:
-                await spare.child.stream.send_fds(frame, [conn.fileno(), *fds])
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                pass  # the spare died waiting: another one will do
-            else:
-                _wire.close_all(fds)
-                fds.clear()
-                return await _until_exit(conn, spare)
-        except BrokenTemplateError as exc:
-            raise RunError(f"the program was lost: {exc}") from None
-        except BaseException:
-            spare.child.kill()
-            raise
-        finally:
-            spare.released.set()
-            generation.leave()
-        if not retry:
-            raise RunError("the program's process died before it could start")
-        return await self._run_once(conn, payload, fds, retry=False)
+            await _send(conn, b"X" + status.to_bytes(4, "little", signed=True))
+        except OSError:
+            pass  # the client heard it from the program, and left
 
     def status(self) -> str:
         uptime = int(time.time() - self.started)
@@ -334,25 +345,7 @@ class Server:
             f"  {template}; {self.running} run(s) in progress, {self.served} served\n"
         )
 
-    async def accept(self) -> None:
-        assert self.listener is not None
-        with self.accepting:
-            while True:
-                await anyio.wait_readable(self.listener)
-                try:
-                    conn, _ = self.listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:  # out of descriptors, say: let runs end first
-                    _log(f"cannot accept a connection: {exc}")
-                    await anyio.sleep(0.1)
-                    continue
-                self.start_handler(conn)
-
-    def start_handler(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
-        self.handlers += 1
-        self.task_group.start_soon(self.handle, conn)
+    # Stopping ---------------------------------------------------------------
 
     def stop_listening(self, *, serve_queued: bool) -> None:
         """Take the socket's name away, then serve or turn away who connected already.
@@ -360,10 +353,11 @@ class Server:
         Once the name is gone, a client starts a new server instead of connecting to
         this one: so no run is lost between the decision to stop and the stop.
         """
-        listener, self.listener = self.listener, None
-        if listener is None:
+        if not self.listening:
             return
-        self.accepting.cancel()
+        self.listening = False
+        self.accept_wait.cancel()
+        self.arm_wanted.set()
         try:
             if os.stat(self.path).st_ino == self.identity:  # not a new server's
                 os.unlink(self.path)
@@ -371,7 +365,7 @@ class Server:
             pass
         while True:
             try:
-                conn, _ = listener.accept()
+                conn, _ = self.listener.accept()
             except OSError:  # BlockingIOError: nobody else
                 break
             if serve_queued:
@@ -382,8 +376,8 @@ class Server:
                     conn.send(_text(b"E", "the server is stopping: run the command again"))
                 except OSError:
                     pass
-        anyio.notify_closing(listener)
-        listener.close()
+        # Armed spares see the socket shut, and exit.
+        self.listener.shutdown(socket.SHUT_RDWR)
 
     async def watch_signals(self) -> None:
         stops = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if self.catch_sighup else [])]
@@ -395,7 +389,7 @@ class Server:
     async def stop_when_idle(self, seconds: float) -> None:
         while True:
             left = self.last_active + seconds - time.monotonic()
-            if left <= 0 and not self.handlers:
+            if left <= 0 and not self.running:
                 break
             await anyio.sleep(max(left, 1.0))
         _log(f"stopping: no run for {seconds:g} s")
@@ -407,12 +401,15 @@ class Server:
         self.stopping.set()
 
 
-async def _module_files(template: Template) -> list[str]:
-    async with template.spawn(_FILES) as child:
-        data = bytearray()
-        async for chunk in child.stream:
-            data += chunk
-    return [os.fsdecode(name) for name in bytes(data).split(b"\0") if name]
+def _poke(path: str) -> None:
+    """Connect, and send a request that is not a run (see ``Server.fresh_generation``)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+            sock.send(MAGIC + (4).to_bytes(8, "little") + b"noop")
+        except OSError:
+            pass
 
 
 async def _read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
@@ -557,9 +554,8 @@ async def _serve(preload: list[str], idle_timeout: float | None, ready_fd: int |
             _log(f"a server for {path} runs already")
             return 0
         async with anyio.create_task_group() as group:
-            server = Server(preload, path, idle_timeout, group, catch_sighup)
             try:
-                server.current = await server.start_generation()
+                first = await group.start(keep_generation, 1, preload)
             except RemoteError as exc:
                 message = f"a preloaded module failed to import:\n{exc.remote_traceback}"
                 _report(ready_fd, message)
@@ -569,11 +565,15 @@ async def _serve(preload: list[str], idle_timeout: float | None, ready_fd: int |
                 _report(ready_fd, f"{exc}\n")
                 _log(str(exc))
                 return 1
-            server.listener = _listen(path)
-            server.identity = os.stat(path).st_ino
+            listener = _listen(path)
+            server = Server(
+                preload, path, group, catch_sighup, listener, os.stat(path).st_ino, first, 1
+            )
+            server.unarmed.set()
             _log(f"serving {sys.executable} with preload {preload} on {path}")
             _report(ready_fd, f"ready {os.getpid()}\n")
             group.start_soon(server.accept)
+            group.start_soon(server.keep_armed)
             group.start_soon(server.watch_signals)
             if idle_timeout is not None:
                 group.start_soon(server.stop_when_idle, idle_timeout)
@@ -582,6 +582,7 @@ async def _serve(preload: list[str], idle_timeout: float | None, ready_fd: int |
             finally:
                 server.stop_listening(serve_queued=False)
                 group.cancel_scope.cancel()
+        listener.close()
         _log("stopped")
         _wire.close_all(server.stop_waiters)
         return 0
@@ -625,7 +626,10 @@ def _own_session(ready_fd: int | None) -> int | None:
         os.close(ready_fd)  # the server's to write and close: its end of file is news
 
     def relay(signum: int, frame: object) -> None:
-        os.kill(pid, signum)
+        try:
+            os.kill(pid, signum)  # not reaped yet: it is still ours
+        except ProcessLookupError:
+            pass
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) != signal.SIG_IGN:

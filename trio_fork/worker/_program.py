@@ -1,20 +1,24 @@
 """A program run as ``__main__`` in a forked child: the worker side of ``trio_fork run``.
 
 A ``trio_fork run`` server (``trio_fork._zygote_server``) keeps children of its
-template waiting in :func:`serve`. A run sends one of them the client's request,
-with its connection, working directory and standard streams as descriptors, and the
-child turns into what ``python script.py`` would have started: the client's
-arguments, environment, umask and directory, its streams on fds 0-2 (a terminal
-stays a terminal), a fresh ``__main__``, and the interpreter's way of ending:
-threads joined, ``atexit`` handlers run, files flushed, the exit status of
+template waiting in :func:`serve`, some of them on its socket itself. A run's
+request comes with the client's working directory and standard streams as
+descriptors, and the child turns into what ``python script.py`` would have started:
+the client's arguments, environment, umask and directory, its streams on fds 0-2 (a
+terminal stays a terminal), a fresh ``__main__``, and the interpreter's way of
+ending: threads joined, ``atexit`` handlers run, files flushed, the exit status of
 ``SystemExit``, and death by SIGINT after an uncaught KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]
+import atexit
+import builtins
+import gc
 import io
 import os
+import select
 import socket
 import sys
 
@@ -33,8 +37,10 @@ def report_files(sock: socket.socket) -> None:
 
 
 def serve(sock: socket.socket) -> None:
-    """Spawn target: wait for a run's request on ``sock``, then become its program.
+    """Spawn target: wait for a run, then become its program.
 
+    The server either sends the run's request, or arms us: sends its listening
+    socket, for us to take the next connection ourselves (see :func:`_take`).
     Returns (and the child exits) if the server lets this child go unused.
     """
     reader = _wire.FrameReader()
@@ -42,18 +48,86 @@ def serve(sock: socket.socket) -> None:
         if not reader.receive(sock):
             return
     reader.close()
+    request = (frame.payload, frame.fds) if frame.op == _wire.ARGS else _take(sock, frame)
     sock.close()  # the program must not see it
-    (_, mode, target, program, umask, unbuffered, present, ignored, count, *rest) = (
-        frame.payload.split(b"\0")
+    if request is not None:
+        _become(*request)
+
+
+def _take(sock: socket.socket, frame: _wire.Frame) -> tuple[bytes, list[int]] | None:
+    """Take a connection off the server's socket; its request if it is ours to run.
+
+    The server hears of every connection taken, and serves those that are not ours:
+    requests other than a run, and runs that our template is too old for.
+    """
+    with socket.socket(fileno=frame.fds[0]) as listener:
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        while True:
+            if any(events & select.POLLHUP for _, events in poller.poll()):
+                return None  # the server stopped listening
+            try:
+                conn, _ = listener.accept()
+                break
+            except BlockingIOError:
+                continue  # another spare took it
+    sock.sendmsg([b"T"], _wire.ancillary([conn.fileno()]))
+    with conn:
+        conn.setblocking(True)
+        credentials = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        if int.from_bytes(credentials[4:8], sys.byteorder) != os.getuid():
+            return None  # the server refuses it, and says so
+        # The client sends its request whole: its start is here, or nothing is.
+        if conn.recv(16, socket.MSG_PEEK)[12:] != b"run\0" or not _fresh(frame.payload):
+            sock.send(b"N")
+            return None
+        fds: list[int] = []
+        header = _receive(conn, 12, fds)
+        payload = _receive(conn, int.from_bytes(header[4:], "little"), fds)
+        return payload, [conn.detach(), *fds]
+
+
+def _fresh(fingerprint: bytes) -> bool:
+    """Whether the files our template was built from are as they were (see _zygote_fresh)."""
+    fields = fingerprint.split(b"\0")
+    for path, then in zip(fields[::2], fields[1::2], strict=True):
+        try:
+            info = os.stat(path)
+        except OSError:
+            now = b"-"
+        else:
+            now = b"%d %d %d %d" % (info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino)
+        if now != then:
+            return False
+    return True
+
+
+def _receive(conn: socket.socket, size: int, fds: list[int]) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk, ancillary, _, _ = conn.recvmsg(
+            min(size - len(data), 1 << 20), socket.CMSG_SPACE(16), socket.MSG_CMSG_CLOEXEC
+        )
+        fds += _wire.parse_ancillary(ancillary)
+        if not chunk:
+            raise EOFError("the client went away in the middle of its request")
+        data += chunk
+    return bytes(data)
+
+
+def _become(payload: bytes, fds: list[int]) -> NoReturn:
+    """Become the program: the client's arguments, environment, directory and streams."""
+    (_, mode, target, program, umask, unbuffered, present, ignored, count, *rest) = payload.split(
+        b"\0"
     )
-    conn, cwd, *streams = frame.fds
+    conn, cwd, *streams = fds
     os.setpgid(0, 0)  # its own group: what the terminal's signals reach, forwarded
     for fd in (0, 1, 2):
         if str(fd).encode() in present:
             os.dup2(streams.pop(0), fd)
         else:
             os.close(fd)
-    _wire.close_all([fd for fd in frame.fds if fd > 2 and fd not in (conn, cwd)])
+    _wire.close_all([fd for fd in fds if fd > 2 and fd not in (conn, cwd)])
     os.fchdir(cwd)
     os.close(cwd)
     os.umask(int(umask, 8))
@@ -74,12 +148,11 @@ def serve(sock: socket.socket) -> None:
 
 
 def _set_environment(entries: list[bytes]) -> None:
-    """Make ``os.environ`` the client's, changing only what differs (usually nothing)."""
-    environ = os.environ
-    wanted = {
-        os.fsdecode(name): os.fsdecode(value)
-        for name, _, value in (entry.partition(b"=") for entry in entries)
-    }
+    """Make the environment the client's, changing only what differs (usually nothing)."""
+    environ = os.environb
+    wanted = dict(entry.split(b"=", 1) for entry in entries)
+    if dict(environ) == wanted:
+        return
     for name in [name for name in environ if name not in wanted]:
         del environ[name]
     for name, value in wanted.items():
@@ -87,17 +160,23 @@ def _set_environment(entries: list[bytes]) -> None:
             environ[name] = value
 
 
-def _stdio(fd: int, unbuffered: bool) -> io.TextIOWrapper | None:
+def _stdio(fd: int, unbuffered: bool) -> Any:
     """``sys.stdin``, ``stdout`` or ``stderr`` as the interpreter makes them at start-up.
 
-    The template's were made for its own descriptors: a terminal's must be
-    line-buffered.
+    The template's were made for its own descriptors, which are not terminals: they
+    do for the program's unless those are (a terminal's are line-buffered).
     """
-    old = (sys.stdin, sys.stdout, sys.stderr)[fd]
+    old: Any = (sys.stdin, sys.stdout, sys.stderr)[fd]
     try:
-        raw = io.FileIO(fd, "wb" if fd else "rb", closefd=False)
+        line_buffering = not unbuffered and (fd == 2 or os.isatty(fd))
     except OSError:
         return None  # closed in the client too
+    if old is not None and (old.line_buffering, old.write_through) == (
+        line_buffering,
+        unbuffered and fd > 0,
+    ):
+        return old
+    raw = io.FileIO(fd, "wb" if fd else "rb", closefd=False)
     raw.name = ("<stdin>", "<stdout>", "<stderr>")[fd]
     buffer: Any = raw
     if not fd:
@@ -109,8 +188,8 @@ def _stdio(fd: int, unbuffered: bool) -> io.TextIOWrapper | None:
         encoding=getattr(old, "encoding", None) or "utf-8",
         errors=getattr(old, "errors", None) or ("backslashreplace" if fd == 2 else "strict"),
         newline="\n",
-        line_buffering=not unbuffered and (fd == 2 or raw.isatty()),
-        write_through=unbuffered,
+        line_buffering=line_buffering,
+        write_through=unbuffered and fd > 0,
     )
     stream.mode = "w" if fd else "r"  # type: ignore[misc]
     return stream
@@ -118,8 +197,6 @@ def _stdio(fd: int, unbuffered: bool) -> io.TextIOWrapper | None:
 
 def _run(mode: str, target: str, program: str) -> tuple[int, bool]:
     """Run the program in a new ``__main__``: its exit code, and whether Ctrl-C ended it."""
-    import builtins
-
     main = type(sys)("__main__")
     main.__dict__.update(__builtins__=builtins, __annotations__={}, __spec__=None)
     main.__loader__ = sys.modules["_frozen_importlib"].BuiltinImporter
@@ -170,12 +247,8 @@ def _finish(client: int, pid: int, code: int, interrupted: bool) -> NoReturn:
         threading = sys.modules.get("threading")
         if threading is not None:
             threading._shutdown()  # joins the threads, as the interpreter does
-        import atexit
-
         atexit._run_exitfuncs()
         # Module teardown would close, and so flush, files nobody closed.
-        import gc
-
         for obj in gc.get_objects():
             if isinstance(obj, (io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)):
                 try:
