@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 import pytest
 
-from tests.helpers import dead_within
+from tests.helpers import dead_within, process_alive
 
 DETACHED = Path(__file__).resolve().parent / "scripts" / "detached.py"
 PRELOAD = "zyfresh"
@@ -450,6 +450,26 @@ def test_a_killed_client_takes_its_program_along(zygote: Zygote) -> None:
     assert dead_within([int(program), int(helper)], 30)
 
 
+def test_what_a_program_leaves_running_lives_on_as_after_python(zygote: Zygote) -> None:
+    code = (
+        "import subprocess, sys\n"
+        "helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(helper.pid)"
+    )
+    result = zygote.run("-c", code)
+    assert result.returncode == 0, result.stderr
+    helper = int(result.stdout)
+    try:
+        # Once the server has seen the run through, the helper still runs.
+        deadline = time.monotonic() + 30
+        while "0 run(s) in progress" not in zygote.control("--status").stdout:
+            assert time.monotonic() < deadline
+        assert process_alive(helper)
+    finally:
+        os.kill(helper, signal.SIGKILL)
+    assert dead_within([helper], 30)
+
+
 # A terminal -----------------------------------------------------------------------
 
 # With start_new_session: the client leads a session with the terminal as its controlling
@@ -828,3 +848,5 @@ def test_the_console_script_runs_programs_too(zygote: Zygote) -> None:
         check=False,
     )
     assert (result.returncode, result.stdout) == (0, "['-c', 'x']\n"), result.stderr
+    # The same server as for python -m trio_fork, whatever the interpreter's name.
+    assert zygote.control("--status", "--all").stdout.count("server pid") == 1

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["run"]:
         from ._zygote_client import main as run
 
-        return run(args[1:])
+        run(args[1:])  # exits
     return _main(args)
 
 

@@ -157,7 +157,9 @@ def server_key(preload: Sequence[str]) -> str:
         for name, value in os.environ.items()
         if name.startswith("PYTHON") or name in ("LANG", "LC_ALL", "LC_CTYPE")
     )
-    fields = [MAGIC.decode(), sys.executable, ",".join(preload), *base_path(), "", *settings]
+    # The interpreter itself, whichever of its names (python, python3) ran us.
+    python = os.path.realpath(sys.executable)
+    fields = [MAGIC.decode(), python, ",".join(preload), *base_path(), "", *settings]
     material = "\0".join(fields).encode("utf-8", "surrogateescape")
     # Not hashlib, which would cost a run a few milliseconds: the remainder by a
     # Mersenne prime tells configurations apart as well, if not adversaries (who
@@ -339,15 +341,34 @@ def _print_help() -> int:
     return 0
 
 
-def main(args: Sequence[str]) -> int:
-    """``run ARGS``: the exit status, unless the program died by a signal, then we do."""
+def main(args: Sequence[str]) -> NoReturn:
+    """``run ARGS``: exit with the program's status, or die by the signal it died by."""
+    status = _status(args)
+    if status < 0:
+        die_by(-status)
+    # Without the interpreter's teardown, which would cost every run a millisecond
+    # of CPU and undo nothing that matters here; but with the atexit handlers that a
+    # sitecustomize may have added (coverage's, say).
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def _status(args: Sequence[str]) -> int:
     prog = program_name()
     try:
         preload, verbose, mode, target, argv = parse_run(args)
         path = socket_path(preload)
         payload, fds = request(mode, target, argv)
         try:
-            status = _run(path, preload, verbose, payload, fds)
+            return _run(path, preload, verbose, payload, fds)
         finally:
             os.close(fds[0])
     except UsageError as exc:
@@ -356,9 +377,6 @@ def main(args: Sequence[str]) -> int:
     except ZygoteError as exc:
         sys.stderr.write(f"{prog} run: {exc}\n")
         return 1
-    if status < 0:
-        die_by(-status)
-    return status
 
 
 def _run(path: str, preload: Sequence[str], verbose: bool, payload: bytes, fds: list[int]) -> int:

@@ -190,7 +190,6 @@ class Server:
                 _wire.close_all(fds)
                 return
             conn = socket.socket(fileno=fds[0])
-            conn.setblocking(False)
             self.handlers += 1
             pid, uid, _ = peer_credentials(conn)
             if uid != os.getuid():
@@ -200,6 +199,9 @@ class Server:
                 answer = await spare.child.stream.receive(1)
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 answer = b""  # it closed its socket: it runs the program
+            # Only now that the spare has read what it reads from the connection: the
+            # two share the descriptor's flags, and the spare's reads block.
+            conn.setblocking(False)
             if answer == b"N":
                 handled, conn = conn, None
                 await self.handle(handled)

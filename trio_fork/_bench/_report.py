@@ -174,13 +174,13 @@ SECTIONS: tuple[Section, ...] = (
         ),
     ),
     Section(
-        "Programs: `trio_fork run` (a warm server) against python, command start to exit",
+        "Programs: `trio-fork run` (a warm server) against python, command start to exit",
         (
-            Row("numpy_run", "trio_fork run --preload=numpy numpy_line.py", Kind.LATENCY),
+            Row("numpy_run", "trio-fork run --preload=numpy numpy_line.py", Kind.LATENCY),
             Row("numpy_python", "python numpy_line.py (imports numpy, prints)", Kind.LATENCY),
-            Row("run_empty", "trio_fork run of an empty script", Kind.LATENCY),
+            Row("run_empty", "trio-fork run of an empty script", Kind.LATENCY),
             Row("python_pass", "python -c pass", Kind.LATENCY),
-            Row("numpy_run_20", "20 of trio_fork run numpy_line.py at once", Kind.LATENCY),
+            Row("numpy_run_20", "20 of trio-fork run numpy_line.py at once", Kind.LATENCY),
             Row("numpy_python_20", "20 of python numpy_line.py at once", Kind.LATENCY),
         ),
     ),
@@ -339,7 +339,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "numpy_run_speedup",
-        "python numpy_line.py / trio_fork run numpy_line.py",
+        "python numpy_line.py / trio-fork run numpy_line.py",
         "numpy_python",
         "numpy_run",
         True,
@@ -347,7 +347,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "run_client_cost",
-        "trio_fork run of an empty script / python -c pass",
+        "trio-fork run of an empty script / python -c pass",
         "run_empty",
         "python_pass",
         False,
@@ -355,7 +355,7 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "numpy_run_20_speedup",
-        "20 python numpy_line.py at once / 20 trio_fork run at once",
+        "20 python numpy_line.py at once / 20 trio-fork run at once",
         "numpy_python_20",
         "numpy_run_20",
         True,

@@ -1,9 +1,9 @@
 """The rows of ``trio_fork run``: a program started by a preloaded server, against python.
 
 Each sample times whole commands, as a user at a shell would wait for them: from
-starting the command to its exit. ``trio_fork run`` is run as ``python -m trio_fork
-run``, its servers warm (started, and used once, before any sample); ``python`` runs
-the same script. The numpy script imports numpy and prints one line; the empty
+starting the command to its exit. ``trio_fork run`` is the installed ``trio-fork``
+script, its servers warm (started, and used twice, before any sample); ``python``
+runs the same script. The numpy script imports numpy and prints one line; the empty
 script is empty, so that ``trio_fork run`` of it against ``python -c pass`` is what
 the client itself costs. The concurrent rows start 20 commands at once and time
 until the last has exited.
@@ -18,13 +18,14 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING
 
-from ._measure import Sampler, median_latency
+from ._measure import Sampler, Unavailable, median_latency
 from ._numpy import check_numpy
 
 if TYPE_CHECKING:
@@ -44,6 +45,15 @@ ROWS = {
     "numpy_python_20": ("numpy_line.py", False, CONCURRENT),
 }
 """Row key -> (script, whether through trio_fork run, how many at once)."""
+
+
+def _script() -> str:
+    path = os.path.join(sysconfig.get_path("scripts"), "trio-fork")
+    if not os.access(path, os.X_OK):
+        raise Unavailable(
+            f"the trio-fork script is not installed at {path} (pip install trio_fork)"
+        )
+    return path
 
 
 @contextmanager
@@ -75,7 +85,7 @@ async def command_rows(settings: Settings, key: str) -> AsyncIterator[Sampler]:
         command = [sys.executable, "-c", "pass"]
     elif through_run:
         preload = ["--preload=numpy"] if script == "numpy_line.py" else []
-        command = [sys.executable, "-m", "trio_fork", "run", *preload, script]
+        command = [_script(), "run", *preload, script]
     else:
         command = [sys.executable, script]
     with _place() as (directory, env):

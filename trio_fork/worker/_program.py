@@ -43,24 +43,28 @@ def serve(sock: socket.socket) -> None:
     socket, for us to take the next connection ourselves (see :func:`_take`).
     Returns (and the child exits) if the server lets this child go unused.
     """
-    reader = _wire.FrameReader()
-    while (frame := reader.next_frame()) is None:
-        if not reader.receive(sock):
-            return
-    reader.close()
-    request = (frame.payload, frame.fds) if frame.op == _wire.ARGS else _take(sock, frame)
+    fds: list[int] = []
+    try:
+        header = _receive(sock, _wire.HEADER.size, fds)
+        op, _, _, length = _wire.HEADER.unpack(header)
+        payload = _receive(sock, length, fds)
+    except EOFError:
+        return
+    request = (payload, fds) if op == _wire.ARGS else _take(sock, fds[0], payload)
     sock.close()  # the program must not see it
     if request is not None:
         _become(*request)
 
 
-def _take(sock: socket.socket, frame: _wire.Frame) -> tuple[bytes, list[int]] | None:
+def _take(
+    sock: socket.socket, listener_fd: int, fingerprint: bytes
+) -> tuple[bytes, list[int]] | None:
     """Take a connection off the server's socket; its request if it is ours to run.
 
     The server hears of every connection taken, and serves those that are not ours:
     requests other than a run, and runs that our template is too old for.
     """
-    with socket.socket(fileno=frame.fds[0]) as listener:
+    with socket.socket(fileno=listener_fd) as listener:
         poller = select.poll()
         poller.register(listener, select.POLLIN)
         while True:
@@ -78,7 +82,7 @@ def _take(sock: socket.socket, frame: _wire.Frame) -> tuple[bytes, list[int]] | 
         if int.from_bytes(credentials[4:8], sys.byteorder) != os.getuid():
             return None  # the server refuses it, and says so
         # The client sends its request whole: its start is here, or nothing is.
-        if conn.recv(16, socket.MSG_PEEK)[12:] != b"run\0" or not _fresh(frame.payload):
+        if conn.recv(16, socket.MSG_PEEK)[12:] != b"run\0" or not _fresh(fingerprint):
             sock.send(b"N")
             return None
         fds: list[int] = []
@@ -103,14 +107,17 @@ def _fresh(fingerprint: bytes) -> bool:
 
 
 def _receive(conn: socket.socket, size: int, fds: list[int]) -> bytes:
+    """``size`` bytes, and the descriptors (at most 8) that come with them."""
     data = bytearray()
     while len(data) < size:
-        chunk, ancillary, _, _ = conn.recvmsg(
-            min(size - len(data), 1 << 20), socket.CMSG_SPACE(16), socket.MSG_CMSG_CLOEXEC
+        chunk, ancillary, flags, _ = conn.recvmsg(
+            min(size - len(data), 1 << 20), socket.CMSG_SPACE(32), socket.MSG_CMSG_CLOEXEC
         )
         fds += _wire.parse_ancillary(ancillary)
+        if flags & socket.MSG_CTRUNC:
+            raise OSError("descriptors were lost in transit (is RLIMIT_NOFILE too low?)")
         if not chunk:
-            raise EOFError("the client went away in the middle of its request")
+            raise EOFError("the connection ended in the middle of a message")
         data += chunk
     return bytes(data)
 
