@@ -453,7 +453,8 @@ def test_a_killed_client_takes_its_program_along(zygote: Zygote) -> None:
 def test_what_a_program_leaves_running_lives_on_as_after_python(zygote: Zygote) -> None:
     code = (
         "import subprocess, sys\n"
-        "helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "helper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
         "print(helper.pid)"
     )
     result = zygote.run("-c", code)
