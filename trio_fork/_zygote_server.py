@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import anyio
 import attrs
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 
 from ._errors import BrokenTemplateError, RemoteError
 from ._process import readable
@@ -71,7 +71,6 @@ class Server:
     preload: list[str]
     path: str
     task_group: TaskGroup
-    catch_sighup: bool
     listener: socket.socket
     identity: int  # the inode of the socket's name, to remove it only if it is ours
     current: Generation | None = None
@@ -143,11 +142,15 @@ class Server:
                 self.arm_wanted = anyio.Event()
                 await self.arm_wanted.wait()
                 continue
-            try:
-                generation = await self.fresh_generation()
-            except RunError:
-                await self.new_generation.wait()  # a run will try again, and say why not
-                continue
+            generation = self.current
+            if generation is None or generation.broken:
+                try:
+                    generation = await self.fresh_generation()
+                except RunError:
+                    await self.new_generation.wait()  # a run will try again, and say why
+                    continue
+            # No freshness check here: the armed spare checks at the moment it takes a
+            # connection, and leaves a run its template is too old for to the server.
             generation.runs += 1
             try:
                 spare = await generation.take()
@@ -381,13 +384,6 @@ class Server:
         # Armed spares see the socket shut, and exit.
         self.listener.shutdown(socket.SHUT_RDWR)
 
-    async def watch_signals(self) -> None:
-        stops = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if self.catch_sighup else [])]
-        with anyio.open_signal_receiver(*stops) as received:
-            async for sig in received:
-                _log(f"stopping on {signal.Signals(sig).name}")
-                self.stopping.set()
-
     async def stop_when_idle(self, seconds: float) -> None:
         while True:
             left = self.last_active + seconds - time.monotonic()
@@ -555,28 +551,29 @@ async def _serve(preload: list[str], idle_timeout: float | None, ready_fd: int |
             _report(ready_fd, "running\n")
             _log(f"a server for {path} runs already")
             return 0
+        stopping = anyio.Event()
         async with anyio.create_task_group() as group:
+            # From the start: a SIGTERM before the socket is up still ends us cleanly.
+            await group.start(_watch_signals, stopping, catch_sighup)
             try:
                 first = await group.start(keep_generation, 1, preload)
-            except RemoteError as exc:
-                message = f"a preloaded module failed to import:\n{exc.remote_traceback}"
-                _report(ready_fd, message)
+            except (RemoteError, BrokenTemplateError, OSError) as exc:
+                message = str(exc)
+                if isinstance(exc, RemoteError):
+                    message = f"a preloaded module failed to import:\n{exc.remote_traceback}"
+                _report(ready_fd, f"{message.rstrip()}\n")
                 _log(message)
-                return 1
-            except (BrokenTemplateError, OSError) as exc:
-                _report(ready_fd, f"{exc}\n")
-                _log(str(exc))
+                group.cancel_scope.cancel()
                 return 1
             listener = _listen(path)
             server = Server(
-                preload, path, group, catch_sighup, listener, os.stat(path).st_ino, first, 1
+                preload, path, group, listener, os.stat(path).st_ino, first, 1, stopping=stopping
             )
             server.unarmed.set()
             _log(f"serving {sys.executable} with preload {preload} on {path}")
             _report(ready_fd, f"ready {os.getpid()}\n")
             group.start_soon(server.accept)
             group.start_soon(server.keep_armed)
-            group.start_soon(server.watch_signals)
             if idle_timeout is not None:
                 group.start_soon(server.stop_when_idle, idle_timeout)
             try:
@@ -590,6 +587,17 @@ async def _serve(preload: list[str], idle_timeout: float | None, ready_fd: int |
         return 0
     finally:
         os.close(lock)
+
+
+async def _watch_signals(
+    stopping: anyio.Event, catch_sighup: bool, *, task_status: TaskStatus[None]
+) -> None:
+    stops = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if catch_sighup else [])]
+    with anyio.open_signal_receiver(*stops) as received:
+        task_status.started()
+        async for sig in received:
+            _log(f"stopping on {signal.Signals(sig).name}")
+            stopping.set()
 
 
 def _ignore(signum: int, frame: object) -> None:

@@ -81,13 +81,20 @@ def _take(
         credentials = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
         if int.from_bytes(credentials[4:8], sys.byteorder) != os.getuid():
             return None  # the server refuses it, and says so
-        # The client sends its request whole: its start is here, or nothing is.
-        if conn.recv(16, socket.MSG_PEEK)[12:] != b"run\0" or not _fresh(fingerprint):
+        # The client sends its request whole: its start is here, or nothing is. A run
+        # of a sane size (the server's limit) is ours.
+        head = conn.recv(16, socket.MSG_PEEK)
+        ours = head[:4] == b"TFZ1" and head[12:] == b"run\0"
+        if not (ours and int.from_bytes(head[4:12], "little") <= 64 << 20 and _fresh(fingerprint)):
             sock.send(b"N")
             return None
         fds: list[int] = []
-        header = _receive(conn, 12, fds)
-        payload = _receive(conn, int.from_bytes(header[4:], "little"), fds)
+        try:
+            header = _receive(conn, 12, fds)
+            payload = _receive(conn, int.from_bytes(header[4:], "little"), fds)
+        except (EOFError, OSError):  # the client went away
+            _wire.close_all(fds)
+            return None
         return payload, [conn.detach(), *fds]
 
 
