@@ -258,7 +258,7 @@ class Server:
             self.in_new_process([channel], None, announce=True)
         os.close(channel)
         # Not in self.children: nobody reads our channel for its exit status. The
-        # requester learns that it is reaped when this pipe closes.
+        # requester reads it from this pipe, which closes once the process is reaped.
         self.reaped[pid] = reaped
 
     def in_new_process(
@@ -282,6 +282,7 @@ class Server:
             if payload is not None:
                 code = _child.run(sock, self.queue, payload, fds[1:], self.state)
             else:
+                _child.set_title(f"tmpl of {self.pid}")
                 server = _current[0] = Server(Link(sock), list(self.queue), self.state)
                 if announce:
                     server.hello(0)
@@ -309,11 +310,18 @@ class Server:
                 return
             if pid == 0:
                 return
+            code = os.waitstatus_to_exitcode(status)
             id = self.children.pop(pid, None)
             if id is not None:
-                code = os.waitstatus_to_exitcode(status)
                 self.reply(_wire.EXITED, id, _wire.EXIT_STATUS.pack(code))
-            close_all([self.reaped.pop(pid, -1)])
+            reaped = self.reaped.pop(pid, None)
+            if reaped is not None:
+                # The requester learns the exit status, then (end of file) that it is gone.
+                try:
+                    os.write(reaped, _wire.EXIT_STATUS.pack(code))
+                except OSError:
+                    pass
+                os.close(reaped)
 
     def shutdown(self) -> None:
         """Kill and reap everything below this process."""
@@ -390,6 +398,7 @@ def main(channel: Link, owner: int, sigint_blocked: bool) -> None:
             # If the owner dies, even while this template runs a long command: shut
             # down as when it closes the channel, and take everything below down too.
             _child.prctl(_child.PR_SET_PDEATHSIG, _signal.SIGTERM)
+            _child.set_title(f"tmpl of {os.getppid()}")
             if owner and os.getppid() != owner:
                 raise Terminate
             if channel.carries_fds:
