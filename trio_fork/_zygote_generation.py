@@ -124,7 +124,9 @@ async def keep_generation(
 ) -> None:
     """Start a template with ``preload``, hand out its generation, and end it when done."""
     since = time.time_ns()
-    async with open_template(preload) as template:
+    # A new interpreter, not a fork of the process-wide default template: a new
+    # generation must import what is on disk now, the interpreter included.
+    async with open_template(preload, fresh=True) as template:
         await template.require(PROGRAM_MODULE)
         files = await _module_files(template)
         fingerprint = Fingerprint.of(watched_paths(files, sys.path), since)

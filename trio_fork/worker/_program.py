@@ -23,7 +23,7 @@ import socket
 import sys
 
 from . import _wire
-from ._child import print_exception
+from ._child import print_exception, set_title
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -136,6 +136,7 @@ def _become(payload: bytes, fds: list[int]) -> NoReturn:
     )
     conn, cwd, *streams = fds
     os.setpgid(0, 0)  # its own group: what the terminal's signals reach, forwarded
+    set_title(os.path.basename(os.fsdecode(program)))  # "python3", as ps shows python
     for fd in (0, 1, 2):
         if str(fd).encode() in present:
             os.dup2(streams.pop(0), fd)
