@@ -64,6 +64,7 @@ def _take(
     The server hears of every connection taken, and serves those that are not ours:
     requests other than a run, and runs that our template is too old for.
     """
+    _rehearse(fingerprint)
     with socket.socket(fileno=listener_fd) as listener:
         poller = select.poll()
         poller.register(listener, select.POLLIN)
@@ -96,6 +97,24 @@ def _take(
             _wire.close_all(fds)
             return None
         return payload, [conn.detach(), *fds]
+
+
+def _rehearse(fingerprint: bytes) -> None:
+    """Do now, harmlessly, what a run will do first: touch what it touches.
+
+    A forked child pays a page copy the first time it writes to each page (in Python,
+    using an object writes its reference count): paid here, they are off the run's
+    path. Half the time a spare takes from a run's start to its end goes to them.
+    """
+    _fresh(fingerprint)
+    _set_environment([name + b"=" + value for name, value in os.environb.items()])
+    unbuffered = bool(getattr(sys.stdout, "write_through", False))
+    for fd in (0, 1, 2):
+        _stdio(fd, unbuffered)
+    main = type(sys)("__main__")
+    path = os.path.abspath("rehearsal.py")
+    os.path.isdir(os.path.dirname(path))
+    exec(compile(b"", path, "exec", dont_inherit=True), main.__dict__)
 
 
 def _fresh(fingerprint: bytes) -> bool:
