@@ -172,7 +172,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.status or args.stop:
             return _control(preload, "stop" if args.stop else "status", every=args.all)
-        from ._zygote_server import main as serve
+        from ._zygote_serve import main as serve
 
         return serve(
             preload, backend=args.backend, idle_timeout=args.idle_timeout, ready_fd=args.ready_fd

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 MAGIC = b"TFZ1"
 """Starts every request; a new wire format gets a new one, and so new socket names."""
 HEADER_SIZE = len(MAGIC) + 8
-SO_PEERCRED = 17  # <asm-generic/socket.h>; _socket does not export it
 SIGNALS = (
     _signal.SIGINT,
     _signal.SIGTERM,
@@ -92,11 +91,9 @@ class UsageError(Exception):
 
 def program_name() -> str:
     """How the user called us, for messages: ``trio-fork`` or ``python -m trio_fork``."""
-    return (
-        "trio-fork"
-        if os.path.basename(sys.argv[0]).startswith("trio-fork")
-        else ("python -m trio_fork")
-    )
+    if os.path.basename(sys.argv[0]).startswith("trio-fork"):
+        return "trio-fork"
+    return "python -m trio_fork"
 
 
 def preload_list(values: Sequence[str]) -> list[str]:
@@ -191,7 +188,7 @@ def connect(path: str) -> _socket.socket | None:
 
 def peer_credentials(sock: _socket.socket) -> tuple[int, int, int]:
     """The pid, uid and gid of the process at the other end, as it connected."""
-    data = sock.getsockopt(_socket.SOL_SOCKET, SO_PEERCRED, 12)
+    data = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
     pid, uid, gid = (int.from_bytes(data[i : i + 4], sys.byteorder) for i in (0, 4, 8))
     return pid, uid, gid
 
@@ -480,7 +477,10 @@ def start_server(path: str, preload: Sequence[str], verbose: bool) -> _socket.so
         sock = connect(path)
         if sock is not None:
             return sock
-        answer = _launch(path, preload)
+        try:
+            answer = _launch(path, preload)
+        except OSError as exc:
+            raise ZygoteError(f"cannot start a server: {exc}") from None
         if answer.startswith("ready") and verbose:
             sys.stderr.write(
                 f"{program_name()} run: started a server (pid {answer.split()[1]}) for "

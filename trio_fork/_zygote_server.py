@@ -1,4 +1,4 @@
-"""``trio_fork serve``: the server that ``trio_fork run`` hands programs to (a zygote).
+"""The server that ``trio_fork run`` hands programs to (a zygote): its connections.
 
 The server keeps a template that has imported the preload list
 (:mod:`._zygote_generation`), and listens on a Unix socket in a directory only its
@@ -21,22 +21,21 @@ its runs are over.
 
 It refuses a peer of another uid (``SO_PEERCRED``), although the directory already
 keeps others out; it never listens on an abstract socket (those have no permissions
-at all: CVE-2022-42919 in multiprocessing's forkserver), nor on TCP.
+at all: CVE-2022-42919 in multiprocessing's forkserver), nor on TCP. The ``serve``
+command that runs it is :mod:`._zygote_serve`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
 
 import anyio
 import attrs
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
 from ._errors import BrokenTemplateError, RemoteError
 from ._process import readable
@@ -46,17 +45,13 @@ from ._zygote_client import (
     MAGIC,
     SIGNALS,
     TERMINAL_SIGNALS,
-    ZygoteError,
-    base_path,
     peer_credentials,
-    socket_path,
 )
 from ._zygote_generation import Generation, Spare, keep_generation
 from .worker import _wire
 
 # Arguments and environment: the kernel passes a few MiB of them to a program at most.
 _MAX_REQUEST = 64 << 20
-_PYTHON_IGNORES = {signal.SIGPIPE, signal.SIGXFSZ, signal.SIGKILL, signal.SIGSTOP}
 ARMED = 2
 """Spares waiting on the socket at a time: the second takes a run while the first is
 replaced."""
@@ -68,6 +63,8 @@ class RunError(Exception):
 
 @attrs.define(eq=False)
 class Server:
+    """A running server: its socket, its generations, its armed spares and connections."""
+
     preload: list[str]
     path: str
     task_group: TaskGroup
@@ -111,7 +108,7 @@ class Server:
             reason = "the last start failed" if generation is None else generation.stale()
             if generation is not None and reason is None:
                 return generation  # another run started it meanwhile
-            _log(f"starting a new template: {reason}")
+            log(f"starting a new template: {reason}")
             old, self.current = self.current, None
             if old is not None:
                 old.retire()  # it ends once its runs are over
@@ -196,7 +193,7 @@ class Server:
             self.handlers += 1
             pid, uid, _ = peer_credentials(conn)
             if uid != os.getuid():
-                _log(f"refused a connection from pid {pid}, uid {uid}")  # so did the spare
+                log(f"refused a connection from pid {pid}, uid {uid}")  # so did the spare
                 return
             try:
                 answer = await spare.child.stream.receive(1)
@@ -230,7 +227,7 @@ class Server:
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:  # out of descriptors, say: let runs end first
-                    _log(f"cannot accept a connection: {exc}")
+                    log(f"cannot accept a connection: {exc}")
                     await anyio.sleep(0.1)
                     continue
                 self.start_handler(conn)
@@ -251,12 +248,12 @@ class Server:
             with conn:
                 pid, uid, _ = peer_credentials(conn)
                 if uid != os.getuid():
-                    _log(f"refused a connection from pid {pid}, uid {uid}")
+                    log(f"refused a connection from pid {pid}, uid {uid}")
                     return
                 try:
                     payload, fds = await _read_request(conn)
                 except (OSError, RunError) as exc:
-                    _log(f"dropped a bad request from pid {pid}: {exc}")
+                    log(f"dropped a bad request from pid {pid}: {exc}")
                     return
                 command = payload.split(b"\0", 1)[0]
                 try:
@@ -265,7 +262,7 @@ class Server:
                     elif command == b"status":
                         await _send(conn, _text(b"T", self.status()))
                     elif command == b"stop":
-                        _log(f"stopping, as pid {pid} asked")
+                        log(f"stopping, as pid {pid} asked")
                         self.stop_waiters.append(os.dup(conn.fileno()))
                         await _send(conn, _text(b"T", f"stopping server {os.getpid()}\n"))
                         self.stopping.set()
@@ -390,7 +387,7 @@ class Server:
             if left <= 0 and not self.running:
                 break
             await anyio.sleep(max(left, 1.0))
-        _log(f"stopping: no run for {seconds:g} s")
+        log(f"stopping: no run for {seconds:g} s")
         self.stop_listening(serve_queued=True)
         self.quiet = anyio.Event()
         if not self.handlers:
@@ -498,162 +495,7 @@ async def _send(conn: socket.socket, data: bytes) -> None:
             await anyio.wait_writable(conn)
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     sys.stderr.write(f"trio_fork serve [{os.getpid()}] {stamp}: {message}\n")
     sys.stderr.flush()
-
-
-def _listen(path: str) -> socket.socket:
-    if path.startswith("\0") or not os.path.isabs(path):
-        raise ZygoteError(f"not a path for a socket: {path!r}")  # never an abstract socket
-    try:
-        os.unlink(path)  # left by a server that was killed: we hold the lock
-    except FileNotFoundError:
-        pass
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(path)
-        os.chmod(path, 0o600)
-        listener.listen(128)
-    except BaseException:
-        listener.close()
-        raise
-    listener.setblocking(False)
-    return listener
-
-
-def _report(ready_fd: int | None, text: str) -> None:
-    """Tell the client that started us how the start went."""
-    if ready_fd is not None:
-        try:
-            os.write(ready_fd, text.encode())
-        except OSError:
-            pass
-        os.close(ready_fd)
-
-
-async def _serve(preload: list[str], idle_timeout: float | None, ready_fd: int | None) -> int:
-    catch_sighup = signal.getsignal(signal.SIGHUP) not in (signal.SIG_IGN, _ignore)
-    try:
-        path = socket_path(preload)
-    except ZygoteError as exc:
-        _report(ready_fd, f"{exc}\n")
-        _log(str(exc))
-        return 1
-    # Templates import from the path that the server's name stands for.
-    sys.path[:] = base_path()
-    lock = os.open(path[: -len(".sock")] + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _report(ready_fd, "running\n")
-            _log(f"a server for {path} runs already")
-            return 0
-        stopping = anyio.Event()
-        async with anyio.create_task_group() as group:
-            # From the start: a SIGTERM before the socket is up still ends us cleanly.
-            await group.start(_watch_signals, stopping, catch_sighup)
-            try:
-                first = await group.start(keep_generation, 1, preload)
-            except (RemoteError, BrokenTemplateError, OSError) as exc:
-                message = str(exc)
-                if isinstance(exc, RemoteError):
-                    message = f"a preloaded module failed to import:\n{exc.remote_traceback}"
-                _report(ready_fd, f"{message.rstrip()}\n")
-                _log(message)
-                group.cancel_scope.cancel()
-                return 1
-            listener = _listen(path)
-            server = Server(
-                preload, path, group, listener, os.stat(path).st_ino, first, 1, stopping=stopping
-            )
-            server.unarmed.set()
-            _log(f"serving {sys.executable} with preload {preload} on {path}")
-            _report(ready_fd, f"ready {os.getpid()}\n")
-            group.start_soon(server.accept)
-            group.start_soon(server.keep_armed)
-            if idle_timeout is not None:
-                group.start_soon(server.stop_when_idle, idle_timeout)
-            try:
-                await server.stopping.wait()
-            finally:
-                server.stop_listening(serve_queued=False)
-                group.cancel_scope.cancel()
-        listener.close()
-        _log("stopped")
-        _wire.close_all(server.stop_waiters)
-        return 0
-    finally:
-        os.close(lock)
-
-
-async def _watch_signals(
-    stopping: anyio.Event, catch_sighup: bool, *, task_status: TaskStatus[None]
-) -> None:
-    stops = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if catch_sighup else [])]
-    with anyio.open_signal_receiver(*stops) as received:
-        task_status.started()
-        async for sig in received:
-            _log(f"stopping on {signal.Signals(sig).name}")
-            stopping.set()
-
-
-def _ignore(signum: int, frame: object) -> None:
-    """A handler that does what SIG_IGN does, but that a new program does not inherit."""
-
-
-def _unignore_signals() -> None:
-    """Let templates start with the signal dispositions of a fresh program.
-
-    A program inherits the signals ignored by whoever started it (``nohup`` ignores
-    SIGHUP); the templates would, and so every program forked from them. Those the
-    client ignores are ignored again in its program.
-    """
-    for sig in signal.valid_signals():
-        if sig not in _PYTHON_IGNORES and signal.getsignal(sig) == signal.SIG_IGN:
-            signal.signal(sig, _ignore)
-
-
-def _own_session(ready_fd: int | None) -> int | None:
-    """Run in a session of our own, without a controlling terminal; None in the server.
-
-    Programs run in process groups of the server's session: were it a terminal's,
-    a program reading that terminal from its background group would be stopped. A
-    server started from a shell is a process group leader and cannot leave its
-    session: this process forks, the child serves in a new session, and this one
-    waits for it where it was started, passing on the signals that stop it (Ctrl-C).
-    """
-    if os.getsid(0) == os.getpid():
-        return None
-    _wire.flush_stdio()
-    pid = os.fork()
-    if pid == 0:
-        os.setsid()
-        return None
-    if ready_fd is not None:
-        os.close(ready_fd)  # the server's to write and close: its end of file is news
-
-    def relay(signum: int, frame: object) -> None:
-        try:
-            os.kill(pid, signum)  # not reaped yet: it is still ours
-        except ProcessLookupError:
-            pass
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) != signal.SIG_IGN:
-            signal.signal(sig, relay)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
-def main(
-    preload: Sequence[str], *, backend: str, idle_timeout: float | None, ready_fd: int | None
-) -> int:
-    """``serve``: run a server in the foreground until it is stopped; the exit status."""
-    status = _own_session(ready_fd)
-    if status is not None:
-        return status if status >= 0 else 128 - status
-    _unignore_signals()
-    return anyio.run(_serve, list(preload), idle_timeout, ready_fd, backend=backend)
