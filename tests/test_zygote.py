@@ -334,6 +334,37 @@ def test_a_missing_script_fails_as_with_python(zygote: Zygote) -> None:
     assert "can't open file" in ours.stderr
 
 
+def test_a_missing_module_fails_as_with_python(zygote: Zygote) -> None:
+    ours, python = zygote.run("-m", "no_such_module_zz"), zygote.python("-m", "no_such_module_zz")
+    assert (ours.returncode, ours.stderr) == (python.returncode, python.stderr) != (0, "")
+
+
+@pytest.mark.parametrize("fd", [0, 1, 2])
+def test_a_closed_standard_stream_is_closed_for_the_program(zygote: Zygote, fd: int) -> None:
+    code = "import sys; print([s is None for s in (sys.stdin, sys.stdout, sys.stderr)], "
+    code += "file=sys.stderr if sys.stdout is None else sys.stdout)"
+
+    def with_closed(command: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-c", f'exec "$@" {fd}<&-', "sh", *command],
+            env=zygote.env,
+            cwd=zygote.scripts,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+
+    ours = with_closed(zygote.command("-c", code))
+    python = with_closed([sys.executable, "-c", code])
+    assert (ours.returncode, ours.stdout, ours.stderr) == (
+        python.returncode,
+        python.stdout,
+        python.stderr,
+    )
+    assert "True" in ours.stdout + ours.stderr
+
+
 def test_a_directory_with_main_runs_as_with_python(zygote: Zygote) -> None:
     package = zygote.scripts / "app"
     package.mkdir(exist_ok=True)

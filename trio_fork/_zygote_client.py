@@ -240,7 +240,8 @@ class Answers:
 def request(mode: str, target: str, argv: Sequence[str]) -> tuple[bytes, list[int]]:
     """The payload and descriptors of a run: everything the program inherits from us.
 
-    Fields: command, mode, target, the interpreter's name for messages, umask (octal),
+    Fields: command, mode, target, the interpreter's name as typed (for messages) and
+    as ``sys.executable`` says, umask (octal),
     ``u`` if stdout is unbuffered (``-u``), which of fds 0-2 ride along, the signals
     we ignore (a program under ``nohup`` ignores SIGHUP too), the number of
     arguments, the arguments, then ``NAME=value`` for each environment variable.
@@ -252,22 +253,23 @@ def request(mode: str, target: str, argv: Sequence[str]) -> tuple[bytes, list[in
         for sig in _signal.valid_signals()
         if sig not in (_signal.SIGPIPE, _signal.SIGXFSZ) and _ignored(sig)
     ]
-    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    fds = [cwd]
     present = ""
     for fd in (0, 1, 2):
         try:
             os.get_inheritable(fd)
         except OSError:
             continue  # closed: the program starts with it closed too
-        fds.append(fd)
         present += str(fd)
+    # Opened after the check: it may take the number of a closed standard stream.
+    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    fds = [cwd, *map(int, present)]
     unbuffered = sys.stdout is not None and getattr(sys.stdout, "write_through", False)
     fields = [
         b"run",
         mode.encode(),
         os.fsencode(target),
         os.fsencode(sys.orig_argv[0] if sys.orig_argv else sys.executable),
+        os.fsencode(sys.executable),
         f"{umask:o}".encode(),
         b"u" if unbuffered else b"",
         present.encode(),

@@ -150,9 +150,9 @@ def _receive(conn: socket.socket, size: int, fds: list[int]) -> bytes:
 
 def _become(payload: bytes, fds: list[int]) -> NoReturn:
     """Become the program: the client's arguments, environment, directory and streams."""
-    (_, mode, target, program, umask, unbuffered, present, ignored, count, *rest) = payload.split(
-        b"\0"
-    )
+    fields = payload.split(b"\0")
+    (_, mode, target, program, executable, umask, unbuffered, present, ignored, count) = fields[:10]
+    rest = fields[10:]
     conn, cwd, *streams = fds
     os.setpgid(0, 0)  # its own group: what the terminal's signals reach, forwarded
     set_title(os.path.basename(os.fsdecode(program)))  # "python3", as ps shows python
@@ -172,7 +172,11 @@ def _become(payload: bytes, fds: list[int]) -> NoReturn:
     for sig in filter(None, ignored.split(b",")):
         _signal.signal(int(sig), _signal.SIG_IGN)
     sys.argv = [os.fsdecode(arg) for arg in rest[: int(count)]]
-    sys.stdin, sys.stdout, sys.stderr = (_stdio(fd, unbuffered == b"u") for fd in (0, 1, 2))
+    sys.executable = os.fsdecode(executable)  # the client's name for the interpreter
+    sys.stdin, sys.stdout, sys.stderr = (
+        _stdio(fd, unbuffered == b"u") if str(fd).encode() in present else None  # closed
+        for fd in (0, 1, 2)
+    )
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr  # type: ignore[misc]
     # Out of the way of the program's own descriptors: the client hears from us here
     # how we end, before the template could tell the server.
@@ -201,10 +205,7 @@ def _stdio(fd: int, unbuffered: bool) -> Any:
     do for the program's unless those are (a terminal's are line-buffered).
     """
     old: Any = (sys.stdin, sys.stdout, sys.stderr)[fd]
-    try:
-        line_buffering = not unbuffered and (fd == 2 or os.isatty(fd))
-    except OSError:
-        return None  # closed in the client too
+    line_buffering = not unbuffered and (fd == 2 or os.isatty(fd))
     if old is not None and (old.line_buffering, old.write_through) == (
         line_buffering,
         unbuffered and fd > 0,
