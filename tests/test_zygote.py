@@ -237,7 +237,8 @@ def zygote(
         wait_listening(socket_file(env))
         yield zygote
     finally:
-        zygote.control("--stop")
+        # --all: any server a test made run (with another preload list, say) too.
+        zygote.control("--stop", "--all")
         os.close(control_write)
 
 
