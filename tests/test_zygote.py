@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -164,11 +165,16 @@ class Zygote:
         )
 
 
-def runtime_dir() -> Path:
+@contextmanager
+def runtime_dir() -> Iterator[Path]:
+    """A directory for XDG_RUNTIME_DIR, removed after."""
     # Short, under /tmp: a socket's path may hold 107 bytes at most.
     path = Path(tempfile.mkdtemp(prefix="tfz-", dir="/tmp"))
-    path.chmod(0o700)
-    return path
+    try:
+        path.chmod(0o700)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def socket_file(env: dict[str, str], preload: str = PRELOAD) -> str:
@@ -214,27 +220,31 @@ def zygote(
         ("ending.py", ENDING),
     ]:
         (scripts / name).write_text(text)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir()), "PYTHONPATH": str(modules)}
-    env.pop("PYTHONUNBUFFERED", None)  # so that buffering shows
-    log = base / "server.log"
+    with runtime_dir() as directory:
+        env = {**os.environ, "XDG_RUNTIME_DIR": str(directory), "PYTHONPATH": str(modules)}
+        env.pop("PYTHONUNBUFFERED", None)  # so that buffering shows
+        yield from _serving(Zygote(backend, env, scripts, modules, base / "server.log"))
+
+
+def _serving(zygote: Zygote) -> Iterator[Zygote]:
+    """Run ``serve`` for ``zygote`` under tests/scripts/detached.py, while the module runs."""
     control_read, control_write = os.pipe()
-    command = [sys.executable, "-m", "trio_fork", "serve", "--backend", backend]
+    command = [sys.executable, "-m", "trio_fork", "serve", "--backend", zygote.backend]
     with (
-        open(log, "ab") as log_file,
+        open(zygote.log, "ab") as log_file,
         subprocess.Popen(
             [sys.executable, str(DETACHED), *command, f"--preload={PRELOAD}"],
             stdin=control_read,
             stdout=subprocess.PIPE,
             stderr=log_file,
-            env=env,
+            env=zygote.env,
         ) as launcher,
     ):
         assert launcher.stdout is not None
         launcher.stdout.readline()
     os.close(control_read)
-    zygote = Zygote(backend, env, scripts, modules, log)
     try:
-        wait_listening(socket_file(env))
+        wait_listening(socket_file(zygote.env))
         yield zygote
     finally:
         # --all: any server a test made run (with another preload list, say) too.
@@ -712,7 +722,11 @@ def test_the_socket_is_private_and_a_path(zygote: Zygote) -> None:
 
 @pytest.mark.parametrize("problem", ["others may enter", "another owner", "a symbolic link"])
 def test_the_client_refuses_a_directory_that_is_not_private(tmp_path: Path, problem: str) -> None:
-    base = runtime_dir()
+    with runtime_dir() as base:
+        refused_as(tmp_path, base, problem)
+
+
+def refused_as(tmp_path: Path, base: Path, problem: str) -> None:
     directory = base / "trio_fork"
     if problem == "a symbolic link":
         directory.symlink_to(tmp_path)
@@ -740,17 +754,18 @@ def test_the_client_refuses_a_directory_that_is_not_private(tmp_path: Path, prob
 @pytest.fixture
 def private_env() -> Iterator[dict[str, str]]:
     """An environment of its own for servers started by ``run``; they are stopped after."""
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir())}
-    try:
-        yield env
-    finally:
-        subprocess.run(
-            [sys.executable, "-m", "trio_fork", "serve", "--stop", "--all"],
-            env=env,
-            capture_output=True,
-            timeout=TIMEOUT,
-            check=False,
-        )
+    with runtime_dir() as directory:
+        env = {**os.environ, "XDG_RUNTIME_DIR": str(directory)}
+        try:
+            yield env
+        finally:
+            subprocess.run(
+                [sys.executable, "-m", "trio_fork", "serve", "--stop", "--all"],
+                env=env,
+                capture_output=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
