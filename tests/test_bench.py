@@ -65,6 +65,12 @@ EXPECTED_ROWS = {
         for runner in ("trio_fork", "anyio", "trio", "as_user_trio_fork", "as_user_anyio")
         for size in ("0", "2gb")
     ),
+    "numpy_run",
+    "numpy_python",
+    "run_empty",
+    "python_pass",
+    "numpy_run_20",
+    "numpy_python_20",
     *(f"large_{kind}_{peer}" for kind in ("arg", "result") for peer in LARGE_PEERS),
     "large_roundtrip_trio_fork",
     "large_roundtrip_joblib",
@@ -94,6 +100,9 @@ EXPECTED_TARGETS = {
     "rpc_pipelined_rate",
     "pool_ready_time",
     "pool_vs_trio_parallel",
+    "numpy_run_speedup",
+    "run_client_cost",
+    "numpy_run_20_speedup",
     *(f"large_{kind}_vs_{peer}" for kind in ("arg", "result") for peer in LARGE_PEERS[1:]),
     "large_roundtrip_vs_joblib",
     "large_arg_vs_memcpy",
