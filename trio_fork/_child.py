@@ -89,7 +89,9 @@ class Process:
                 await self._deliver(deliver_cancel)
 
     async def _wait_reported(self) -> None:
-        if self._exit.event.is_set():
+        """Until the template reports the exit, or the pidfd says it is dead and the
+        report is late; if the template died, until the pidfd says so."""
+        if self._exit.code is not None:
             return
         async with anyio.create_task_group() as task_group:
 
@@ -101,7 +103,8 @@ class Process:
 
             task_group.start_soon(report_or_grace)
             await self._exit.event.wait()
-            task_group.cancel_scope.cancel()
+            if self._exit.code is not None:
+                task_group.cancel_scope.cancel()
 
     async def _deliver(self, deliver_cancel: Callable[[], Awaitable[object]]) -> None:
         failures: list[BaseException] = []
@@ -192,7 +195,12 @@ class Child(metaclass=NoPublicConstructor):
 
         Args:
             sig: A signal number, such as :data:`signal.SIGUSR1`.
+
+        Raises:
+            TypeError: ``sig`` is not an int.
+            ValueError: ``sig`` is not a signal number of this system.
         """
+        check_signal(sig)
         self._process.send_signal(sig)
 
     def terminate(self) -> None:
@@ -202,6 +210,20 @@ class Child(metaclass=NoPublicConstructor):
     def kill(self) -> None:
         """Send SIGKILL, which ends the child at once."""
         self.send_signal(signal.SIGKILL)
+
+
+def check_signal(sig: object) -> None:
+    """Refuse what is not a signal number here, before it reaches the kernel.
+
+    0 (no signal: only checks that the process exists) is allowed, as by ``kill``.
+    """
+    if isinstance(sig, bool) or not isinstance(sig, int):
+        raise TypeError(f"send_signal: sig must be a signal number, not {type(sig).__name__}")
+    if sig != 0 and sig not in _VALID_SIGNALS:
+        raise ValueError(f"send_signal: {sig} is not a signal number of this system")
+
+
+_VALID_SIGNALS = frozenset(int(sig) for sig in signal.valid_signals())
 
 
 def describe_exit(code: int) -> str:

@@ -102,6 +102,20 @@ class Transport:
     def next_frame(self) -> _wire.Frame | None:
         return self.reader.next_frame()
 
+    def pending_header(self) -> tuple[int, int, int, int] | None:
+        """The header of the frame being received (op, nfds, id, length), if it has come.
+
+        So that a peer that sends what is not a frame of ours is found out when the
+        header arrives, not never: a lying header announces a payload that may never
+        come. (It reads the reader's buffer, which the worker side keeps minimal.)
+        """
+        reader = self.reader
+        start = reader._start
+        if reader._end - start < _wire.HEADER.size:
+            return None
+        op, nfds, id, length = _wire.HEADER.unpack_from(reader._buffer, start)
+        return op, nfds, id, length
+
     def check_fds(self, fds: list[int] | tuple[int, ...]) -> None:
         """Raise unless this channel can carry ``fds`` (checked before anything is sent)."""
         if fds and not self.carries_fds:
@@ -146,48 +160,74 @@ class Transport:
             self.pipes = None
 
 
-async def _receive_into(sock: socket.socket, data: bytearray, size: int, fds: list[int]) -> bool:
-    """Receive until ``data`` holds ``size`` bytes, never more; False at end of file."""
-    while len(data) < size:
-        try:
-            chunk, ancdata, _, _ = sock.recvmsg(
-                size - len(data), socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
-            )
-        except BlockingIOError:
-            await anyio.wait_readable(sock)
-            continue
-        fds.extend(_wire.parse_ancillary(ancdata))
-        if not chunk:
-            return False
-        data += chunk
-    return True
-
-
-async def receive_frame(sock: socket.socket) -> _wire.Frame | None:
-    """One frame, reading no byte past it; None at end of file before it.
+@attrs.define(eq=False)
+class FirstFrame:
+    """Receives one frame from a socket, reading no byte past it.
 
     For the first frame on a socket that then changes hands: the STARTED of a new
     child, before its target runs and uses the socket for itself; the READY of a
-    template forked on request or adopted.
+    template forked on request or adopted. A receive that is cancelled can be
+    resumed (call :meth:`receive` again): what had arrived is kept, so a caller
+    cleaning up after a cancellation still learns what the other side sent. It owns
+    the descriptors received until the frame is handed out; :meth:`close` closes
+    them.
     """
-    data = bytearray()
-    fds: list[int] = []
-    try:
+
+    sock: socket.socket
+    _data: bytearray = attrs.field(factory=bytearray)
+    _fds: list[int] = attrs.field(factory=list)
+
+    async def receive(self) -> _wire.Frame | None:
+        """The frame; None at end of file before it.
+
+        Raises:
+            ConnectionResetError: End of file in the middle of the frame, or a
+                header no first frame has.
+        """
+        data = self._data
         # Every such frame is at least this long (STARTED is exactly): one recvmsg.
-        if not await _receive_into(sock, data, _wire.HEADER.size + _wire.PID.size, fds):
+        if not await self._receive_into(_wire.HEADER.size + _wire.PID.size):
             if data:
                 raise ConnectionResetError("end of file in the middle of a frame")
             return None
         op, nfds, id, length = _wire.HEADER.unpack_from(data)
         if length > 1 << 20:
             raise ConnectionResetError(f"a first frame of {length} bytes is not one of ours")
-        if not await _receive_into(sock, data, _wire.HEADER.size + length, fds):
+        if not await self._receive_into(_wire.HEADER.size + length):
             raise ConnectionResetError("end of file in the middle of a frame")
-    except BaseException:
-        _wire.close_all(fds)
-        raise
-    payload = bytes(data[_wire.HEADER.size :])
-    if len(fds) != nfds:
-        _wire.close_all(fds)
-        return _wire.Frame(op, id, payload, [], True)
-    return _wire.Frame(op, id, payload, fds, False)
+        payload = bytes(data[_wire.HEADER.size :])
+        fds, self._fds = self._fds, []
+        if len(fds) != nfds:
+            _wire.close_all(fds)
+            return _wire.Frame(op, id, payload, [], True)
+        return _wire.Frame(op, id, payload, fds, False)
+
+    async def _receive_into(self, size: int) -> bool:
+        """Receive until the frame's bytes number ``size``, never more; False at end of file."""
+        data = self._data
+        while len(data) < size:
+            try:
+                chunk, ancdata, _, _ = self.sock.recvmsg(
+                    size - len(data), socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
+                continue
+            self._fds.extend(_wire.parse_ancillary(ancdata))
+            if not chunk:
+                return False
+            data += chunk
+        return True
+
+    def close(self) -> None:
+        _wire.close_all(self._fds)
+        self._fds.clear()
+
+
+async def receive_frame(sock: socket.socket) -> _wire.Frame | None:
+    """One frame, reading no byte past it (see :class:`FirstFrame`); None at end of file."""
+    first = FirstFrame(sock)
+    try:
+        return await first.receive()
+    finally:
+        first.close()
