@@ -88,28 +88,28 @@ async def scenario_child_wait_from_many_tasks(iterations: int) -> list[list[str]
     outcomes = []
     for _ in range(iterations):
         seen: list[str] = []
-
-        async def watch(child: trio_fork.Child) -> None:
-            try:
-                seen.append(f"exited {await child.wait()}")
-            except trio_fork.BrokenTemplateError:
-                seen.append("broken")
-
         async with trio_fork.open_template() as template:
             async with anyio.create_task_group() as group:
                 try:
                     async with template.spawn(targets.sleep_forever) as child:
                         await receive(child.stream)
                         for _ in range(3):
-                            group.start_soon(watch, child)
+                            group.start_soon(_watch, child, seen)
                         await anyio.wait_all_tasks_blocked()
                         os.kill(template.pid, signal.SIGKILL)
-                        group.start_soon(watch, child)
+                        group.start_soon(_watch, child, seen)
                     seen.append("block left")
                 except trio_fork.BrokenTemplateError:
                     seen.append("block: broken")
         outcomes.append(sorted(seen))
     return outcomes
+
+
+async def _watch(child: trio_fork.Child, seen: list[str]) -> None:
+    try:
+        seen.append(f"exited {await child.wait()}")
+    except trio_fork.BrokenTemplateError:
+        seen.append("broken")
 
 
 def test_child_wait_from_many_tasks_when_the_template_dies(anyio_backend: str) -> None:
@@ -285,7 +285,8 @@ async def test_arguments_over_4_gib_are_sent_whole() -> None:
     from trio_fork.worker import _wire
 
     ours, theirs = socket.socketpair()
-    stand_in = subprocess.Popen(["sleep", "3600"])  # the process the template's pidfd names
+    # The process that the template's pidfd names; leaving the block ends it.
+    stand_in = await anyio.open_process(["sleep", "3600"])
     pidfd = os.pidfd_open(stand_in.pid)
     fake = FakeTemplate(theirs, pidfd)
     fake.start()
@@ -300,8 +301,8 @@ async def test_arguments_over_4_gib_are_sent_whole() -> None:
         ours.close()
         os.close(pidfd)
         stand_in.kill()
-        stand_in.wait()
-        fake.join()
+        await stand_in.aclose()
+        await anyio.to_thread.run_sync(fake.join)
     evals = [length for op, length in fake.commands if op == _wire.EVAL]
     assert len(evals) == 2
     assert evals[0] > 1 << 32
