@@ -338,3 +338,7 @@ def die_in_the_first_init(path: str) -> None:
     except FileExistsError:
         return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail_at_length(length: int) -> None:
+    raise ValueError("x" * length)

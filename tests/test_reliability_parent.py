@@ -163,6 +163,21 @@ def test_an_exception_whose_str_fails_is_a_remote_error_for_its_call_alone(
     }
 
 
+async def test_an_error_description_is_cut_to_its_limit() -> None:
+    # Descriptions travel as fields with 32-bit lengths: a message of 4 GiB would not
+    # fit, so what is described is cut, long before, and says so.
+    from trio_fork.worker._wire import DESCRIPTION_LIMIT
+
+    async with trio_fork.open_template() as template:
+        async with trio_fork.open_rpc(template, rpc_functions.fail_at_length) as rpc:
+            with pytest.raises(trio_fork.RemoteError) as caught:
+                await rpc.call(DESCRIPTION_LIMIT + 10)
+            with pytest.raises(trio_fork.RemoteError, match="ValueError: xx"):
+                await rpc.call(2)
+    assert caught.value.message == "x" * DESCRIPTION_LIMIT + "... (10 characters cut)"
+    assert caught.value.remote_traceback.endswith("characters cut)")
+
+
 # 3. A worker that breaks the protocol ----------------------------------------------------
 
 
@@ -316,10 +331,17 @@ async def scenario_cancelled_spawns(count: int, journal: str) -> dict[str, Any]:
     entered = 0
     alive_after: list[int] = []
     async with trio_fork.open_template() as template:
+        # How long a spawn takes here and now, to cancel others while they start.
+        took = []
+        for _ in range(10):
+            started = anyio.current_time()
+            async with template.spawn(targets.nothing):
+                took.append(anyio.current_time() - started)
+        typical = sorted(took)[len(took) // 2]
         for index in range(count):
             with anyio.CancelScope() as scope:
                 if index % 2:
-                    scope.deadline = anyio.current_time() + rng.uniform(0, 0.004)
+                    scope.deadline = anyio.current_time() + rng.uniform(0, 2 * typical)
                 else:
                     scope.cancel()  # at its first wait: SPAWN is sent, STARTED is not in
                 async with template.spawn(targets.journal_start_and_end_of_file, journal):
@@ -537,10 +559,19 @@ async def test_a_pool_replaces_a_worker_that_dies_while_it_opens(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    "kind",
-    ["error with an original", "error as a pickle", "failed as a pickle", "ready as a pickle"],
+    ("kind", "expected"),
+    [
+        # A well-formed description: the pickled original it carries is not loaded.
+        ("error with an original", "RemoteError E: m"),
+        # Pickles where descriptions and facts belong break the protocol.
+        ("error as a pickle", "BrokenWorkerError"),
+        ("failed as a pickle", "BrokenWorkerError"),
+        ("ready as a pickle", "BrokenWorkerError"),
+    ],
 )
-async def test_a_json_worker_cannot_make_the_parent_unpickle(tmp_path: Path, kind: str) -> None:
+async def test_a_json_worker_cannot_make_the_parent_unpickle(
+    tmp_path: Path, kind: str, expected: str
+) -> None:
     # The worker sends, ahead of its answer, a frame that carries a pickle which would
     # make a directory if it were loaded.
     proof = tmp_path / "code ran in the parent"
@@ -548,6 +579,11 @@ async def test_a_json_worker_cannot_make_the_parent_unpickle(tmp_path: Path, kin
         async with trio_fork.open_rpc(
             template, rpc_functions.forge, serializer=trio_fork.JSON
         ) as rpc:
-            with pytest.raises((trio_fork.RemoteError, trio_fork.BrokenWorkerError)):
-                await rpc.call(kind, str(proof))
+            try:
+                outcome = f"returned {await rpc.call(kind, str(proof))!r}"
+            except trio_fork.RemoteError as exc:
+                outcome = f"RemoteError {exc.type_name}: {exc.message}"
+            except trio_fork.BrokenWorkerError:
+                outcome = "BrokenWorkerError"
     assert not proof.exists()
+    assert outcome == expected

@@ -250,10 +250,22 @@ class Template(metaclass=NoPublicConstructor):
 
         Leaving the block normally closes :attr:`Child.stream` (a child still
         writing to its socket then gets :exc:`BrokenPipeError`) and waits for the
-        child to exit. Leaving it by an exception or cancellation closes the stream
-        and kills the child (or calls ``deliver_cancel(child)`` to end it some
-        other way), waits, shielded from cancellation, until it is gone, and lets
-        the exception propagate as itself.
+        child to exit. Leaving it by an exception or cancellation kills the child
+        (or calls ``deliver_cancel(child)`` to end it some other way), waits,
+        shielded from cancellation, until it is gone, then closes the stream, and
+        lets the exception propagate as itself. The wait is bounded: the child's
+        death is known from its pidfd, and its template's report of the exit status
+        is awaited only a moment more (a busy or stopped template reports later,
+        into :attr:`Child.returncode`).
+
+        If the spawn itself is cancelled, before the block is entered, no process is
+        left: the child, if the template made one, is killed, before this process
+        closes its end of the child's socket, and the cancellation propagates once
+        it is gone (or after 5 seconds if its template does not answer; the
+        template kills it as soon as it reads the command). Its target may have
+        begun to run, since a child runs it without waiting for this process; it
+        never sees its socket closed because of the cancellation. Nothing is
+        printed.
 
         Args:
             target: ``"package.module:qualname"``, or a callable defined at the top
