@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck docs pytest bench compat compat-report clean
+.PHONY: demo test lint typecheck docs pytest test-pythons bench compat compat-report clean clean-pythons
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -m trio_fork demo
@@ -24,6 +24,11 @@ docs: $(VENV)/.installed-test
 
 pytest: $(VENV)/.installed-test
 	$(BIN)/pytest
+
+# The tests on CPython 3.12 to 3.15 besides this one; needs root and debootstrap, and
+# keeps what it builds in ~/.cache/trio_fork-pythons (minutes the first time). See .ci/pythons.
+test-pythons:
+	bash .ci/pythons
 
 # The full benchmark (a few minutes); see bench/README.md.
 bench: $(VENV)/.installed-demo
@@ -58,3 +63,7 @@ $(VENV)/.installed-compat: pyproject.toml | $(BIN)/python
 
 clean:
 	rm -rf $(VENV) docs/_build .mypy_cache .pytest_cache .ruff_cache .compat-cache
+
+# What test-pythons built (root filesystems, venvs, logs), in ~/.cache/trio_fork-pythons.
+clean-pythons:
+	bash .ci/pythons --clean

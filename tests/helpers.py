@@ -45,7 +45,7 @@ def process_exists(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as file:
             return bool(file.read())
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone while being read: ESRCH
         return False
 
 
@@ -54,7 +54,7 @@ def process_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as file:
             stat = file.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone while being read: ESRCH
         return False
     return stat[stat.rindex(")") + 2] not in "ZX"
 
@@ -110,6 +110,20 @@ def descendants(
             if ppid == parent and pid not in found:
                 found[pid] = description
                 frontier.append(pid)
+    return found
+
+
+def ours() -> dict[int, str]:
+    """``descendants()`` but the default template, which open_template() keeps running.
+
+    What is below the default template (templates still open, their children) counts.
+    """
+    from trio_fork import _open
+
+    handle = _open._default.handle
+    found = descendants()
+    if handle is not None:
+        found.pop(handle.pid, None)
     return found
 
 

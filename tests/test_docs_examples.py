@@ -79,7 +79,8 @@ EXPECTED: dict[str, list[str]] = {
         r"Traceback \(most recent call last\):",
         r"(  .*\n)*?  File \"<trio_fork eval #1>\", line 1, in <module>",
         r"    settings = load\(\)(\n *\^+)?",  # Python 3.11 and later point at the error
-        r"NameError: name 'load' is not defined",
+        # Python 3.13 and later add a suggestion (here "Did you mean: 'float'?").
+        r"NameError: name 'load' is not defined(\. Did you mean: .*\?)?",
         r"spawn: AttributeError: module 'workers' has no attribute 'no_such_function'",
         r"spawn\(lambda\): TypeError: target .*<lambda>.* cannot be found by name in another "
         r"process: .*",
@@ -87,6 +88,13 @@ EXPECTED: dict[str, list[str]] = {
     ],
     # Sorted: the workers serve the connections in whatever order they accept them.
     "prefork_server.py": [rf"worker {n} \(pid {PID}\) says hi" for n in range(3)],
+    "run_programs.py": [
+        r"\['echo', 'hello from echo'\]: b'hello from echo\\n', status 0",
+        r"yes \| head -n 2: b'y\\ny\\n', stderr b''",
+        r"FileNotFoundError: No such file or directory: 'no-such-program'",
+        rf"tr, a child of the template \({PID}\): b'THROUGH A PIPE'",
+        r"tr exited with status 0",
+    ],
     "asyncio_example.py": [
         r"HELLO \(from asyncio\)",
         r"exit status 0",

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._errors import BrokenTemplateError as BrokenTemplateError
     from ._errors import BrokenWorkerError as BrokenWorkerError
     from ._errors import RemoteError as RemoteError
+    from ._exec import TemplateProcess as TemplateProcess
     from ._handle import TemplateHandle as TemplateHandle
     from ._handle import fork_main_template as fork_main_template
     from ._handle import start_template as start_template
@@ -74,6 +75,7 @@ _LOCATIONS = {
     "open_worker_context": "_run_sync",
     "run_sync": "_run_sync",
     "Template": "_template",
+    "TemplateProcess": "_exec",
     "JSON": "worker._serializers",
     "PICKLE": "worker._serializers",
 }

@@ -10,10 +10,12 @@ import os
 import pickle
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from .worker._serializers import ModuleSerializer
 from .worker._wire import close_all
+
+T = TypeVar("T")
 
 
 class _HasFileno(Protocol):
@@ -49,10 +51,19 @@ def module_names(modules: Iterable[str], where: str) -> list[str]:
 
 
 def check_name(name: str, what: str) -> str:
-    """``name`` if it is of the form ``"package.module:qualname"``, else ValueError."""
+    """``name`` as ``"package.module:qualname"``, else ValueError.
+
+    A name without a module (``"doit"``, ``"Worker.run"``) is looked up in the
+    ``__main__`` of the process that runs it, as Perl looks a name up in ``main``.
+    """
     module_name, sep, qualname = name.partition(":")
+    if not sep and all(part.isidentifier() for part in name.split(".")):
+        return f"__main__:{name}"
     if not (sep and module_name and qualname):
-        raise ValueError(f"{what} {name!r} is not of the form 'package.module:qualname'")
+        raise ValueError(
+            f"{what} {name!r} is not of the form 'package.module:qualname' (or 'qualname', "
+            "for one in __main__)"
+        )
     return name
 
 
@@ -91,14 +102,11 @@ def check_reference(obj: object, what: str) -> str | Callable[..., Any]:
         raise TypeError(
             f"{what} must be a 'module:qualname' string or a callable, not {type(obj).__name__}"
         )
-    try:
-        pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise TypeError(
-            f"{what} {obj!r} cannot be found by name in another process ({exc}): pass a "
-            "function defined at the top level of a module, or a 'module:qualname' string"
-        ) from exc
-    return obj
+    return _picklable(
+        obj,
+        f"{what} {obj!r} cannot be found by name in another process ({{}}): pass a function "
+        "defined at the top level of a module, or a 'module:qualname' string",
+    )
 
 
 def pickle_arguments(value: object, where: str, args: tuple[object, ...] | list[object]) -> bytes:
@@ -158,11 +166,17 @@ def check_serializer(serializer: object) -> Serializer:
         raise TypeError(
             f"serializer: {serializer!r} has no dumps() and loads() (see trio_fork.Serializer)"
         )
+    return _picklable(
+        serializer,
+        f"serializer: {serializer!r} cannot be sent to a worker: {{}} (it must be picklable, "
+        "e.g. an instance of a class defined at the top level of a module)",
+    )
+
+
+def _picklable(obj: T, message: str) -> T:
+    """``obj`` if it pickles; else a TypeError with ``message`` (``{}``: why not)."""
     try:
-        pickle.dumps(serializer, pickle.HIGHEST_PROTOCOL)
+        pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        raise TypeError(
-            f"serializer: {serializer!r} cannot be sent to a worker: {exc} (it must be "
-            "picklable, e.g. an instance of a class defined at the top level of a module)"
-        ) from exc
-    return serializer
+        raise TypeError(message.format(exc)) from exc
+    return obj

@@ -303,16 +303,9 @@ def start_handle(
     executable = os.fspath(python) if python is not None else sys.executable
     if not executable:
         raise RuntimeError("sys.executable is unknown here: pass python= to start_template")
-    process, channel = launch(executable, env, cwd)
+    setup = _setup_now(env, cwd)
+    process, pidfd, channel = launch(executable, env, cwd)
     assert isinstance(channel, socket.socket)
-    try:
-        setup = _setup_now(env, cwd)
-        pidfd = os.pidfd_open(process.pid)
-    except BaseException:
-        channel.close()
-        process.kill()
-        process.wait()
-        raise
     return _serve_forks(kind, process.pid, pidfd, channel, process, modules, executable, setup)
 
 

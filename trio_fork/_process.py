@@ -62,8 +62,8 @@ def launch(
     *,
     how: str = "import",
     isolated: bool = False,
-) -> tuple[subprocess.Popen[bytes], socket.socket | tuple[int, int]]:
-    """Start a template interpreter; our end of its channel, blocking.
+) -> tuple[subprocess.Popen[bytes], int, socket.socket | tuple[int, int]]:
+    """Start a template interpreter: the process, a pidfd, our end of its channel.
 
     ``how``: ``"import"`` the worker side from this trio_fork; ``"sources"``, send it
     down the channel, as to a host where trio_fork is not installed; ``"pipes"``, the
@@ -108,6 +108,13 @@ def launch(
         ends = (os.dup(process.stdout.fileno()), os.dup(process.stdin.fileno()))
         process.stdout.close()
         process.stdin.close()
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except BaseException:
+        _wire.close_all(list(ends) if pipes else [ours.detach()])
+        process.kill()
+        process.wait()
+        raise
     if how != "import":
         data = memoryview(worker_sources())
         try:
@@ -115,7 +122,7 @@ def launch(
                 data = data[os.write(ends[1] if pipes else ours.fileno(), data) :]
         except OSError:
             pass  # it died: its READY never comes, and the caller says so
-    return process, ends if pipes else ours
+    return process, pidfd, ends if pipes else ours
 
 
 def check_ready(frame: _wire.Frame | None, what: str, exited: object = None) -> int:

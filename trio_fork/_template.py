@@ -18,6 +18,7 @@ import attrs
 import sniffio
 from anyio.abc import UNIXSocketStream
 
+from . import _exec
 from ._arguments import FileDescriptorLike, dup_fds, module_names, pickle_arguments, target_name
 from ._channel import Channel, ExitSlot, Reply, remote_error
 from ._child import Child, Process
@@ -88,9 +89,10 @@ class Template(metaclass=NoPublicConstructor):
     def pid(self) -> int:
         """The template's process id.
 
-        A template from :func:`open_template` is a child of this process, or of the
-        early template once :func:`start_early` has run. One from :meth:`fork` is a
-        child of the template it was forked from, one from
+        A template from :func:`open_template` is a child of the process-wide default
+        template, or of the early template once :func:`start_early` has run, or of
+        this process if it started an interpreter of its own (``fresh=True``). One
+        from :meth:`fork` is a child of the template it was forked from, one from
         :meth:`TemplateHandle.open` a child of the handle's template, and one from
         :func:`adopt_template` a child of whichever process made it. Whatever its
         parent, the pid names this template until the block that gave it to you
@@ -292,59 +294,57 @@ class Template(metaclass=NoPublicConstructor):
                 be unpickled in the child; no process is left.
             BrokenTemplateError: The template died.
         """
-        self._check_loop()
+        process, sock = await self._start_process(target, args, fds)
         self._blocks += 1
         try:
-            process, sock = await self._start_process(target, args, fds)
             try:
+                stream = await UNIXSocketStream.from_socket(sock)
+            except BaseException:
                 try:
-                    stream = await UNIXSocketStream.from_socket(sock)
-                except BaseException:
-                    try:
-                        await process.end(None)
-                    finally:
-                        sock.close()
-                    raise
-                child = Child._create(process.pid, stream, process)
-                hook = None if deliver_cancel is None else lambda: deliver_cancel(child)
+                    await process.end(None)
+                finally:
+                    sock.close()
+                raise
+            child = Child._create(process.pid, stream, process)
+            hook = None if deliver_cancel is None else lambda: deliver_cancel(child)
+            try:
+                yield child
+                await stream.aclose()
+                await process.wait()
+            except BaseException:
+                # Killed before its stream closes: it never sees end of file.
                 try:
-                    yield child
-                    await stream.aclose()
-                    await process.wait()
-                except BaseException:
-                    # Killed before its stream closes: it never sees end of file.
-                    try:
-                        await process.end(hook)
-                    finally:
-                        with anyio.CancelScope(shield=True):
-                            await stream.aclose()
-                    raise
-            finally:
-                process.close()
+                    await process.end(hook)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await stream.aclose()
+                raise
         finally:
             self._blocks -= 1
+            process.close()
+
+    # AnyEvent::Fork's "faster fork+exec": a program run from the template (see ._exec).
+    open_process = _exec.open_process
+    run_process = _exec.run_process
 
     @asynccontextmanager
     async def _spawn_worker(self, *args: object) -> AsyncIterator[tuple[Process, socket.socket]]:
         """A spawn whose socket is the caller's alone: for RPC workers."""
         from .worker._rpc import serve
 
-        self._check_loop()
+        process, sock = await self._start_process(serve, args, ())
         self._blocks += 1
         try:
-            process, sock = await self._start_process(serve, args, ())
-            try:
-                yield process, sock
-                sock.close()  # end of file: the worker exits
-                await process.wait()
-            except BaseException:
-                await process.end(None)
-                raise
-            finally:
-                sock.close()
-                process.close()
+            yield process, sock
+            sock.close()  # end of file: the worker exits
+            await process.wait()
+        except BaseException:
+            await process.end(None)
+            raise
         finally:
+            sock.close()
             self._blocks -= 1
+            process.close()
 
     async def export(self) -> socket.socket:
         """Hand this template's control channel over, to adopt it in another process.
@@ -399,8 +399,22 @@ class Template(metaclass=NoPublicConstructor):
 
         Cancelled before STARTED, it has the process killed, by its template and
         through the pidfd if STARTED comes, and waits (shielded, bounded) until it
-        is gone before closing our end of its socket.
+        is gone before closing our end of its socket. While it runs, the template
+        counts a block open (export() refuses); the caller counts its own after.
         """
+        self._check_loop()
+        self._blocks += 1
+        try:
+            return await self._start(target, args, fds)
+        finally:
+            self._blocks -= 1
+
+    async def _start(
+        self,
+        target: str | Callable[..., object],
+        args: tuple[object, ...],
+        fds: Iterable[FileDescriptorLike],
+    ) -> tuple[Process, socket.socket]:
         name = target_name(target)
         if not isinstance(target, str) and name.startswith("__main__:") and not self.shares_main:
             raise TypeError(

@@ -26,7 +26,7 @@ async def main() -> None:
         children: list[trio_fork.Child] = []
         try:
             await asyncio.wait_for(wait_forever(template, children), timeout=0.2)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             print(f"timed out: the child was killed, status {children[0].returncode}")
 
 

@@ -14,14 +14,10 @@ Options (given by the harness):
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Generator
 from typing import IO, Any
 
 import pytest
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
 
 _MESSAGE_LENGTH = 300
 

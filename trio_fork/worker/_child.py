@@ -22,13 +22,14 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 _CO_COROUTINE = 0x80
 _STARTED = _wire.HEADER.pack(_wire.STARTED, 1, 0, _wire.PID.size)
 _libc: Any = None
 
 
-def prctl(option: int, value: int) -> None:
+def prctl(option: int, value: int | bytes) -> None:
     """``prctl(2)`` with one argument: the only foreign call a template makes."""
     global _libc
     import ctypes
@@ -36,6 +37,11 @@ def prctl(option: int, value: int) -> None:
     _libc = _libc or ctypes.CDLL(None, use_errno=True)
     if _libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def set_title(title: str) -> None:
+    """What ps, top and /proc/PID/comm show for this process (15 bytes of it)."""
+    prctl(PR_SET_NAME, title.encode(errors="replace")[:15])
 
 
 def exit(code: int) -> NoReturn:
@@ -174,6 +180,7 @@ def run(
     try:
         target_name, backend, args = _pickle.loads(payload)
         target = resolve(target_name)
+        set_title(target_name.rpartition(":")[2].rpartition(".")[2])
         run_backend = backend if is_async(target) else None
         state.restore()
     except BaseException as exc:

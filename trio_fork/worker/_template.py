@@ -282,6 +282,7 @@ class Server:
             if payload is not None:
                 code = _child.run(sock, self.queue, payload, fds[1:], self.state)
             else:
+                _child.set_title(f"tmpl of {self.pid}")
                 server = _current[0] = Server(Link(sock), list(self.queue), self.state)
                 if announce:
                     server.hello(0)
@@ -390,6 +391,7 @@ def main(channel: Link, owner: int, sigint_blocked: bool) -> None:
             # If the owner dies, even while this template runs a long command: shut
             # down as when it closes the channel, and take everything below down too.
             _child.prctl(_child.PR_SET_PDEATHSIG, _signal.SIGTERM)
+            _child.set_title(f"tmpl of {os.getppid()}")
             if owner and os.getppid() != owner:
                 raise Terminate
             if channel.carries_fds:
