@@ -66,7 +66,10 @@ class Process:
                 continue
             self._watching = True
             try:
-                await anyio.wait_readable(self._pidfd)
+                try:
+                    await anyio.wait_readable(self._pidfd)
+                except anyio.ClosedResourceError:
+                    return  # its block closed it: the block knew it gone
                 self._dead = True
             finally:
                 self._watching = False
