@@ -31,10 +31,14 @@ if TYPE_CHECKING:
     from ._pool import Pool as Pool
     from ._pool import PoolStatistics as PoolStatistics
     from ._pool import open_pool as open_pool
+    from ._remote import RemoteTemplate as RemoteTemplate
+    from ._remote import open_remote_template as open_remote_template
     from ._rpc import RPC as RPC
     from ._rpc import open_rpc as open_rpc
     from ._run_sync import WorkerContext as WorkerContext
     from ._run_sync import WorkerContextStatistics as WorkerContextStatistics
+    from ._run_sync import WorkerType as WorkerType
+    from ._run_sync import cache_scope as cache_scope
     from ._run_sync import configure_default_context as configure_default_context
     from ._run_sync import current_default_worker_limiter as current_default_worker_limiter
     from ._run_sync import default_context_statistics as default_context_statistics
@@ -65,10 +69,14 @@ _LOCATIONS = {
     "Pool": "_pool",
     "PoolStatistics": "_pool",
     "open_pool": "_pool",
+    "RemoteTemplate": "_remote",
+    "open_remote_template": "_remote",
     "RPC": "_rpc",
     "open_rpc": "_rpc",
     "WorkerContext": "_run_sync",
     "WorkerContextStatistics": "_run_sync",
+    "WorkerType": "_run_sync",
+    "cache_scope": "_run_sync",
     "configure_default_context": "_run_sync",
     "current_default_worker_limiter": "_run_sync",
     "default_context_statistics": "_run_sync",

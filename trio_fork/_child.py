@@ -206,6 +206,7 @@ class Child(metaclass=NoPublicConstructor):
             TypeError: ``sig`` is not an int.
             ValueError: ``sig`` is not a signal number of this system.
         """
+        check_signal(sig)  # here too: a remote child's process signals by other means
         self._process.send_signal(sig)
 
     def terminate(self) -> None:

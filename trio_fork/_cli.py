@@ -54,11 +54,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_positive_int,
         help="samples per row (default: 1 with --quick, else 10)",
     )
+    bench.add_argument(
+        "--remote",
+        metavar="COMMAND",
+        help="instead, the remote rows: remote templates through this ssh command "
+        '("ssh [options] host"), side by side with execnet, raw ssh and a local template',
+    )
+    bench.add_argument(
+        "--remote-python",
+        default="python3",
+        metavar="PYTHON",
+        help="the interpreter on the remote host, for trio_fork and execnet alike",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run
 
         return run(args.backend)
+    if args.command == "bench" and args.remote is not None:
+        from ._bench._remote import run as run_remote
+
+        return run_remote(args.remote, args.remote_python, quick=args.quick, backend=args.backend)
     if args.command == "bench":
         from ._bench import output_problem, plot_problem
         from ._bench import run as run_bench

@@ -23,6 +23,7 @@ from ._call import LOST, Call, Request, make_request, open_call, outcome, wait_f
 from ._connection import Connection
 from ._construct import NoPublicConstructor
 from ._errors import BrokenWorkerError
+from ._placement import Placements
 from ._pool_state import STARTING, Actions, Limits, PoolState, Slot
 from ._rpc import EventQueue, is_async_function, prepare_worker, require_event_loop
 from ._transport import Transport
@@ -30,9 +31,14 @@ from .worker._rpc import WorkerSpec
 from .worker._serializers import PICKLE
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from anyio.abc import TaskGroup
 
+    from ._remote import RemoteTemplate
     from ._template import Template
+
+    PoolTemplate = Template | RemoteTemplate | tuple[Template | RemoteTemplate, int]
 
 
 @final
@@ -69,7 +75,7 @@ class Pool(metaclass=NoPublicConstructor):
     """
 
     _state: PoolState
-    _template: Template
+    _placements: Placements
     _spec: WorkerSpec
     _task_group: TaskGroup
     _event_loop_imported: bool
@@ -206,8 +212,10 @@ class Pool(metaclass=NoPublicConstructor):
     async def _run_worker(self, slot: Slot) -> None:
         error: BaseException | None = None
         died = False
+        index = await self._placements.take()
+        template = self._placements.templates[index]
         try:
-            async with self._template._spawn_worker(self._spec) as (process, sock):
+            async with template._spawn_worker(self._spec) as (process, sock):
                 connection = Connection(process, Transport(sock))
                 connection.on_event = self._events.put
                 self._state.worker_started(slot, connection)
@@ -227,7 +235,8 @@ class Pool(metaclass=NoPublicConstructor):
                             # Learnt only now (the function was named by a string):
                             # later workers start faster if the template has it.
                             self._event_loop_imported = True
-                            await require_event_loop(self._template)
+                            for each in self._placements.templates:
+                                await require_event_loop(each)
                         self._serve(slot, connection)
         except anyio.get_cancelled_exc_class():
             raise
@@ -238,6 +247,8 @@ class Pool(metaclass=NoPublicConstructor):
                 # template died with the worker's exit status).
                 return
             error = exc
+        finally:
+            self._placements.release(index)
         if error is not None:
             self._failed(slot, error, died=died)
 
@@ -288,7 +299,7 @@ class Pool(metaclass=NoPublicConstructor):
 
 @asynccontextmanager
 async def open_pool(
-    template: Template,
+    template: Template | RemoteTemplate | Sequence[PoolTemplate],
     function: str | Callable[..., Any],
     *,
     max: int | None = None,
@@ -310,9 +321,14 @@ async def open_pool(
     workers; leaving it by an exception or cancellation kills them.
 
     Args:
-        template: The template to fork workers from.
+        template: The template to fork workers from, local or remote; or a sequence
+            of templates, or of ``(template, max)`` pairs, to spread the workers
+            over (say, over several hosts). A new worker is forked from the template
+            with the fewest workers for its ``max``.
         function: As for :func:`open_rpc`.
-        max: The most workers at once (default: the number of CPUs).
+        max: The most workers at once (default: the number of CPUs); with a
+            sequence of templates, the most of each template that is not given
+            its own, and the pool's most is their sum.
         idle: Workers kept even without calls; the block starts with this many ready.
         load: Calls sent to one worker at a time; beyond that, calls wait here for
             a worker. For a sync function, more than one lets a worker start its
@@ -330,28 +346,32 @@ async def open_pool(
         RemoteError: The function or ``init`` could not be found in the first
             workers, or ``init`` raised.
     """
-    limits = _limits(max, idle, load, start, stop, retire)
-    spec = await prepare_worker(
-        template,
-        function,
-        init=init,
-        init_args=init_args,
-        serializer=serializer,
-        events=events,
-        done=done,
-    )
-    async with run_pool(template, limits, spec) as pool:
+    if max is not None:
+        _check_int("max", max, 1)
+    placements = Placements.of(template, max if max is not None else os.cpu_count() or 1)
+    limits = _limits(placements.total, idle, load, start, stop, retire)
+    for each in placements.templates:
+        spec = await prepare_worker(
+            each,
+            function,
+            init=init,
+            init_args=init_args,
+            serializer=serializer,
+            events=events,
+            done=done,
+        )
+    async with run_pool(placements, limits, spec) as pool:
         yield pool
 
 
 @asynccontextmanager
-async def run_pool(template: Template, limits: Limits, spec: WorkerSpec) -> AsyncIterator[Pool]:
+async def run_pool(placements: Placements, limits: Limits, spec: WorkerSpec) -> AsyncIterator[Pool]:
     """The lifetime of a pool whose template is ready and settings checked."""
     body_error: BaseException | None = None
     timer = anyio.CancelScope()
     async with anyio.create_task_group() as task_group:
         pool = Pool._create(
-            PoolState(limits), template, spec, task_group, is_async_function(spec.function)
+            PoolState(limits), placements, spec, task_group, is_async_function(spec.function)
         )
         task_group.start_soon(_run_in, timer, pool._run_timer)
         try:

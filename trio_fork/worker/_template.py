@@ -258,7 +258,7 @@ class Server:
             self.in_new_process([channel], None, announce=True)
         os.close(channel)
         # Not in self.children: nobody reads our channel for its exit status. The
-        # requester learns that it is reaped when this pipe closes.
+        # requester reads it from this pipe, which closes once the process is reaped.
         self.reaped[pid] = reaped
 
     def in_new_process(
@@ -310,11 +310,18 @@ class Server:
                 return
             if pid == 0:
                 return
+            code = os.waitstatus_to_exitcode(status)
             id = self.children.pop(pid, None)
             if id is not None:
-                code = os.waitstatus_to_exitcode(status)
                 self.reply(_wire.EXITED, id, _wire.EXIT_STATUS.pack(code))
-            close_all([self.reaped.pop(pid, -1)])
+            reaped = self.reaped.pop(pid, None)
+            if reaped is not None:
+                # The requester learns the exit status, then (end of file) that it is gone.
+                try:
+                    os.write(reaped, _wire.EXIT_STATUS.pack(code))
+                except OSError:
+                    pass
+                os.close(reaped)
 
     def shutdown(self) -> None:
         """Kill and reap everything below this process."""
