@@ -203,25 +203,32 @@ class FirstFrame:
         return _wire.Frame(op, id, payload, fds, False)
 
     async def _receive_into(self, size: int) -> bool:
-        """Receive until the frame's bytes number ``size``, never more; False at end of file."""
-        data = self._data
-        while len(data) < size:
-            try:
-                chunk, ancdata, _, _ = self.sock.recvmsg(
-                    size - len(data), socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
-                )
-            except BlockingIOError:
-                await anyio.wait_readable(self.sock)
-                continue
-            self._fds.extend(_wire.parse_ancillary(ancdata))
-            if not chunk:
-                return False
-            data += chunk
-        return True
+        return await _receive_into(self.sock, self._data, size, self._fds)
 
     def close(self) -> None:
         _wire.close_all(self._fds)
         self._fds.clear()
+
+
+async def _receive_into(sock: socket.socket, data: bytearray, size: int, fds: list[int]) -> bool:
+    """Receive until ``data`` holds ``size`` bytes, never more; False at end of file.
+
+    What arrives is added to ``data`` and ``fds`` as it comes, so a receive that is
+    cancelled can be resumed with the same ``data`` and ``fds``.
+    """
+    while len(data) < size:
+        try:
+            chunk, ancdata, _, _ = sock.recvmsg(
+                size - len(data), socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC
+            )
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+            continue
+        fds.extend(_wire.parse_ancillary(ancdata))
+        if not chunk:
+            return False
+        data += chunk
+    return True
 
 
 async def receive_frame(sock: socket.socket) -> _wire.Frame | None:
