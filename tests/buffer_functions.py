@@ -102,3 +102,12 @@ def hold(array: Any, seconds: float) -> float:
 
     time.sleep(seconds)
     return float(array[0])
+
+
+def count_mapped(arrays: list[Any]) -> tuple[int, int]:
+    """How many arrays came, and how many of them on mappings."""
+    return len(arrays), sum(where(array) is not None for array in arrays)
+
+
+def many(count: int, size: int) -> list[Any]:
+    return [np.full(size, index % 256, dtype=np.uint8) for index in range(count)]

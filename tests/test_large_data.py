@@ -121,6 +121,20 @@ async def test_events_outside_calls(template: trio_fork.Template, baseline: None
         del event
 
 
+async def test_more_buffers_than_one_message_carries(
+    template: trio_fork.Template, baseline: None
+) -> None:
+    # 260 descriptors: over the 253 that one sendmsg carries, in both directions.
+    arrays = [np.full(4096, index % 256, np.uint8) for index in range(260)]
+    async with trio_fork.open_rpc(template, f.count_mapped, buffer_threshold=4096) as rpc:
+        assert await rpc.call(arrays) == (260, 260)
+    async with trio_fork.open_rpc(template, f.many, buffer_threshold=4096) as rpc:
+        results = await rpc.call(260, 4096)
+        assert [int(result[0]) for result in results] == [index % 256 for index in range(260)]
+        assert all(f.where(result) is not None for result in results)
+        del results
+
+
 async def test_an_async_worker(template: trio_fork.Template, baseline: None) -> None:
     async with trio_fork.open_rpc(template, f.async_double) as rpc:
         results: list[object] = []

@@ -161,6 +161,9 @@ class Pool(metaclass=NoPublicConstructor):
     def _apply(self, actions: Actions) -> None:
         """Do what the policy decided: the only place where its decisions meet I/O."""
         for slot in actions.start:
+            if not self._opened.is_set():
+                # Started while the pool opens (a replacement): open waits for it too.
+                self._opening.add(slot)
             self._task_group.start_soon(self._run_worker, slot)
         for slot, request in actions.send:
             assert slot.connection is not None
@@ -210,6 +213,7 @@ class Pool(metaclass=NoPublicConstructor):
 
     async def _run_worker(self, slot: Slot) -> None:
         error: BaseException | None = None
+        died = False
         index = await self._placements.take()
         template = self._placements.templates[index]
         try:
@@ -227,6 +231,7 @@ class Pool(metaclass=NoPublicConstructor):
                         error = connection.failure
                     elif connection.lost is not None:
                         error = BrokenWorkerError(f"{connection.lost} before it was ready")
+                        died = True
                     if error is not None:
                         task_group.cancel_scope.cancel()
                     else:
@@ -249,7 +254,7 @@ class Pool(metaclass=NoPublicConstructor):
         finally:
             self._placements.release(index)
         if error is not None:
-            self._failed(slot, error)
+            self._failed(slot, error, died=died)
 
     def _serve(self, slot: Slot, connection: Connection) -> None:
         """The worker is ready: hook its connection up to the policy."""
@@ -275,9 +280,17 @@ class Pool(metaclass=NoPublicConstructor):
         self._opened_one(slot, None)
         self._apply(self._state.worker_ready(slot, self._now()))
 
-    def _failed(self, slot: Slot, error: BaseException) -> None:
-        self._opened_one(slot, error)
-        self._apply(self._state.worker_failed(slot, error, self._now()))
+    def _failed(self, slot: Slot, error: BaseException, *, died: bool) -> None:
+        """A worker could not start: it said why (``init`` raised, say), or it died."""
+        if died:
+            actions = self._state.worker_died_starting(slot, error, self._now())
+            replaced = not self._state.start_failed
+        else:
+            actions = self._state.worker_failed(slot, error, self._now())
+            replaced = False
+        # Its replacement, if any, joins those that the opening waits for first.
+        self._apply(actions)
+        self._opened_one(slot, None if replaced else error)
 
     def _opened_one(self, slot: Slot, error: BaseException | None) -> None:
         if slot in self._opening:
@@ -419,12 +432,18 @@ def _limits(
         _check_int("retire", retire, 1)
     if idle > max:
         raise ValueError(f"idle ({idle}) cannot exceed max ({max})")
-    for name, value in (("start", start), ("stop", stop)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-        if not value >= 0:
-            raise ValueError(f"{name} must be a non-negative number of seconds, not {value!r}")
-    return Limits(max, idle, load, float(start), float(stop), retire)
+    return Limits(max, idle, load, _seconds("start", start), _seconds("stop", stop), retire)
+
+
+def _seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number of seconds, not {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf  # an int beyond any float: forever, as far as any clock goes
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -194,17 +194,24 @@ def run(
         state.restore()
     except BaseException as exc:
         state.show_sources()
-        _wire.send_blocking(sock, _wire.encode(_wire.ERROR, 0, _wire.error_payload(exc)))
+        try:
+            _wire.send_blocking(sock, _wire.encode(_wire.ERROR, 0, _wire.error_payload(exc)))
+        except OSError:
+            pass  # nobody waits for this child any more
         return 1
     # The child opens its own pidfd: it is alive now, so the pidfd cannot name a
     # recycled pid, and the template has nothing to do for it.
     pid = os.getpid()
     pidfd = os.pidfd_open(pid)
-    sock.sendmsg(
-        [_STARTED + _wire.PID.pack(pid)],
-        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, pidfd.to_bytes(4, sys.byteorder))],
-    )
-    os.close(pidfd)
+    try:
+        sock.sendmsg(
+            [_STARTED + _wire.PID.pack(pid)],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, pidfd.to_bytes(4, sys.byteorder))],
+        )
+    except OSError:
+        return 1  # the parent gave up on this child (or died) before it started: quietly
+    finally:
+        os.close(pidfd)
     return call(target, [sock, *queued, *args, *fds], run_backend, state)
 
 
