@@ -6,6 +6,7 @@ import pytest
 
 from tests.helpers import leftover_processes
 from tests.targets import open_fds
+from trio_fork import _open
 
 # pytester: for running small example suites that use the trio_fork plugin; tests.sshd:
 # real OpenSSH servers on loopback and in network namespaces.
@@ -25,6 +26,8 @@ def no_leaks() -> Iterator[None]:
     """Every test leaves no process of ours (not even a zombie) and no descriptor."""
     fds_before = open_fds()
     yield
+    # open_template() keeps a process-wide default template: each test starts its own.
+    _open._stop_default()
     leftover = leftover_processes()
     assert not leftover, f"processes left behind: {leftover}"
     leaked = {fd: target for fd, target in open_fds().items() if fds_before.get(fd) != target}

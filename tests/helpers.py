@@ -58,7 +58,7 @@ def process_exists(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as file:
             return bool(file.read())
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone while being read: ESRCH
         return False
 
 
@@ -67,7 +67,7 @@ def process_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as file:
             stat = file.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone while being read: ESRCH
         return False
     return stat[stat.rindex(")") + 2] not in "ZX"
 
@@ -123,6 +123,20 @@ def descendants(
             if ppid == parent and pid not in found:
                 found[pid] = description
                 frontier.append(pid)
+    return found
+
+
+def ours() -> dict[int, str]:
+    """``descendants()`` but the default template, which open_template() keeps running.
+
+    What is below the default template (templates still open, their children) counts.
+    """
+    from trio_fork import _open
+
+    handle = _open._default.handle
+    found = descendants()
+    if handle is not None:
+        found.pop(handle.pid, None)
     return found
 
 

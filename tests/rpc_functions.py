@@ -218,3 +218,30 @@ async def current_backend() -> str:
     import sniffio
 
     return sniffio.current_async_library()
+
+
+class AsyncCallable:
+    """An object whose ``__call__`` is asynchronous: known only once it is called."""
+
+    async def __call__(self, value: Any) -> Any:
+        return value
+
+
+def main_attribute(name: str) -> Any:
+    """A name of this process's ``__main__`` (run_sync workers take on the parent's)."""
+    return getattr(sys.modules["__main__"], name)
+
+
+def set_event(event: Any) -> bool:
+    """Set a multiprocessing manager's Event: the proxy needs the parent's authkey."""
+    event.set()
+    return event.is_set()  # type: ignore[no-any-return]
+
+
+def emit_then_retire(value: Any) -> Any:
+    """Use the child-side API of RPC workers: an event (outside any call's), then retire."""
+    import trio_fork.worker
+
+    trio_fork.worker.emit(("event", value))
+    trio_fork.worker.retire()
+    return value

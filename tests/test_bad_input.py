@@ -27,7 +27,8 @@ async def template() -> trio_fork.Template:  # type: ignore[misc]
     [
         (42, TypeError, "not int"),
         (None, TypeError, "not NoneType"),
-        ("no_colon_here", ValueError, "module:qualname"),
+        ("not a name", ValueError, "module:qualname"),
+        ("", ValueError, "module:qualname"),
         (":f", ValueError, "module:qualname"),
         (lambda sock: None, TypeError, "top level of a module"),
         (threading.Thread().start, TypeError, "top level of a module"),

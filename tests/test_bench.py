@@ -55,6 +55,12 @@ EXPECTED_ROWS = {
     "fixture_fresh_template_suite",
     "open_template_plain",
     "open_template_early",
+    "open_template_default",
+    *(
+        f"exec_{runner}_{size}"
+        for runner in ("trio_fork", "anyio", "trio", "as_user_trio_fork", "as_user_anyio")
+        for size in ("0", "2gb")
+    ),
 }
 EXPECTED_TARGETS = {
     "spawn_vs_floor",
@@ -69,6 +75,7 @@ EXPECTED_TARGETS = {
     "fixture_time_suite",
     "fixture_speedup_suite",
     "early_speedup",
+    "default_template_time",
     "run_sync_vs_anyio",
     "run_sync_vs_trio_parallel",
     "rpc_pipelined_rate",
@@ -78,6 +85,8 @@ EXPECTED_TARGETS = {
 HIDDEN = ("numpy", "trio_parallel")
 # Rows that need an optional peer (the bench extra) that may not be installed here.
 PEER_ROWS = {"numpy": "numpy_", "trio_parallel": "trio_parallel_"}
+# Rows that run only on Trio: skipped in the run on asyncio.
+TRIO_ONLY = ("exec_trio_0", "exec_trio_2gb")
 UNITS = {row.key: row.kind.value for row in ROWS}
 
 
@@ -165,7 +174,7 @@ def test_table_prints_every_row_and_target(runs: Runs) -> None:
     for row in ROWS:
         line = _line(lines, row.label)
         figure = line.strip()[len(row.label) :].split()
-        if _needs(row.key, HIDDEN):
+        if _needs(row.key, HIDDEN) or row.key.startswith(TRIO_ONLY):
             assert figure[0] == "-", line
             assert "skipped:" in line, line
             # numpy's rows say it is hidden; trio_parallel's, first, that this is asyncio.
@@ -192,7 +201,7 @@ def test_json_file_written_alongside_the_table(runs: Runs) -> None:
     assert "runs only on Trio" in rows["trio_parallel_fresh"]["note"]
     assert "runs only on Trio" in rows["trio_parallel_numpy_pool"]["note"]
     for key, row in rows.items():
-        if _needs(key, HIDDEN):
+        if _needs(key, HIDDEN) or key.startswith(TRIO_ONLY):
             assert row["value"] is None
             assert row["samples"] == []
             assert row["note"].startswith("skipped:"), row

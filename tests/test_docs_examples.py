@@ -88,6 +88,13 @@ EXPECTED: dict[str, list[str]] = {
     ],
     # Sorted: the workers serve the connections in whatever order they accept them.
     "prefork_server.py": [rf"worker {n} \(pid {PID}\) says hi" for n in range(3)],
+    "run_programs.py": [
+        r"\['echo', 'hello from echo'\]: b'hello from echo\\n', status 0",
+        r"yes \| head -n 2: b'y\\ny\\n', stderr b''",
+        r"FileNotFoundError: No such file or directory: 'no-such-program'",
+        rf"tr, a child of the template \({PID}\): b'THROUGH A PIPE'",
+        r"tr exited with status 0",
+    ],
     "asyncio_example.py": [
         r"HELLO \(from asyncio\)",
         r"exit status 0",

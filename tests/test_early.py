@@ -53,8 +53,8 @@ async def environment(template: trio_fork.Template) -> dict[str, object]:
 async def test_a_template_is_the_one_open_template_would_start(
     early: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # python= bypasses the early template: this one is started the usual way.
-    async with trio_fork.open_template(python=sys.executable) as fresh:
+    # fresh=True bypasses the early template: this one is started the usual way.
+    async with trio_fork.open_template(fresh=True) as fresh:
         assert parent_of(fresh.pid) == os.getpid()
         started = await environment(fresh)
     async with trio_fork.open_template() as template:
@@ -102,7 +102,12 @@ async def test_env_cwd_and_preload_arguments(early: int, tmp_path: Path) -> None
 
 
 async def test_python_given_starts_an_interpreter(early: int) -> None:
-    async with trio_fork.open_template(python=sys.executable) as template:
+    async with trio_fork.open_template(python=sys.executable, fresh=True) as template:
+        assert parent_of(template.pid) == os.getpid()
+    # Another interpreter than this one's (a symlink to it will do): started too.
+    python = Path(sys.executable).resolve()
+    assert str(python) != sys.executable
+    async with trio_fork.open_template(python=python) as template:
         assert parent_of(template.pid) == os.getpid()
 
 
@@ -161,8 +166,10 @@ async def test_start_and_stop(early: int) -> None:
     trio_fork.stop_early()
     trio_fork.stop_early()
     assert not process_exists(early)
+    # Then open_template() forks the default template again.
     async with trio_fork.open_template() as template:
-        assert parent_of(template.pid) == os.getpid()
+        assert _open._default.handle is not None
+        assert parent_of(template.pid) == _open._default.handle.pid
 
 
 async def test_an_early_template_killed_from_outside(early: int) -> None:

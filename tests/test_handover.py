@@ -11,7 +11,7 @@ import pytest
 
 import trio_fork
 from tests import targets
-from tests.helpers import descendants, process_alive, receive
+from tests.helpers import descendants, ours, process_alive, receive
 
 pytestmark = pytest.mark.anyio
 
@@ -73,7 +73,7 @@ async def test_the_exporters_block_still_bounds_the_lifetime() -> None:
             await task_group.start(adopter, await template.export())
         exporter_left.set()
     assert len(failures) == 1
-    assert not descendants()
+    assert not ours()
 
 
 async def test_export_is_refused_while_a_block_is_open() -> None:

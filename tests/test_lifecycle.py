@@ -11,7 +11,7 @@ import pytest
 
 import trio_fork
 from tests import targets
-from tests.helpers import descendants, process_alive, process_exists, receive
+from tests.helpers import ours, process_alive, process_exists, receive
 
 pytestmark = pytest.mark.anyio
 
@@ -172,7 +172,7 @@ async def test_many_sequential_spawns_leak_nothing() -> None:
             async with template.spawn(targets.one_byte) as child:
                 assert await child.stream.receive() == b"x"
             assert child.returncode == 0
-        assert set(descendants()) == {template.pid}
+        assert set(ours()) == {template.pid}
 
 
 async def test_cancelled_spawns_leave_nothing_once_the_template_ends() -> None:

@@ -23,11 +23,13 @@ from tests import targets
 from tests.helpers import (
     descendants,
     libffi,
+    ours,
     process_alive,
     process_exists,
     receive,
     wait_until_dead,
 )
+from trio_fork import _open
 
 pytestmark = pytest.mark.anyio
 
@@ -58,13 +60,15 @@ def raised_fd_limit() -> Iterator[None]:
 # 1. No orphans ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("default", ["default template", "fresh templates"])
 @pytest.mark.parametrize("backend", ["trio", "asyncio"])
-def test_no_orphans_when_the_parent_is_killed(backend: str) -> None:
+def test_no_orphans_when_the_parent_is_killed(backend: str, default: str) -> None:
     # The subreaper stands in for an init that reaps orphans; it reports when each
     # process below it was reaped, counted from the parent's death.
     command = [sys.executable, "-m", "tests.scripts.subreaper"]
     command += [sys.executable, "-m", "tests.scripts.tree", backend]
-    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True) as wrapper:
+    env = dict(os.environ, TRIO_FORK_DEFAULT_TEMPLATE="1" if default == "default template" else "0")
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env) as wrapper:
         assert wrapper.stdout is not None
         tree = json.loads(wrapper.stdout.readline())
         os.kill(tree["parent"], signal.SIGKILL)
@@ -72,11 +76,14 @@ def test_no_orphans_when_the_parent_is_killed(backend: str) -> None:
         assert wrapper.wait(timeout=10) == 0
     reaped = {int(pid): after for pid, after in report["reaped"].items()}
     # Templates reap what they made before they exit; what they orphan (only the
-    # templates themselves here) is reaped by the subreaper. Either way nothing is left,
-    # and the last process went within 2 s of the parent's death.
-    everyone = [tree["parent"], *tree["templates"], *tree["children"]]
+    # templates themselves here: the default template, or the two the parent started)
+    # is reaped by the subreaper. Either way nothing is left, and the last process went
+    # within 2 s of the parent's death.
+    orphans = [tree["default"]] if tree["default"] else tree["templates"][:2]
+    assert (tree["default"] is None) == (default == "fresh templates")
+    everyone = [tree["parent"], *tree["templates"], *tree["children"], *orphans]
     assert not [pid for pid in everyone if process_exists(pid)]
-    assert set(tree["templates"][:2]) <= set(reaped)
+    assert set(orphans) <= set(reaped)
     late = {pid: after for pid, after in reaped.items() if after > 2}
     assert not late, f"gone only after more than 2 s: {late}"
 
@@ -281,6 +288,8 @@ async def _every_cancellation_point(operation: Callable[[], Awaitable[None]]) ->
         with anyio.CancelScope() as scope:
             trampoline = _CancelAtYield(operation(), scope, n)
             await trampoline
+        # Started again by the next operation: its start is cancelled at every point too.
+        _open._stop_default()
         assert not descendants(), f"processes left after a cancel at yield {n}"
         leaked = {fd: name for fd, name in targets.open_fds().items() if fds_before.get(fd) != name}
         assert not leaked, f"descriptors leaked after a cancel at yield {n}: {leaked}"
@@ -315,7 +324,7 @@ async def test_cancellation_at_every_point_of_a_spawn_from_a_running_template() 
         for n in range(1000):
             with anyio.CancelScope() as scope:
                 await _CancelAtYield(spawn(), scope, n)
-            assert set(descendants()) == {template.pid}, f"after a cancel at yield {n}"
+            assert set(ours()) == {template.pid}, f"after a cancel at yield {n}"
             if not scope.cancel_called:
                 break
         async with template.spawn(targets.one_byte) as child:

@@ -55,6 +55,8 @@ def adopting() -> Iterator[None]:
     What a killed template orphans comes here rather than to this machine's init (which
     may never reap it), and is reaped (killed first, if the test failed) afterwards.
     """
+    from trio_fork import _open
+
     libc = ctypes.CDLL(None, use_errno=True)
     before = _children()
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
@@ -62,7 +64,8 @@ def adopting() -> Iterator[None]:
         yield
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        for pid in _children() - before:
+        default = _open._default.handle  # a child of ours, not adopted
+        for pid in _children() - before - {default.pid if default else 0}:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -85,8 +88,11 @@ async def test_every_template_leads_a_process_group_with_its_children() -> None:
 
 
 @pytest.mark.usefixtures("adopting")
-async def test_what_a_child_forked_dies_with_its_killed_template() -> None:
-    async with trio_fork.open_template(preload=["tests.targets"]) as template:
+@pytest.mark.parametrize("fresh", [False, True], ids=["forked", "fresh"])
+async def test_what_a_child_forked_dies_with_its_killed_template(fresh: bool) -> None:
+    # Forked from the default template, its orphans would go to that template; a fresh
+    # interpreter's, to init (here, to this process).
+    async with trio_fork.open_template(preload=["tests.targets"], fresh=fresh) as template:
         await template.eval(PARENT_OF)
         with pytest.raises(trio_fork.BrokenTemplateError):
             async with template.spawn("__main__:parent_of") as child:

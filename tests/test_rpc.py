@@ -16,7 +16,7 @@ import pytest
 
 import trio_fork
 from tests import rpc_functions as f
-from tests.helpers import cancelled_when, descendants, process_exists, until
+from tests.helpers import cancelled_when, descendants, ours, process_exists, until
 
 pytestmark = pytest.mark.anyio
 
@@ -151,7 +151,7 @@ async def test_init_failure_fails_the_open(template: trio_fork.Template) -> None
             pytest.fail("the RPC should not open")
     assert info.value.type_name == "RuntimeError"
     assert "init failed on purpose" in info.value.remote_traceback
-    assert set(descendants()) == {template.pid}
+    assert set(ours()) == {template.pid}
 
 
 async def test_functions_that_cannot_be_found(template: trio_fork.Template) -> None:
@@ -164,7 +164,7 @@ async def test_functions_that_cannot_be_found(template: trio_fork.Template) -> N
                 pass
         assert info.value.type_name == type_name
     with pytest.raises(ValueError, match="module:qualname"):
-        async with trio_fork.open_rpc(template, "no_colon"):
+        async with trio_fork.open_rpc(template, "mod:"):
             pass
     with pytest.raises(TypeError, match="cannot be found by name"):
         async with trio_fork.open_rpc(template, lambda: None):
@@ -175,7 +175,7 @@ async def test_functions_that_cannot_be_found(template: trio_fork.Template) -> N
     with pytest.raises(TypeError, match="init_args"):
         async with trio_fork.open_rpc(template, f.add, init=f.initialise, init_args="ab"):
             pass
-    assert set(descendants()) == {template.pid}
+    assert set(ours()) == {template.pid}
 
 
 async def test_events_while_a_call_runs(template: trio_fork.Template) -> None:

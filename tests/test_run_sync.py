@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -18,9 +19,17 @@ import pytest
 
 import trio_fork
 from tests import rpc_functions as f
-from tests.helpers import cancelled_when, process_exists, until
+from tests.helpers import cancelled_when, descendants, process_exists, until
+from trio_fork._run_sync import end_default_context
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def end_the_default_context() -> Iterator[None]:
+    """The default context outlives event loops: each test ends it, for the leak check."""
+    yield
+    end_default_context()
 
 
 def cube(value: int) -> int:
@@ -50,14 +59,29 @@ async def test_errors_are_raised_as_themselves_with_the_remote_traceback() -> No
 
 
 async def test_bad_functions_and_arguments() -> None:
-    with pytest.raises(TypeError, match="cannot be sent to a worker"):
+    # A pickling error, whatever pickle raised.
+    with pytest.raises(pickle.PicklingError, match="cannot be sent to a worker"):
         await trio_fork.run_sync(lambda: None)
     with pytest.raises(TypeError, match="fn must be callable"):
         await trio_fork.run_sync(42)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="cannot be serialized"):
-        await trio_fork.run_sync(f.echo, threading.Lock())
-    with pytest.raises(trio_fork.RemoteError, match="could not serialize the result"):
+    with pytest.raises(pickle.PicklingError, match=r"argument 1 \(lock\) cannot be pickled"):
+        await trio_fork.run_sync(f.echo, 1, threading.Lock())
+    # A result that cannot be pickled, in the worker.
+    with pytest.raises(pickle.PicklingError, match=r"cannot pickle '_thread\.lock'") as result:
         await trio_fork.run_sync(f.return_unpicklable)
+    assert isinstance(result.value.__cause__, trio_fork.RemoteError)
+    assert await trio_fork.run_sync(operator.neg, 1) == -1
+
+
+async def test_async_functions_are_refused_at_the_call() -> None:
+    with pytest.raises(TypeError, match="sync functions"):
+        await trio_fork.run_sync(f.async_add, 1, 2)
+    with pytest.raises(TypeError, match="sync functions"):
+        await trio_fork.run_sync(functools.partial(f.async_add, 1), 2)
+    # One that only turns out asynchronous when called: its coroutine is closed
+    # there, unawaited and without a warning.
+    with pytest.raises(TypeError, match="returned a coroutine"):
+        await trio_fork.run_sync(f.AsyncCallable(), 1)
     assert await trio_fork.run_sync(operator.neg, 1) == -1
 
 
@@ -65,14 +89,20 @@ async def test_a_function_the_worker_cannot_import(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with trio_fork.open_worker_context() as context:
-        # The template was given sys.path before this directory joined it.
+        # A worker starts with this process's sys.path as it is then: the template
+        # was started before this directory joined it.
         (tmp_path / "trio_fork_late_module.py").write_text("def late():\n    return 1\n")
         monkeypatch.syspath_prepend(str(tmp_path))
         import trio_fork_late_module  # type: ignore[import-not-found]
 
+        assert await context.run_sync(trio_fork_late_module.late) == 1
+        (tmp_path / "trio_fork_gone_module.py").write_text("def gone():\n    return 1\n")
+        import trio_fork_gone_module  # type: ignore[import-not-found]
+
+        (tmp_path / "trio_fork_gone_module.py").unlink()
         with pytest.raises(RuntimeError, match="could not load the function to call") as info:
-            await context.run_sync(trio_fork_late_module.late)
-        assert "trio_fork_late_module" in str(info.value)
+            await context.run_sync(trio_fork_gone_module.gone)
+        assert "trio_fork_gone_module" in str(info.value)
         assert isinstance(info.value.__cause__, trio_fork.RemoteError)
         assert await context.run_sync(operator.pos, 1) == 1
 
@@ -84,6 +114,9 @@ async def test_entry_is_a_checkpoint(tmp_path: Path) -> None:
         await trio_fork.run_sync(f.record, path, "never")
     assert scope.cancelled_caught
     assert f.read_journal(path) == []
+    # Before anything started: no template, no worker.
+    assert descendants() == {}
+    assert trio_fork.default_context_statistics() == trio_fork.WorkerContextStatistics(0, 0)
 
 
 async def test_without_kill_on_cancel_the_call_completes(tmp_path: Path) -> None:
@@ -98,14 +131,15 @@ async def test_without_kill_on_cancel_the_call_completes(tmp_path: Path) -> None
     assert f.read_journal(path) == ["start a", "end a"]
 
 
-async def test_kill_on_cancel_kills_the_worker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("argument", ["kill_on_cancel", "cancellable"])
+async def test_kill_on_cancel_kills_the_worker(tmp_path: Path, argument: str) -> None:
     path = str(tmp_path / "journal")
     async with cancelled_when(lambda: bool(f.read_journal(path))) as scope:
-        await trio_fork.run_sync(f.meet, path, 2, kill_on_cancel=True)
+        await trio_fork.run_sync(f.meet, path, 2, **{argument: True})
     assert scope.cancelled_caught
     (pid,) = f.read_journal(path)
-    assert not process_exists(int(pid))
-    assert await trio_fork.run_sync(operator.pos, 7) == 7
+    await until(lambda: not process_exists(int(pid)))
+    assert await trio_fork.run_sync(f.getpid) != int(pid)
 
 
 async def test_a_worker_that_dies_is_replaced() -> None:
@@ -114,8 +148,24 @@ async def test_a_worker_that_dies_is_replaced() -> None:
     assert await trio_fork.run_sync(operator.pos, 1) == 1
 
 
-async def test_the_default_limiter_and_a_limiter_of_our_own(tmp_path: Path) -> None:
-    assert trio_fork.current_default_worker_limiter().total_tokens == (os.cpu_count() or 1)
+async def test_workers_may_emit_events_and_retire() -> None:
+    # run_sync has no one to take events: they are dropped. retire() replaces the worker.
+    first = await trio_fork.run_sync(f.getpid)
+    assert await trio_fork.run_sync(f.emit_then_retire, 5) == 5
+    assert await trio_fork.run_sync(f.getpid) != first
+
+
+async def test_the_default_limiter_and_a_limiter_of_our_own(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    limiter = trio_fork.current_default_worker_limiter()
+    assert limiter.total_tokens == (os.cpu_count() or 1)
+    if anyio_backend == "trio":
+        import trio
+
+        assert isinstance(limiter, trio.CapacityLimiter)  # as trio_parallel's is
+    else:
+        assert isinstance(limiter, anyio.CapacityLimiter)
     assert trio_fork.current_default_worker_limiter() is trio_fork.current_default_worker_limiter()
     path = str(tmp_path / "journal")
     limiter = anyio.CapacityLimiter(1)
@@ -183,19 +233,41 @@ async def test_retire_after_a_number_of_calls_and_idle_timeout() -> None:
         await until(lambda: context.statistics() == trio_fork.WorkerContextStatistics(0, 0))
 
 
-async def test_bad_context_settings() -> None:
-    for kwargs, error, message in [
-        ({"preload": "json"}, TypeError, "1-tuple"),
-        ({"preload": [1]}, TypeError, "module names"),
-        ({"idle_timeout": -1}, ValueError, "non-negative"),
-        ({"idle_timeout": "1"}, TypeError, "number of seconds"),
-        ({"retire": 0}, ValueError, "at least 1 call"),
-        ({"retire": True}, TypeError, "not a bool"),
-        ({"init": lambda: None}, TypeError, "cannot be found by name"),
-    ]:
-        with pytest.raises(error, match=message):
-            async with trio_fork.open_worker_context(**kwargs):  # type: ignore[arg-type]
-                pass
+BAD_SETTINGS = [
+    ({"preload": "json"}, TypeError, "1-tuple"),
+    ({"preload": [1]}, TypeError, "module names"),
+    ({"idle_timeout": -1}, ValueError, "non-negative"),
+    ({"idle_timeout": [-1]}, TypeError, "number of seconds"),
+    ({"idle_timeout": "1"}, TypeError, "number of seconds"),
+    ({"grace_period": -1}, ValueError, "non-negative"),
+    ({"grace_period": None}, TypeError, "number of seconds"),
+    ({"worker_type": "wrong"}, ValueError, "'spawn', 'forkserver', 'fork'"),
+    ({"retire": 0}, ValueError, "at least 1 call"),
+    ({"retire": True}, TypeError, "must be callable"),
+    ({"retire": None}, TypeError, "must be callable"),
+    ({"init": None}, TypeError, "must be callable"),
+    ({"init": 0}, TypeError, "must be callable"),
+    ({"init": lambda: None}, TypeError, "cannot be found by name"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), BAD_SETTINGS)
+async def test_bad_context_settings(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    # trio_parallel's errors for its arguments (test_impl.py's test_erroneous_scope_*).
+    with pytest.raises(error, match=message):
+        async with trio_fork.open_worker_context(**kwargs):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(error, match=message):
+        async with trio_fork.cache_scope(**kwargs):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(error, match=message):
+        trio_fork.configure_default_context(**kwargs)  # type: ignore[arg-type]
+    assert descendants() == {}
+
+
+async def test_a_preload_that_fails() -> None:
     with pytest.raises(trio_fork.RemoteError, match="no_such_module_anywhere"):
         async with trio_fork.open_worker_context(preload=["no_such_module_anywhere"]):
             pass
@@ -210,9 +282,21 @@ def default_settings() -> Iterator[None]:
 @pytest.mark.usefixtures("default_settings")
 async def test_configure_the_default_context() -> None:
     trio_fork.configure_default_context(preload=["decimal"])
+    pid = await trio_fork.run_sync(f.getpid)
     assert await trio_fork.run_sync(f.modules_loaded, "decimal") == [True]
-    with pytest.raises(RuntimeError, match="already exists"):
-        trio_fork.configure_default_context()
+    # A default context with workers is replaced, with a warning, as trio_parallel
+    # does; its idle worker ends.
+    with pytest.warns(UserWarning, match="1 worker"):
+        trio_fork.configure_default_context(retire=1)
+    assert not process_exists(pid)
+    first = await trio_fork.run_sync(f.getpid)
+    assert await trio_fork.run_sync(f.getpid) != first
+    assert await trio_fork.run_sync(f.modules_loaded, "decimal") == [False]
+
+
+async def test_configure_the_default_context_from_the_main_thread_only() -> None:
+    with pytest.raises(RuntimeError, match="main thread"):
+        await anyio.to_thread.run_sync(trio_fork.configure_default_context)
 
 
 _SCRIPT = """

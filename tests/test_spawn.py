@@ -12,7 +12,7 @@ import pytest
 
 import trio_fork
 from tests import targets
-from tests.helpers import descendants, libffi, receive
+from tests.helpers import libffi, ours, receive
 
 pytestmark = pytest.mark.anyio
 
@@ -155,7 +155,7 @@ async def test_unresolvable_targets_raise_remote_error_and_leave_no_process(
             async with template.spawn(target):
                 pytest.fail("the child should not start")
         assert info.value.type_name == type_name
-        assert set(descendants()) == {template.pid}
+        assert set(ours()) == {template.pid}
     async with template.spawn(targets.nothing):
         pass
 
@@ -170,7 +170,7 @@ async def test_arguments_that_do_not_unpickle_in_the_child(template: trio_fork.T
         async with template.spawn(targets.report_args, _FailsToUnpickle()):
             pass
     assert info.value.type_name == "ValueError"
-    assert set(descendants()) == {template.pid}
+    assert set(ours()) == {template.pid}
 
 
 async def test_forty_concurrent_spawns(template: trio_fork.Template) -> None:

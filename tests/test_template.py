@@ -11,6 +11,7 @@ import pytest
 import trio_fork
 from tests import targets
 from tests.helpers import parent_side_modules, receive
+from trio_fork import _open
 
 pytestmark = pytest.mark.anyio
 
@@ -21,11 +22,14 @@ async def environment(template: trio_fork.Template) -> dict[str, object]:
     return result
 
 
-async def test_template_is_a_direct_child_that_imports_only_the_standard_library() -> None:
-    async with trio_fork.open_template() as template:
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "default"])
+async def test_template_is_a_child_that_imports_only_the_standard_library(fresh: bool) -> None:
+    async with trio_fork.open_template(fresh=fresh) as template:
         with open(f"/proc/{template.pid}/stat") as file:
             ppid = int(file.read().rsplit(")", 1)[1].split()[1])
-        assert ppid == os.getpid()
+        # A fresh interpreter is ours; otherwise a fork of the default template.
+        default = _open._default.handle
+        assert ppid == (os.getpid() if fresh else default and default.pid)
         env = await environment(template)
     modules = set(env["modules"])  # type: ignore[arg-type]
     for heavy in ("trio", "anyio", "attrs", "sniffio"):

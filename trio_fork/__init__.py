@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._errors import BrokenTemplateError as BrokenTemplateError
     from ._errors import BrokenWorkerError as BrokenWorkerError
     from ._errors import RemoteError as RemoteError
+    from ._exec import TemplateProcess as TemplateProcess
     from ._handle import TemplateHandle as TemplateHandle
     from ._handle import fork_main_template as fork_main_template
     from ._handle import start_template as start_template
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from ._rpc import open_rpc as open_rpc
     from ._run_sync import WorkerContext as WorkerContext
     from ._run_sync import WorkerContextStatistics as WorkerContextStatistics
+    from ._run_sync import WorkerType as WorkerType
+    from ._run_sync import cache_scope as cache_scope
     from ._run_sync import configure_default_context as configure_default_context
     from ._run_sync import current_default_worker_limiter as current_default_worker_limiter
     from ._run_sync import default_context_statistics as default_context_statistics
@@ -68,12 +71,15 @@ _LOCATIONS = {
     "open_rpc": "_rpc",
     "WorkerContext": "_run_sync",
     "WorkerContextStatistics": "_run_sync",
+    "WorkerType": "_run_sync",
+    "cache_scope": "_run_sync",
     "configure_default_context": "_run_sync",
     "current_default_worker_limiter": "_run_sync",
     "default_context_statistics": "_run_sync",
     "open_worker_context": "_run_sync",
     "run_sync": "_run_sync",
     "Template": "_template",
+    "TemplateProcess": "_exec",
     "JSON": "worker._serializers",
     "PICKLE": "worker._serializers",
 }

@@ -51,10 +51,19 @@ def module_names(modules: Iterable[str], where: str) -> list[str]:
 
 
 def check_name(name: str, what: str) -> str:
-    """``name`` if it is of the form ``"package.module:qualname"``, else ValueError."""
+    """``name`` as ``"package.module:qualname"``, else ValueError.
+
+    A name without a module (``"doit"``, ``"Worker.run"``) is looked up in the
+    ``__main__`` of the process that runs it, as Perl looks a name up in ``main``.
+    """
     module_name, sep, qualname = name.partition(":")
+    if not sep and all(part.isidentifier() for part in name.split(".")):
+        return f"__main__:{name}"
     if not (sep and module_name and qualname):
-        raise ValueError(f"{what} {name!r} is not of the form 'package.module:qualname'")
+        raise ValueError(
+            f"{what} {name!r} is not of the form 'package.module:qualname' (or 'qualname', "
+            "for one in __main__)"
+        )
     return name
 
 

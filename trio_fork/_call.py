@@ -1,17 +1,19 @@
 """One call to a worker, from the moment it is made until its outcome is known.
 
-What RPCs, pools and ``run_sync`` share: the :class:`Request` that carries a call,
-the waits (which read the worker's socket when it is the caller's turn), stopping a
-call exactly when its caller is cancelled, its outcome, and :class:`Call`.
+What RPCs and pools share: the :class:`Request` that carries a call, the waits (which
+read the worker's socket when it is the caller's turn), stopping a call exactly when
+its caller is cancelled, its outcome, and :class:`Call`; and, with ``run_sync``, how
+a cancellation that came while a call finished is kept or raised.
 """
 
 from __future__ import annotations
 
+import math
 import pickle
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, TypeVar, final
 
 import anyio
 import anyio.lowlevel
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 
 LOST = 0
 """A request's kind when its worker died before answering it."""
+
+T = TypeVar("T")
 
 
 @attrs.define(eq=False, slots=True)
@@ -126,25 +130,60 @@ def make_request(
     return request
 
 
+async def shielded(step: Callable[[], Awaitable[T]]) -> tuple[T, BaseException | None]:
+    """``await step()`` shielded from cancellation, asyncio's own included.
+
+    The cancellation of a trio or anyio cancel scope waits behind the shield, and
+    comes again at the next checkpoint. asyncio's ``task.cancel()`` (what
+    ``asyncio.timeout``, ``asyncio.wait_for`` and Ctrl+C under ``asyncio.run`` do)
+    goes through anyio's shields, and comes only once: it is held back, and returned
+    with the result for the caller to raise once it is done. ``step`` is called
+    again after such an interruption, so it must pick up where it was.
+    """
+    held: BaseException | None = None
+    cancelled = anyio.get_cancelled_exc_class()
+    with anyio.CancelScope(shield=True):
+        while True:
+            try:
+                result = await step()
+            except cancelled as exc:
+                held = exc
+                continue
+            return result, held
+    raise AssertionError("unreachable")  # pragma: no cover (mypy: a shield may swallow)
+
+
+def cancellation_kept() -> bool:
+    """Whether a cancellation that was caught, and not raised, comes again.
+
+    Always on trio, where being cancelled is the state of a cancel scope, and for
+    anyio's cancel scopes on asyncio: the cancellation takes effect at the next
+    checkpoint, so an operation that completed may return its outcome. Not for
+    asyncio's own ``task.cancel()``, which is delivered once: then the caller must
+    raise the cancellation rather than return (and ``asyncio.timeout``, which counts
+    the cancellations it asked for, converts it to :exc:`TimeoutError`).
+    """
+    return anyio.current_effective_deadline() == -math.inf
+
+
 async def wait_for(request: Request, withdraw: Withdraw | None = None) -> None:
     """Wait for a request's outcome; if cancelled, stop the call exactly first.
 
     The cancellation is raised if the call was stopped (or never ran); a call that
     finished before it could be stopped keeps its outcome, and the cancellation
     takes effect at the caller's next checkpoint, as with any operation that
-    completed.
+    completed. A cancellation that comes only once (asyncio's ``task.cancel()``) is
+    raised even then, once the worker's state is known.
     """
     try:
         await wait_until(request, lambda: request.done)
     except anyio.get_cancelled_exc_class():
-        with anyio.CancelScope(shield=True):
-            await abort(request, withdraw, kill=request.kill_on_cancel)
-        if request.kind not in (RESULT, ERROR):
+        _, held = await shielded(lambda: abort(request, withdraw, kill=request.kill_on_cancel))
+        if request.kind not in (RESULT, ERROR) or held is not None or not cancellation_kept():
             raise
     except BaseException:
         # KeyboardInterrupt and the like: nothing is known, so nothing is kept.
-        with anyio.CancelScope(shield=True):
-            await abort(request, withdraw, kill=True)
+        await shielded(lambda: abort(request, withdraw, kill=True))
         raise
 
 
@@ -241,7 +280,6 @@ async def open_call(
     try:
         yield call
     except BaseException:
-        with anyio.CancelScope(shield=True):
-            await abort(request, withdraw, kill=request.kill_on_cancel)
+        await shielded(lambda: abort(request, withdraw, kill=request.kill_on_cancel))
         raise
     await call._finish()

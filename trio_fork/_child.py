@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, final
 
 import anyio
 import attrs
+from anyio.abc import SocketAttribute
 
 from ._construct import NoPublicConstructor
 from ._errors import BrokenTemplateError
@@ -202,6 +204,29 @@ class Child(metaclass=NoPublicConstructor):
     def kill(self) -> None:
         """Send SIGKILL, which ends the child at once."""
         self.send_signal(signal.SIGKILL)
+
+    async def detach_stream(self) -> socket.socket:
+        """Close :attr:`stream` here and return its socket, blocking, to hand it on.
+
+        :attr:`stream` is non-blocking, and a descriptor shares that mode with every
+        copy of it: another process that gets a copy (through ``send_fds``) and reads
+        it as a blocking socket fails with :exc:`BlockingIOError` whenever nothing
+        has come yet. This takes the socket out of this event loop and switches it
+        to blocking mode: send it on (``await other.stream.send_fds(b"s",
+        [sock.fileno()])``: anyio's ``send_fds`` skips socket objects, or
+        :meth:`Template.send_fds`), then close it. The child is unaffected, and
+        the ``spawn`` block still waits for it.
+
+        Raises:
+            anyio.ClosedResourceError: The stream was closed.
+        """
+        try:
+            sock = self.stream.extra(SocketAttribute.raw_socket).dup()
+        except OSError:
+            raise anyio.ClosedResourceError from None
+        await self.stream.aclose()
+        sock.setblocking(True)
+        return sock
 
 
 def describe_exit(code: int) -> str:

@@ -66,7 +66,8 @@ class Connection:
     known, which is how a pool keeps count of each worker's load. ``requeue`` is
     given back each request that provably never started when the worker dies.
     ``on_lost`` is called once the worker is gone and every request it held is
-    settled; ``on_retiring`` when the worker says it will exit after its current call.
+    settled; ``on_retiring`` when the worker says it will exit after its current call;
+    ``on_event`` with each event the worker sends outside a call.
     """
 
     process: Process
@@ -75,11 +76,14 @@ class Connection:
     requeue: Callable[[Request], None] | None = None
     on_lost: Callable[[Connection], None] | None = None
     on_retiring: Callable[[Connection], None] | None = None
+    on_event: Callable[[bytes], None] | None = None
     concurrent: bool = False
     failure: BaseException | None = None
     lost: BrokenWorkerError | None = None
     closing: bool = False
     """No new calls: the owner is closing this worker."""
+    retired: bool = False
+    """The worker said it retires: it gets end of file once its calls are answered."""
     readable: bool = True
     """Whether the socket may still be read; False after end of file."""
     _ready: bool = False
@@ -390,6 +394,10 @@ class Connection:
     def _dispatch(self, frame: _wire.Frame) -> None:
         kind = frame.op
         if kind == EVENT:
+            if frame.id == 0:  # outside any call
+                if self.on_event is not None:
+                    self.on_event(frame.payload)
+                return
             request = self._requests.get(frame.id)
             if request is not None and request.events is not None:
                 request.events.append(frame.payload)
@@ -412,7 +420,9 @@ class Connection:
             self.failure = RemoteError(str(name), str(message), str(text))
             self._set_ready()
         elif kind == RETIRING:
-            self.closing = True
+            self.closing = self.retired = True
+            if not self._requests:
+                self.close_write()
             if self.on_retiring is not None:
                 self.on_retiring(self)
         else:
@@ -425,6 +435,8 @@ class Connection:
     def _finished(self, request: Request) -> None:
         if self.on_finished is not None:
             self.on_finished(self, request)
+        if not self._requests and self.retired:
+            self.close_write()  # an async worker that retired exits at end of file
         if not self._requests and self._idle is not None:
             self._idle.set()
             self._idle = None

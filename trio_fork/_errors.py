@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import final
+
+import anyio
 
 
 @final
@@ -51,10 +54,38 @@ class BrokenTemplateError(Exception):
 
 
 @final
-class BrokenWorkerError(Exception):
+class BrokenWorkerError(RuntimeError, anyio.BrokenWorkerProcess):
     """An RPC worker died before it answered a call.
 
     Raised by the calls it was running or had queued (the message says which), and by
     later calls on an :class:`RPC` whose worker is gone. A :class:`Pool` replaces the
-    worker, and sends calls that provably never started to another one.
+    worker, and sends calls that provably never started to another one; so does
+    :func:`run_sync`.
+
+    A :exc:`RuntimeError`, as ``trio_parallel.BrokenWorkerError`` is, and an
+    :exc:`anyio.BrokenWorkerProcess`, which ``anyio.to_process.run_sync`` raises: code
+    written for either peer catches it unchanged.
     """
+
+
+def closed_error(backend: str, message: str) -> Exception:
+    """The error for a resource used after it was closed, as the backend's users catch it.
+
+    :exc:`anyio.ClosedResourceError`; on trio, an instance of a subclass that is also
+    :exc:`trio.ClosedResourceError` (trio is imported only there).
+    """
+    if backend == "trio":
+        return _trio_closed_error()(message)
+    return anyio.ClosedResourceError(message)
+
+
+@functools.cache
+def _trio_closed_error() -> type[Exception]:
+    import trio
+
+    class ClosedResourceError(trio.ClosedResourceError, anyio.ClosedResourceError):
+        """Both trio's and anyio's: ``except`` clauses written for either catch it."""
+
+    ClosedResourceError.__module__ = "trio_fork"
+    ClosedResourceError.__qualname__ = "ClosedResourceError"
+    return ClosedResourceError

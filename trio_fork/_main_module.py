@@ -1,9 +1,12 @@
-"""This program's main module in workers: when it is needed, and how it is loaded.
+"""This program's main module in workers: where it is, when it is loaded, and how.
 
 Functions and classes defined in ``__main__`` travel by reference, like everything
-pickled. The first ``run_sync`` call that refers to one loads the main module into the
-template, as :mod:`multiprocessing`'s forkserver does: under the name ``__mp_main__``,
-so that its ``if __name__ == "__main__":`` block does not run.
+pickled, so a worker needs the main module to find them. Each worker is told where it
+is and takes it on as ``__mp_main__``, as :mod:`multiprocessing`'s workers do (so that
+its ``if __name__ == "__main__":`` block does not run), but runs it only when first
+used (see :func:`trio_fork.worker._apply.expect_main`). The first call that refers to
+``__main__`` loads it into the template instead, once, so that every worker forked
+afterwards has it without loading it again.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ._errors import RemoteError
+from .worker import _wire
 from .worker._apply import adopt_main
 
 if TYPE_CHECKING:
-    from ._template import Template
+    from ._handle import TemplateHandle
 
 
 class _MainFinder(pickle.Pickler):
@@ -38,14 +42,17 @@ def refers_to_main(objects: object) -> bool:
     return finder.found
 
 
-def _main_location() -> tuple[str | None, str | None]:
-    """How to load this process's main module elsewhere: by module name, or by path."""
+def main_location() -> tuple[str | None, str | None]:
+    """How to load this process's main module elsewhere: by module name, or by path.
+
+    ``(None, None)`` when it cannot be: an interactive session, ``python -c``, or a
+    package's ``__main__`` (run by ``python -m package``), whose code is all "main"
+    code, as :mod:`multiprocessing` has it.
+    """
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     name = getattr(spec, "name", None)
     if isinstance(name, str):
-        # ``python -m package`` runs package.__main__, whose code is all "main"
-        # code: there is nothing to load without running the program again.
         if name == "__main__" or name.endswith(".__main__"):
             return None, None
         return name, None
@@ -55,16 +62,26 @@ def _main_location() -> tuple[str | None, str | None]:
     return None, None
 
 
-async def load_main(template: Template) -> None:
-    name, path = _main_location()
+def load_main(handle: TemplateHandle) -> None:
+    """Load this program's main module into the handle's template; blocking.
+
+    Raises:
+        TypeError: The main module cannot be loaded elsewhere.
+        RemoteError: Loading it failed in the template.
+    """
+    from ._handle import _request_sync
+
+    name, path = main_location()
     if name is None and path is None:
         raise TypeError(
             "this program's __main__ cannot be loaded in a worker (an interactive "
             "session, python -c, or a package's __main__): define the functions and "
             "classes you send to workers in a module"
         )
+    payload = pickle.dumps((adopt_main, (name, path)), pickle.HIGHEST_PROTOCOL)
     try:
-        await template._invoke(adopt_main, name, path)
+        # The handle's own channel: it carries nothing else once the handle serves forks.
+        _request_sync(handle._channel, _wire.FrameReader(), _wire.INVOKE, payload)
     except RemoteError as exc:
         raise RemoteError(
             exc.type_name,
@@ -73,5 +90,3 @@ async def load_main(template: Template) -> None:
             f"'if __name__ == \"__main__\":'): {exc.message}",
             exc.remote_traceback,
         ) from None
-    # As multiprocessing does: what workers pickle from their __mp_main__ finds ours.
-    sys.modules.setdefault("__mp_main__", sys.modules["__main__"])

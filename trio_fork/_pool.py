@@ -24,7 +24,7 @@ from ._connection import Connection
 from ._construct import NoPublicConstructor
 from ._errors import BrokenWorkerError
 from ._pool_state import STARTING, Actions, Limits, PoolState, Slot
-from ._rpc import is_async_function, prepare_worker, require_event_loop
+from ._rpc import EventQueue, is_async_function, prepare_worker, require_event_loop
 from ._transport import Transport
 from .worker._rpc import WorkerSpec
 from .worker._serializers import PICKLE
@@ -80,6 +80,15 @@ class Pool(metaclass=NoPublicConstructor):
     _open_error: BaseException | None = None
     _all_gone: anyio.Event = attrs.field(factory=anyio.Event)
     _now: Callable[[], float] = attrs.field(factory=lambda: event_loop_clock())
+    _events: EventQueue = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        def connections() -> list[Connection]:
+            return [slot.connection for slot in self._state.slots if slot.connection is not None]
+
+        self._events = EventQueue(
+            self._serializer, connections, lambda: self._state.closing and not self._state.slots
+        )
 
     @property
     def _serializer(self) -> Serializer:
@@ -121,6 +130,14 @@ class Pool(metaclass=NoPublicConstructor):
         async with open_call(request, self._serializer, self._withdraw) as call:
             yield call
 
+    def events(self) -> AsyncIterator[Any]:
+        """The events that workers send outside calls, from any worker, as they come.
+
+        As :meth:`RPC.events`, for every worker of the pool; the iteration ends once
+        the pool is closed and its workers are gone.
+        """
+        return self._events
+
     def _submit(self, request: Request) -> None:
         if self._state.closing:
             raise anyio.ClosedResourceError("the pool is closed")
@@ -147,6 +164,7 @@ class Pool(metaclass=NoPublicConstructor):
             request.finish(LOST, error)
         if not self._state.slots and self._state.closing:
             self._all_gone.set()
+            self._events.changed()
         # A finite timer deadline is the earliest one known; later changes can only
         # move deadlines later, except for a start the policy put off (flagged).
         if actions.timer or self._timer_deadline == math.inf:
@@ -187,7 +205,9 @@ class Pool(metaclass=NoPublicConstructor):
         try:
             async with self._template._spawn_worker(self._spec) as (process, sock):
                 connection = Connection(process, Transport(sock))
+                connection.on_event = self._events.put
                 self._state.worker_started(slot, connection)
+                self._events.changed()  # one more socket to read for events
                 async with anyio.create_task_group() as task_group:
                     task_group.start_soon(connection.run)
                     await connection.wait_ready()
@@ -228,6 +248,7 @@ class Pool(metaclass=NoPublicConstructor):
 
         def lost(connection: Connection) -> None:
             self._apply(self._state.worker_gone(slot, self._now()))
+            self._events.changed()
 
         def retiring(connection: Connection) -> None:
             self._apply(self._state.worker_retiring(slot, self._now()))
@@ -267,6 +288,7 @@ async def open_pool(
     init_args: Iterable[Any] = (),
     serializer: Serializer | object = PICKLE,
     events: bool = False,
+    done: str | Callable[..., Any] | None = None,
 ) -> AsyncIterator[Pool]:
     """A pool of workers forked from ``template``, serving calls to ``function``.
 
@@ -287,8 +309,9 @@ async def open_pool(
             (the first is started at once).
         stop: Seconds a worker beyond ``idle`` may go without calls before it is
             closed (``math.inf``: never).
-        retire: Calls after which a worker is replaced (default: never).
-        init, init_args, serializer, events: As for :func:`open_rpc`.
+        retire: Calls after which a worker is replaced (default: never). A worker
+            may also ask to be replaced, with :func:`trio_fork.worker.retire`.
+        init, init_args, serializer, events, done: As for :func:`open_rpc`.
 
     Raises:
         RemoteError: The function or ``init`` could not be found in the first
@@ -296,7 +319,13 @@ async def open_pool(
     """
     limits = _limits(max, idle, load, start, stop, retire)
     spec = await prepare_worker(
-        template, function, init=init, init_args=init_args, serializer=serializer, events=events
+        template,
+        function,
+        init=init,
+        init_args=init_args,
+        serializer=serializer,
+        events=events,
+        done=done,
     )
     async with run_pool(template, limits, spec) as pool:
         yield pool

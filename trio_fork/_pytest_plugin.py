@@ -2,13 +2,15 @@
 
 Registered through the ``pytest11`` entry point as ``trio_fork`` (``-p no:trio_fork``
 disables it). It does nothing until a test asks for ``fork_template``: only then is the
-session's template started, once, and it ends with the session.
+session's template started, once, and it ends with the session. If it dies (the OOM
+killer, say), the next test that needs it starts another.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
+import attrs
 import pytest
 
 from ._arguments import module_names
@@ -34,16 +36,47 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+@attrs.define(eq=False)
+class _SessionTemplate:
+    """The session's template: started on first use, and again if it died."""
+
+    preload: list[str]
+    handle: TemplateHandle | None = None
+
+    def current(self) -> TemplateHandle:
+        handle = self.handle
+        if handle is not None and (handle.closed or handle._broken or handle._exited()):
+            handle.close()  # reap it
+            handle = None
+        if handle is None:
+            handle = self.handle = start_template(preload=self.preload)
+        return handle
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
 @pytest.fixture(scope="session")
-def trio_fork_session_template(pytestconfig: pytest.Config) -> Iterator[TemplateHandle]:
+def _trio_fork_session(pytestconfig: pytest.Config) -> Iterator[_SessionTemplate]:
+    preload = module_names(pytestconfig.getini("trio_fork_preload"), "trio_fork_preload")
+    session = _SessionTemplate(preload)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+@pytest.fixture
+def trio_fork_session_template(_trio_fork_session: _SessionTemplate) -> TemplateHandle:
     """The session's template, started on first use with ``trio_fork_preload`` imported.
 
     A :class:`~trio_fork.TemplateHandle`: ``fork_template`` forks it for each test, and
     a test can open more forks of it with ``async with handle.open() as template``.
+    It is the same for every test of the session, unless it dies: then the next test
+    that asks gets a new one.
     """
-    preload = module_names(pytestconfig.getini("trio_fork_preload"), "trio_fork_preload")
-    with start_template(preload=preload) as handle:
-        yield handle
+    return _trio_fork_session.current()
 
 
 @pytest.fixture

@@ -3,23 +3,26 @@
 The trio_fork counterpart of AnyEvent::Fork::RPC. A child forked from a template
 serves calls to one function (:mod:`trio_fork.worker._rpc`); the parent sends
 arguments and receives results, errors (with the remote traceback) and events, over
-the child's socket, through a :class:`~trio_fork._connection.Connection`.
+the child's socket, through a :class:`~trio_fork._connection.Connection`. Events sent
+outside calls (:func:`trio_fork.worker.emit`) wait in :class:`EventQueue` until taken.
 """
 
 from __future__ import annotations
 
 import inspect
 import pickle
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, final
 
 import anyio
+import anyio.lowlevel
 import attrs
 import sniffio
 
 from ._arguments import Serializer, check_reference, check_serializer
-from ._call import Call, Request, make_request, open_call, outcome, wait_for
+from ._call import Call, Request, make_request, open_call, outcome, wait_for, wait_until
 from ._connection import Connection
 from ._construct import NoPublicConstructor
 from ._errors import BrokenWorkerError
@@ -52,6 +55,7 @@ def worker_spec(
     events: bool,
     exceptions: bool,
     retire: str | Callable[..., Any] | None = None,
+    done: str | Callable[..., Any] | None = None,
 ) -> WorkerSpec:
     """What RPC workers of ``function`` are spawned with, checked here so errors are clear."""
     if isinstance(init_args, (str, bytes)):
@@ -65,6 +69,7 @@ def worker_spec(
         exceptions,
         sniffio.current_async_library(),
         retire,
+        None if done is None else check_reference(done, "done"),
     )
     try:
         pickle.dumps(spec.init_args, pickle.HIGHEST_PROTOCOL)
@@ -81,6 +86,7 @@ async def prepare_worker(
     init_args: Iterable[Any],
     serializer: Serializer | object,
     events: bool,
+    done: str | Callable[..., Any] | None,
 ) -> WorkerSpec:
     """Check the settings of workers of ``function``; make ``template`` able to fork them."""
     spec = worker_spec(
@@ -90,6 +96,7 @@ async def prepare_worker(
         serializer=serializer,
         events=events,
         exceptions=False,
+        done=done,
     )
     await prepare_template(template, is_async_function(function))
     return spec
@@ -98,6 +105,86 @@ async def prepare_worker(
 def is_async_function(function: str | Callable[..., Any]) -> bool:
     """Whether ``function`` is known here to be async (a string is resolved only there)."""
     return not isinstance(function, str) and inspect.iscoroutinefunction(function)
+
+
+@attrs.define(eq=False)
+class EventQueue:
+    """Events that workers sent outside calls, kept in order until they are taken.
+
+    Taking one reads the workers' sockets when it is this task's turn (see
+    :mod:`._connection`): on trio nothing else may be reading an idle worker's.
+    ``watched`` gives the connections to read; :meth:`changed` says that they (or
+    whether the iteration is over) changed.
+    """
+
+    _serializer: Serializer
+    _watched: Callable[[], list[Connection]]
+    _over: Callable[[], bool]
+    _queue: deque[bytes] = attrs.field(factory=deque)
+    _waiters: set[Request] = attrs.field(factory=set)
+    _changes: int = 0
+
+    def put(self, payload: bytes) -> None:
+        self._queue.append(payload)
+        self._wake()
+
+    def changed(self, *_: object) -> None:
+        self._changes += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        for waiter in list(self._waiters):
+            waiter.wake()
+
+    def __aiter__(self) -> EventQueue:
+        return self
+
+    async def __anext__(self) -> Any:
+        queue = self._queue
+        while True:
+            while not queue:
+                if self._over():
+                    raise StopAsyncIteration
+                await self._wait(self._changes)
+            await anyio.lowlevel.checkpoint()
+            if queue:  # else another task took it meanwhile
+                return self._serializer.loads(queue.popleft())
+
+    async def _wait(self, changes: int) -> None:
+        """Wait for an event or a change, reading every watched worker's socket."""
+
+        def taken_or_changed() -> bool:
+            return bool(self._queue) or self._changes != changes
+
+        watched = [connection for connection in self._watched() if connection.readable]
+        if len(watched) <= 1:
+            await self._listen(watched[0] if watched else None, taken_or_changed)
+            return
+        async with anyio.create_task_group() as task_group:
+            for connection in watched:
+                task_group.start_soon(
+                    self._listen, connection, taken_or_changed, task_group.cancel_scope
+                )
+
+    async def _listen(
+        self,
+        connection: Connection | None,
+        condition: Callable[[], bool],
+        scope: anyio.CancelScope | None = None,
+    ) -> None:
+        """Wait for ``condition``, reading ``connection`` when it is our turn."""
+        waiter = Request(b"", False)
+        waiter.connection = connection
+        self._waiters.add(waiter)
+        try:
+            await wait_until(
+                waiter,
+                lambda: condition() or (connection is not None and not connection.readable),
+            )
+        finally:
+            self._waiters.discard(waiter)
+        if scope is not None:
+            scope.cancel()
 
 
 @final
@@ -112,6 +199,7 @@ class RPC(metaclass=NoPublicConstructor):
 
     _connection: Connection
     _serializer: Serializer
+    _events: EventQueue
 
     def __repr__(self) -> str:
         return f"<trio_fork.RPC worker {self.pid}>"
@@ -162,6 +250,23 @@ class RPC(metaclass=NoPublicConstructor):
         async with open_call(request, self._serializer, None) as call:
             yield call
 
+    def events(self) -> AsyncIterator[Any]:
+        """The events the worker sends outside calls, as they come.
+
+        AnyEvent::Fork::RPC's ``on_event``: ``async for event in rpc.events():``
+        receives what the worker passes to :func:`trio_fork.worker.emit` (from
+        ``init``, a thread of its own, or a call), in order, deserialized as results
+        are. Events are kept from the worker's start until taken, by any number of
+        iterators (each event goes to one). The iteration ends once the worker has
+        exited and every event it sent has been taken. Events a call sends to its
+        own ``emit`` go to that call's :class:`Call`, not here.
+
+        Raises:
+            TypeError, ValueError, ...: What the serializer raises for an event that
+                does not deserialize (the iteration can go on).
+        """
+        return self._events
+
     def _send(self, request: Request) -> None:
         self._connection.send(request)
 
@@ -175,6 +280,7 @@ async def open_rpc(
     init_args: Iterable[Any] = (),
     serializer: Serializer | object = PICKLE,
     events: bool = False,
+    done: str | Callable[..., Any] | None = None,
 ) -> AsyncIterator[RPC]:
     """Fork a worker from ``template`` that serves calls to ``function``.
 
@@ -196,16 +302,30 @@ async def open_rpc(
         events: Pass the function an ``emit`` callable as its first argument; each
             ``emit(event)`` (``await emit(event)`` when async) sends an event to
             :meth:`RPC.open_call`'s :class:`Call`.
+        done: A function (same forms), AnyEvent::Fork::RPC's ``done``: called in the
+            worker with no arguments when it ends as it was asked to (this block
+            closed it, or it retired), after its last call and before it exits; it
+            may be ``async`` if ``function`` is. Without it the worker simply exits,
+            and a worker's ``atexit`` handlers never run: flush and clean up here.
 
     Raises:
         RemoteError: The function or ``init`` could not be found, or ``init`` raised.
         BrokenWorkerError: The worker died before it was ready.
     """
     spec = await prepare_worker(
-        template, function, init=init, init_args=init_args, serializer=serializer, events=events
+        template,
+        function,
+        init=init,
+        init_args=init_args,
+        serializer=serializer,
+        events=events,
+        done=done,
     )
     async with template._spawn_worker(spec) as (process, sock):
         connection = Connection(process, Transport(sock))
+        queue = EventQueue(spec.serializer, lambda: [connection], lambda: not connection.readable)
+        connection.on_event = queue.put
+        connection.on_lost = queue.changed
         body_error: BaseException | None = None
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(connection.run)
@@ -216,7 +336,7 @@ async def open_rpc(
                 if connection.lost is not None:
                     raise BrokenWorkerError(f"{connection.lost} before it was ready")
                 try:
-                    yield RPC._create(connection, spec.serializer)
+                    yield RPC._create(connection, spec.serializer, queue)
                 finally:
                     connection.closing = True
                 await connection.wait_idle()

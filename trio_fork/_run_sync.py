@@ -1,221 +1,86 @@
 """``run_sync``: run a function in a worker process, as ``trio_parallel.run_sync`` does.
 
-Workers are forked from a template by a pool whose function
-(:func:`trio_fork.worker._apply.apply`) calls the function that comes with each call.
-``run_sync`` uses a default pool that belongs to the current event loop run: it starts
-with the first call and ends with the run (in a trio system task, or an asyncio task
-that ``asyncio.run`` cancels at the end). ``open_worker_context`` makes a pool of
-one's own, for isolation or other settings.
-
-A call that refers to this program's ``__main__`` loads it into the template first
-(see :mod:`._main_module`); the workers started before are replaced. Functions in
-other modules (test modules too) are imported by the worker, from the ``sys.path``
-the template was given.
+The public functions, and the default context. Calls go to a :class:`WorkerContext`
+(see :mod:`._worker_context`): the one ``cache_scope()`` set for the calling task, or
+the default context, which belongs to the process as trio_parallel's does: it starts
+with the first call, serves every event loop run of every thread, and ends at
+interpreter exit (or when :func:`configure_default_context` replaces it). A forked
+copy of the process starts a default context of its own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import pickle
-import sys
-import types
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import threading
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar, final
+from typing import Any, TypeVar
 
-import anyio
-import anyio.lowlevel
-import attrs
 import sniffio
 
-from ._arguments import check_reference, module_names
-from ._call import Request, abort, make_request, outcome, wait_for, wait_until
-from ._construct import NoPublicConstructor
-from ._main_module import load_main, refers_to_main
-from ._open import open_template
-from ._pool import run_pool
-from ._pool_state import Limits
-from ._rpc import prepare_template, worker_spec
-from .worker._apply import apply, loading
-from .worker._serializers import PICKLE
+from ._call import shielded
+from ._context_settings import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_IDLE_TIMEOUT,
+    Settings,
+    WorkerType,
+    make_settings,
+)
+from ._event_loop_run import this_run
+from ._task_tree import TaskTreeValue
+from ._worker_context import WorkerContext, WorkerContextStatistics
 
-if TYPE_CHECKING:
-    from ._pool import Pool
-    from ._template import Template
+__all__ = [
+    "WorkerContext",
+    "WorkerContextStatistics",
+    "WorkerType",
+    "cache_scope",
+    "configure_default_context",
+    "current_default_worker_limiter",
+    "default_context_statistics",
+    "open_worker_context",
+    "run_sync",
+]
 
 T = TypeVar("T")
-
-_DEFAULT_IDLE_TIMEOUT = 600.0
-
-
-@final
-@attrs.frozen
-class WorkerContextStatistics:
-    """A snapshot of a :class:`WorkerContext`, as ``trio_parallel`` reports it.
-
-    Attributes:
-        idle_workers: Workers ready and waiting for a call.
-        running_workers: Workers running a call.
-    """
-
-    idle_workers: int
-    running_workers: int
-
-
-@final
-@attrs.define(eq=False)
-class WorkerContext(metaclass=NoPublicConstructor):
-    """Workers of one configuration, made by :func:`open_worker_context`."""
-
-    _template: Template
-    _pool: Pool
-    _main_loaded: bool
-    _main_lock: anyio.Lock = attrs.field(factory=anyio.Lock)
-    # The backend's own, looked up once: anyio's looks the backend up each time.
-    _checkpoint_if_cancelled: Callable[[], Awaitable[None]] = attrs.field(
-        factory=lambda: _native_checkpoint_if_cancelled()
-    )
-
-    def __repr__(self) -> str:
-        stats = self.statistics()
-        return (
-            f"<trio_fork.WorkerContext {stats.idle_workers} idle, {stats.running_workers} running>"
-        )
-
-    async def run_sync(
-        self,
-        fn: Callable[..., T],
-        *args: Any,
-        kill_on_cancel: bool = False,
-        limiter: AbstractAsyncContextManager[Any] | None = None,
-    ) -> T:
-        """Run ``fn(*args)`` in a worker of this context (see :func:`run_sync`)."""
-        await self._checkpoint_if_cancelled()
-        request = _request(fn, args, kill_on_cancel)
-        if not self._main_loaded and b"__main__" in request.payload:
-            await self._load_main_for(fn, args)
-        if limiter is None:
-            limiter = current_default_worker_limiter()
-        wait = wait_for if kill_on_cancel else _wait_shielded
-        if isinstance(limiter, anyio.CapacityLimiter):
-            # The same as "async with limiter", without its schedule point when a
-            # token is free: the wait for the result yields anyway.
-            try:
-                limiter.acquire_nowait()
-            except anyio.WouldBlock:
-                await limiter.acquire()
-            try:
-                self._pool._submit(request)
-                await wait(request, self._pool._withdraw)
-            finally:
-                limiter.release()
-        else:
-            async with limiter:
-                self._pool._submit(request)
-                await wait(request, self._pool._withdraw)
-        return outcome(request, PICKLE, originals=True)  # type: ignore[no-any-return]
-
-    def statistics(self) -> WorkerContextStatistics:
-        """How many workers are idle and how many are running calls."""
-        stats = self._pool.statistics()
-        return WorkerContextStatistics(stats.idle_workers, stats.busy_workers)
-
-    async def _load_main_for(self, *objects: object) -> None:
-        if not refers_to_main(objects):
-            return  # "__main__" was only data
-        async with self._main_lock:
-            if not self._main_loaded:
-                await load_main(self._template)
-                self._main_loaded = True
-                self._pool._renew()
-
-
-@asynccontextmanager
-async def open_worker_context(
-    *,
-    preload: Iterable[str] = (),
-    idle_timeout: float = _DEFAULT_IDLE_TIMEOUT,
-    init: Callable[[], object] | str | None = None,
-    retire: int | Callable[[], object] | str | None = None,
-) -> AsyncIterator[WorkerContext]:
-    """A context of workers of its own, isolated from the default one.
-
-    Like ``trio_parallel.open_worker_context``. The workers are forked from a new
-    template that imports ``preload``; leaving the block waits for the calls still
-    running, then ends the workers and the template.
-
-    Args:
-        preload: Modules the template imports, so that workers start with them.
-        idle_timeout: Seconds a worker may wait for a call before it exits
-            (``math.inf``: never).
-        init: Called without arguments in each worker before its first call: a
-            function defined at the top level of a module, or ``"module:qualname"``.
-        retire: When workers are replaced: after this many calls, or whenever this
-            function (run in the worker after each call, like ``init``) returns true.
-
-    Raises:
-        RemoteError: A preloaded module failed to import.
-    """
-    settings = _settings(preload, idle_timeout, init, retire)
-    async with _open_context(settings) as context:
-        yield context
-
-
-def configure_default_context(
-    *,
-    preload: Iterable[str] = (),
-    idle_timeout: float = _DEFAULT_IDLE_TIMEOUT,
-    init: Callable[[], object] | str | None = None,
-    retire: int | Callable[[], object] | str | None = None,
-) -> None:
-    """Set what the default context of each event loop run is made with.
-
-    The arguments are those of :func:`open_worker_context`. Takes effect for runs
-    whose default context does not exist yet: call it before the first
-    :func:`run_sync`.
-
-    Raises:
-        RuntimeError: This event loop run's default context already exists.
-    """
-    settings = _settings(preload, idle_timeout, init, retire)
-    try:
-        exists = _this_run().default is not None
-    except RuntimeError:
-        exists = False  # not in an event loop: nothing can exist yet
-    if exists:
-        raise RuntimeError(
-            "the default worker context of this run already exists: call "
-            "configure_default_context() before the first run_sync()"
-        )
-    global _default_settings
-    _default_settings = settings
 
 
 async def run_sync(
     fn: Callable[..., T],
     *args: Any,
     kill_on_cancel: bool = False,
+    cancellable: bool = False,
     limiter: AbstractAsyncContextManager[Any] | None = None,
 ) -> T:
     """Run ``fn(*args)`` in a worker process and return its result, or raise its error.
 
-    A drop-in for ``trio_parallel.run_sync``, on trio and on asyncio. Workers are
-    forked from a template process, so a new one is ready in milliseconds and
-    already has the modules its template preloaded (see
-    :func:`configure_default_context`); idle workers are reused.
+    A drop-in for ``trio_parallel.run_sync`` and ``anyio.to_process.run_sync``, on
+    trio and on asyncio. Workers are forked from a template process, so a new one is
+    ready in milliseconds and already has the modules its template preloaded (see
+    :func:`configure_default_context`); idle workers are reused, most recently used
+    first, by every event loop of the program.
 
     Entering is a checkpoint. Without ``kill_on_cancel`` the call cannot be
-    cancelled: it runs to completion and its outcome is returned (the cancellation
-    takes effect at the next checkpoint). With it, a cancelled call that is running
-    kills its worker, and one still waiting for a worker is dropped.
+    cancelled: it runs to completion and its outcome is returned, and a trio or anyio
+    cancellation takes effect at the next checkpoint; asyncio's own cancellation
+    (``task.cancel()``, which ``asyncio.timeout`` and Ctrl+C under ``asyncio.run``
+    use, and which comes only once) is raised once the call has completed. With
+    ``kill_on_cancel``, a cancelled call kills its worker.
+
+    Arguments, ``fn`` and results travel pickled, and exceptions as themselves:
+    what a worker sends back is unpickled here, as with both peers. Give run_sync
+    workers only input you would unpickle yourself; :func:`open_rpc` with
+    :data:`JSON` unpickles nothing a worker sends.
 
     Args:
         fn: A function the worker can find by name: defined at the top level of a
-            module (``__main__`` included), or a built-in.
+            module (``__main__`` included), a built-in, or a
+            :func:`functools.partial` of one. Sync functions only.
         args: Its arguments, pickled.
         kill_on_cancel: Let a cancellation kill the worker.
+        cancellable: The same as ``kill_on_cancel`` (its name in anyio, and formerly
+            in trio_parallel).
         limiter: An async context manager held for the call, limiting how many run
             at once (default: :func:`current_default_worker_limiter`).
 
@@ -224,241 +89,216 @@ async def run_sync(
             its cause (a :exc:`RemoteError`); a :exc:`RemoteError` itself if the
             exception cannot be pickled.
         BrokenWorkerError: The worker died while running the call.
-        TypeError: ``fn`` or an argument cannot be pickled.
+        TypeError: ``fn`` is not callable, or is asynchronous.
+        pickle.PicklingError: (or whatever else pickling raised) ``fn``, an
+            argument or the result cannot be pickled.
     """
-    run = _this_run()
-    default = run.default
-    if default is None or default.context is None:
-        context = await _default_context(run)
-    else:
-        context = default.context
-    if limiter is None:
-        limiter = run.limiter
-    return await context.run_sync(fn, *args, kill_on_cancel=kill_on_cancel, limiter=limiter)
+    run = this_run()
+    await run.checkpoint_if_cancelled()
+    context = _scoped.get(run.backend) or default_context()
+    return await context._run(run, fn, args, kill_on_cancel or cancellable, limiter)
 
 
-def current_default_worker_limiter() -> anyio.CapacityLimiter:
+def current_default_worker_limiter() -> Any:
     """The limiter :func:`run_sync` uses by default: one token per CPU, per run.
 
-    Change its ``total_tokens`` to allow more (or fewer) calls at once.
+    A :class:`trio.CapacityLimiter` on trio, as trio_parallel's is, and an
+    :class:`anyio.CapacityLimiter` on asyncio. Change its ``total_tokens`` to allow
+    more (or fewer) calls at once.
     """
-    return _this_run().limiter
+    return this_run().limiter
 
 
 def default_context_statistics() -> WorkerContextStatistics:
-    """The statistics of this run's default context (all zero before it starts)."""
-    default = _this_run().default
-    if default is None or default.context is None:
-        return WorkerContextStatistics(0, 0)
-    return default.context.statistics()
+    """The statistics of the default context (or of the ``cache_scope`` in effect).
 
-
-# What belongs to each event loop run: the default context and the default limiter.
-
-
-@attrs.frozen
-class _Settings:
-    preload: tuple[str, ...]
-    limits: Limits
-    init: Callable[[], object] | str | None
-    retire: Callable[[], object] | str | None
-
-
-@attrs.define(eq=False)
-class _Default:
-    ready: anyio.Event = attrs.field(factory=anyio.Event)
-    context: WorkerContext | None = None
-    error: BaseException | None = None
-    owner: object = None
-    """The asyncio task that holds the context open (kept so it is not collected)."""
-
-
-@attrs.define(eq=False)
-class _Run:
-    limiter: anyio.CapacityLimiter = attrs.field(
-        factory=lambda: anyio.CapacityLimiter(os.cpu_count() or 1)
-    )
-    default: _Default | None = None
-
-
-_default_settings: _Settings | None = None
-# Keyed like anyio's RunVar (by trio token or asyncio loop), without its cost on
-# every call.
-_runs: weakref.WeakKeyDictionary[object, _Run] = weakref.WeakKeyDictionary()
-
-
-def _this_run() -> _Run:
-    key: object
-    if sniffio.current_async_library() == "trio":
-        key = sys.modules["trio"].lowlevel.current_trio_token()
-    else:
-        key = asyncio.get_running_loop()
-    run = _runs.get(key)
-    if run is None:
-        run = _runs[key] = _Run()
-    return run
-
-
-async def _default_context(run: _Run) -> WorkerContext:
-    default = run.default
-    if default is None:
-        run.default = default = _Default()
-        settings = _default_settings or _settings((), _DEFAULT_IDLE_TIMEOUT, None, None)
-        if sniffio.current_async_library() == "trio":
-            sys.modules["trio"].lowlevel.spawn_system_task(_hold_default, run, default, settings)
-        else:
-            default.owner = asyncio.get_running_loop().create_task(
-                _hold_default(run, default, settings), name="trio_fork default worker context"
-            )
-    if default.context is None:
-        await default.ready.wait()
-    if default.error is not None:
-        raise default.error
-    assert default.context is not None
-    return default.context
-
-
-async def _hold_default(run: _Run, default: _Default, settings: _Settings) -> None:
-    """Hold the default context open until the run ends (and this task is cancelled)."""
+    Works outside an event loop too; all zero before the first call.
+    """
     try:
-        async with _open_context(settings) as context:
-            default.context = context
-            default.ready.set()
-            await anyio.sleep_forever()
-    except anyio.get_cancelled_exc_class():
-        raise
-    except BaseException as exc:
-        # Every waiting caller gets the error; the next call tries again.
-        default.error = exc
-        default.ready.set()
-        if run.default is default:
-            run.default = None
-
-
-# Shared by both kinds of contexts.
+        backend: str | None = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        backend = None
+    context = None if backend is None else _scoped.get(backend)
+    if context is None:
+        context = _default.context
+    if context is None:
+        return WorkerContextStatistics(0, 0)
+    return context.statistics()
 
 
 @asynccontextmanager
-async def _open_context(settings: _Settings) -> AsyncIterator[WorkerContext]:
-    if loading.main:
-        # The program's top-level code is running in a template, which is loading
-        # it for its workers: going on would start templates without end.
-        raise RuntimeError(
-            "trio_fork workers were requested while a worker template was loading "
-            "this program's main module: put the code that runs the program under "
-            "'if __name__ == \"__main__\":'"
-        )
-    spec = worker_spec(
-        apply,
-        init=settings.init,
-        init_args=(),
-        serializer=PICKLE,
-        events=False,
-        exceptions=True,
-        retire=settings.retire,
-    )
-    async with open_template(preload=settings.preload) as template:
-        await prepare_template(template, False)
-        await template.require("trio_fork.worker._apply")
-        main_loaded = False
-        if refers_to_main((settings.init, settings.retire)):
-            await load_main(template)
-            main_loaded = True
-        async with run_pool(template, settings.limits, spec) as pool:
-            yield WorkerContext._create(template, pool, main_loaded)
+async def open_worker_context(
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    init: Callable[[], object] | str = bool,
+    retire: Callable[[], object] | str | int = bool,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    worker_type: WorkerType | str = WorkerType.SPAWN,
+    *,
+    preload: Iterable[str] = (),
+) -> AsyncIterator[WorkerContext]:
+    """A context of workers of its own, isolated from the default one.
 
+    Like ``trio_parallel.open_worker_context``. The workers are forked from a new
+    template that imports ``preload``, started when the block is entered. Leaving the
+    block, however it is left, waits (shielded) for the calls still running, then
+    closes the workers and gives them ``grace_period`` seconds to exit before the
+    template and what is left are killed. Later calls raise
+    :exc:`trio.ClosedResourceError` on trio, :exc:`anyio.ClosedResourceError` on
+    asyncio.
 
-def _settings(
-    preload: Iterable[str],
-    idle_timeout: float,
-    init: Callable[[], object] | str | None,
-    retire: int | Callable[[], object] | str | None,
-) -> _Settings:
-    modules = tuple(module_names(preload, "preload"))
-    if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)):
-        raise TypeError(
-            f"idle_timeout must be a number of seconds, not {type(idle_timeout).__name__}"
-        )
-    if not idle_timeout >= 0:
-        raise ValueError(f"idle_timeout must be a non-negative number of seconds: {idle_timeout!r}")
-    calls: int | None = None
-    check: Callable[[], object] | str | None = None
-    if isinstance(retire, bool):
-        raise TypeError("retire must be a number of calls or a function, not a bool")
-    if isinstance(retire, int):
-        if retire < 1:
-            raise ValueError(f"retire must be at least 1 call, not {retire}")
-        calls = retire
-    elif retire is not None:
-        check = retire
-    for name, value in (("init", init), ("retire", check)):
-        if value is not None:
-            check_reference(value, name)
-    limits = Limits(max=None, idle=0, load=1, start=0.0, stop=float(idle_timeout), retire=calls)
-    return _Settings(modules, limits, init, check)
+    Args:
+        idle_timeout: Seconds a worker may wait for a call before it is ended
+            (``math.inf``: never); checked when calls take workers, and by
+            :meth:`WorkerContext.statistics`.
+        init: Called without arguments in each worker before its first call: a
+            picklable callable (a function defined at the top level of a module, a
+            built-in, a partial of one), or ``"module:qualname"``. The default,
+            :class:`bool`, does nothing.
+        retire: When workers are replaced: whenever this callable (run in the worker
+            after each call, given as ``init`` is) returns true, or after this many
+            calls. The default, :class:`bool`, never retires them.
+        grace_period: Seconds the workers are given, in all, to exit when the
+            context ends (``math.inf``: no limit).
+        worker_type: Accepted for compatibility with trio_parallel; see
+            :class:`WorkerType`.
+        preload: Modules the template imports, so that workers start with them.
 
-
-async def _wait_shielded(request: Request, withdraw: object = None) -> None:
-    """Wait for a call that cancellation must not stop.
-
-    The same as waiting in a shielded cancel scope, without paying for one on every
-    call: the scope is entered only when a cancellation comes. (``withdraw`` is
-    there to match :func:`wait_for`: such a call is never taken back.) The call then runs to
-    completion and its outcome is returned; the cancellation, still pending, takes
-    effect at the caller's next checkpoint.
+    Raises:
+        TypeError, ValueError: A bad argument, as trio_parallel raises them.
+        RemoteError: A preloaded module failed to import.
     """
+    settings = make_settings(idle_timeout, init, retire, grace_period, worker_type, preload)
+    async with _context(settings) as context:
+        yield context
+
+
+@asynccontextmanager
+async def cache_scope(
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    init: Callable[[], object] | str = bool,
+    retire: Callable[[], object] | str | int = bool,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    worker_type: WorkerType | str = WorkerType.SPAWN,
+    *,
+    preload: Iterable[str] = (),
+) -> AsyncIterator[None]:
+    """Make :func:`run_sync` use a new context of its own in this block's task tree.
+
+    Like ``trio_parallel.cache_scope``: for the duration of the block, a context
+    made with these arguments (those of :func:`open_worker_context`) replaces the
+    default one for :func:`run_sync` and :func:`default_context_statistics`, in
+    this task and in the tasks below it. On trio that is the task tree: tasks
+    started into a nursery opened inside the block, whoever starts them, and not
+    those started from inside into a nursery opened outside it. On asyncio, which
+    has no task tree, it is the tasks started from inside the block (they copy its
+    context). Explicit contexts are not affected; leaving the block closes its
+    context as leaving :func:`open_worker_context` does.
+    """
+    settings = make_settings(idle_timeout, init, retire, grace_period, worker_type, preload)
+    backend = sniffio.current_async_library()
+    async with _context(settings) as context:
+        with _scoped.being(backend, context):
+            yield
+
+
+def configure_default_context(
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    init: Callable[[], object] | str = bool,
+    retire: Callable[[], object] | str | int = bool,
+    grace_period: float = DEFAULT_GRACE_PERIOD,
+    worker_type: WorkerType | str = WorkerType.SPAWN,
+    *,
+    preload: Iterable[str] = (),
+) -> None:
+    """Configure the default context, which every :func:`run_sync` of the program uses.
+
+    The arguments are those of :func:`open_worker_context`; ``preload`` in
+    particular makes every worker start with those modules imported. Call it from
+    the main thread, before the first :func:`run_sync` or between event loop runs.
+    A default context that has workers is replaced, with a :exc:`UserWarning` (as
+    trio_parallel warns): its idle workers end now, the running ones when their
+    calls finish, and its template then (or at interpreter exit).
+
+    Raises:
+        RuntimeError: Not called from the main thread.
+        TypeError, ValueError: A bad argument.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "configure_default_context() must be called from the main thread, not from "
+            f"thread {threading.current_thread().name!r}"
+        )
+    settings = make_settings(idle_timeout, init, retire, grace_period, worker_type, preload)
+    with _default.lock:
+        previous = _default.context
+        _default.context = None
+        _default.settings = settings
+    if previous is not None:
+        stats = previous.statistics()
+        workers = stats.idle_workers + stats.running_workers
+        if workers:
+            warnings.warn(
+                f"configure_default_context() replaced a default context that has {workers} "
+                f"worker(s) ({stats.running_workers} running): they end when their calls "
+                "finish",
+                UserWarning,
+                stacklevel=2,
+            )
+        previous._retire()
+
+
+# The default context, and cache_scope's.
+
+
+class _Default:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.context: WorkerContext | None = None
+        self.settings: Settings = make_settings(
+            DEFAULT_IDLE_TIMEOUT, bool, bool, DEFAULT_GRACE_PERIOD, WorkerType.SPAWN, ()
+        )
+
+
+_default = _Default()
+_scoped: TaskTreeValue[WorkerContext] = TaskTreeValue("trio_fork cache_scope")
+
+
+def default_context() -> WorkerContext:
+    context = _default.context
+    if context is None:
+        with _default.lock:
+            context = _default.context
+            if context is None:
+                context = _default.context = WorkerContext._create(_default.settings)
+    return context
+
+
+def end_default_context() -> None:
+    """End the default context now (its workers and template); the next call starts anew.
+
+    For tests, which must leave no process behind. Blocking.
+    """
+    with _default.lock:
+        context, _default.context = _default.context, None
+    if context is not None:
+        context._shutdown()
+
+
+@asynccontextmanager
+async def _context(settings: Settings) -> AsyncIterator[WorkerContext]:
+    context = WorkerContext._create(settings)
     try:
-        await wait_until(request, lambda: request.done)
-    except anyio.get_cancelled_exc_class():
-        with anyio.CancelScope(shield=True):
-            await wait_until(request, lambda: request.done)
-    except BaseException:
-        # KeyboardInterrupt and the like: the worker may be stuck; do not wait for it.
-        with anyio.CancelScope(shield=True):
-            await abort(request, None, kill=True)
-        raise
+        # Started now, so that a preload that fails to import fails here.
+        await context._template()
+        yield context
+    finally:
+        await shielded(context._aclose)
 
 
-def _request(fn: Callable[..., Any], args: tuple[Any, ...], kill_on_cancel: bool) -> Request:
-    if not callable(fn):
-        raise TypeError(f"run_sync: fn must be callable, not {type(fn).__name__}")
-    try:
-        function = _pickled_function(fn)
-    except Exception as exc:
-        raise TypeError(
-            f"run_sync: {fn!r} cannot be sent to a worker ({exc}): pass a function "
-            "defined at the top level of a module"
-        ) from exc
-    try:
-        # pickle itself rather than PICKLE.dumps(): this is every call's path.
-        return Request(pickle.dumps((function, *args), pickle.HIGHEST_PROTOCOL), kill_on_cancel)
-    except Exception:
-        pass
-    try:
-        return make_request(PICKLE, args, kill_on_cancel, listen=False)
-    except TypeError as exc:
-        raise TypeError(f"run_sync: {exc}") from exc.__cause__
+def _forget_in_child() -> None:
+    # A forked copy of this process starts a default context of its own.
+    _default.lock = threading.Lock()
+    _default.context = None
 
 
-# Plain functions and built-ins (those that pickle by reference, and live as long as
-# their module) are pickled once; other callables, such as partials, every time.
-_pickled_functions: dict[Callable[..., Any], bytes] = {}
-_MAX_PICKLED_FUNCTIONS = 256
-
-
-def _pickled_function(fn: Callable[..., Any]) -> bytes:
-    if type(fn) not in (types.FunctionType, types.BuiltinFunctionType):
-        return pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
-    pickled = _pickled_functions.get(fn)
-    if pickled is None:
-        pickled = pickle.dumps(fn, pickle.HIGHEST_PROTOCOL)
-        if len(_pickled_functions) >= _MAX_PICKLED_FUNCTIONS:
-            _pickled_functions.clear()
-        _pickled_functions[fn] = pickled
-    return pickled
-
-
-def _native_checkpoint_if_cancelled() -> Callable[[], Awaitable[None]]:
-    if sniffio.current_async_library() == "trio":
-        return sys.modules["trio"].lowlevel.checkpoint_if_cancelled  # type: ignore[no-any-return]
-    return anyio.lowlevel.checkpoint_if_cancelled
+os.register_at_fork(after_in_child=_forget_in_child)

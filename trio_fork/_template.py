@@ -17,6 +17,7 @@ import attrs
 import sniffio
 from anyio.abc import UNIXSocketStream
 
+from . import _exec
 from ._arguments import FileDescriptorLike, dup_fds, module_names, pickle_arguments, target_name
 from ._channel import Channel, ExitSlot, Reply, remote_error
 from ._child import Child, Process
@@ -70,9 +71,10 @@ class Template(metaclass=NoPublicConstructor):
     def pid(self) -> int:
         """The template's process id.
 
-        A template from :func:`open_template` is a child of this process, or of the
-        early template once :func:`start_early` has run. One from :meth:`fork` is a
-        child of the template it was forked from, one from
+        A template from :func:`open_template` is a child of the process-wide default
+        template, or of the early template once :func:`start_early` has run, or of
+        this process if it started an interpreter of its own (``fresh=True``). One
+        from :meth:`fork` is a child of the template it was forked from, one from
         :meth:`TemplateHandle.open` a child of the handle's template, and one from
         :func:`adopt_template` a child of whichever process made it. Whatever its
         parent, the pid names this template until the block that gave it to you
@@ -280,6 +282,10 @@ class Template(metaclass=NoPublicConstructor):
         finally:
             self._blocks -= 1
             process.close()
+
+    # AnyEvent::Fork's "faster fork+exec": a program run from the template (see ._exec).
+    open_process = _exec.open_process
+    run_process = _exec.run_process
 
     @asynccontextmanager
     async def _spawn_worker(self, *args: object) -> AsyncIterator[tuple[Process, socket.socket]]:

@@ -1,8 +1,10 @@
 """A parent that builds a tree of templates and children, reports it, and waits.
 
 Run as ``python -m tests.scripts.tree BACKEND`` from the repository root. Prints one
-JSON line: this process's pid, the templates' pids and the children's pids. One
-template is busy in a long command, to show that it still goes away.
+JSON line: this process's pid, the templates' pids, the children's pids, and the
+default template's pid (null with ``TRIO_FORK_DEFAULT_TEMPLATE=0``: the templates are
+then this process's children). One template is busy in a long command, to show that
+it still goes away.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import anyio
 import trio_fork
 from tests import targets
 from tests.helpers import receive
+from trio_fork import _open
 
 
 async def hold(template: trio_fork.Template, pids: list[int], ready: anyio.Event) -> None:
@@ -43,6 +46,7 @@ async def main() -> None:
             "parent": os.getpid(),
             "templates": [template.pid, busy.pid, forked.pid],
             "children": children,
+            "default": _open._default.handle.pid if _open._default.handle else None,
         }
         print(json.dumps(report), flush=True)
         await anyio.sleep_forever()

@@ -48,14 +48,15 @@ async def fork_template_fixture(
 
 @asynccontextmanager
 async def fresh_template_fixture(
-    settings: Settings, preload: Sequence[str]
+    settings: Settings, preload: Sequence[str], *, fresh: bool = True
 ) -> AsyncIterator[Sampler]:
     """Set-up and teardown of a fixture that opens a template of its own per test.
 
-    That is ``open_template()`` entered and left, which the Early rows also time, in
-    helper processes (see ``_helper``).
+    That is ``open_template(fresh=True)`` entered and left: an interpreter started for
+    each test. The ``open_template`` rows also time it, in helper processes (see
+    ``_helper``), and with ``fresh=False`` what ``open_template()`` forks there.
     """
-    once = entered_and_left(lambda: open_template(preload))
+    once = entered_and_left(lambda: open_template(preload, fresh=fresh))
 
     async def sample() -> float:
         return await median_latency(once, settings.sample_seconds)

@@ -1,16 +1,18 @@
 """Rows that run in a helper process of their own, sampled like the others.
 
 Every row runs in the bench process, but for the floor (in a minimal interpreter of
-its own) and four rows whose effect on that process would be wrong for them or for
+its own) and five rows whose effect on that process would be wrong for them or for
 the other rows:
 
-- the Early rows. :func:`~trio_fork.start_early` belongs first thing in a program,
-  before its heavy imports and before any event loop runs, and from then on it
-  changes what every :func:`~trio_fork.open_template` of the process does. The bench
-  process can do neither: it has run an event loop for a while by the time its rows
-  are set up, and its other rows must open templates the ordinary way. So
-  ``open_template()`` is timed in two helpers that differ in one call alone: one
-  calls ``start_early()`` first thing, the other does not.
+- the ``open_template`` rows. :func:`~trio_fork.start_early` belongs first thing in a
+  program, before its heavy imports and before any event loop runs, and from then on
+  it changes what every :func:`~trio_fork.open_template` of the process does. The
+  bench process can do neither: it has run an event loop for a while by the time its
+  rows are set up, and its other rows must open templates the ordinary way. So
+  ``open_template()`` is timed in helpers that differ in one call alone: one calls
+  ``start_early()`` first thing, the others do not; of those, one asks for a fresh
+  interpreter each time (``fresh=True``), the other forks the default template
+  (started in the untimed warm-up).
 - the two pool rows. Starting and ending trio_fork pools leaves the heap of the
   process that opens them larger (each worker's connection has receive buffers of
   128 KiB and more, freed in an order that fragments it), by several MiB a sample;
@@ -45,6 +47,7 @@ from ._report import Settings
 HOSTED_ROWS = {
     "open_template_plain": False,
     "open_template_early": True,
+    "open_template_default": False,
     "numpy_pool_ready": False,
     "trio_parallel_numpy_pool": False,
 }
@@ -78,9 +81,9 @@ def _row(key: str, settings: Settings) -> AbstractAsyncContextManager[Sampler]:
         return _numpy.pool_starts(settings)
     if key == "trio_parallel_numpy_pool":
         return _peers.trio_parallel_pool_starts(settings)
-    # The Early rows: open_template() entered and left, which is exactly what a
-    # fixture that starts a fresh template (with no preload) does.
-    return _fixtures.fresh_template_fixture(settings, ())
+    # The open_template rows: entered and left, which is exactly what a fixture that
+    # starts a fresh template (with no preload) does.
+    return _fixtures.fresh_template_fixture(settings, (), fresh=key == "open_template_plain")
 
 
 def serve(key: str, settings: str) -> None:

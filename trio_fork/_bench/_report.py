@@ -68,6 +68,32 @@ def _by_ballast(base: str, label: str) -> tuple[Row, ...]:
     )
 
 
+EXEC_BALLASTS_MB = (0, 2048)
+"""The parent sizes of the run_process rows."""
+EXEC_RUNNERS = {
+    "exec_trio_fork": "trio_fork Template.run_process",
+    "exec_anyio": "anyio.run_process",
+    "exec_trio": "trio.run_process",
+    "exec_as_user_trio_fork": "trio_fork Template.run_process, user=",
+    "exec_as_user_anyio": "anyio.run_process, user=",
+}
+"""The run_process rows, each at every size of :data:`EXEC_BALLASTS_MB`. With
+``user=`` (this process's own user), subprocess forks instead of using vfork."""
+
+
+def _exec_rows() -> tuple[Row, ...]:
+    return tuple(
+        Row(
+            ballast_key(base, megabytes),
+            label + (f", parent + {ballast_name(megabytes)}" if megabytes else ""),
+            Kind.SPAWNS,
+            megabytes,
+        )
+        for base, label in EXEC_RUNNERS.items()
+        for megabytes in EXEC_BALLASTS_MB
+    )
+
+
 RPC_IN_FLIGHT = 256
 """Calls in flight at once on the pipelined RPC row."""
 POOL_WORKERS = 8
@@ -115,6 +141,10 @@ SECTIONS: tuple[Section, ...] = (
                 Kind.CALLS,
             ),
         ),
+    ),
+    Section(
+        "run_process(['/bin/true']) per second: start, run, exit, be reaped",
+        _exec_rows(),
     ),
     Section(
         "Workers with numpy imported",
@@ -165,10 +195,19 @@ SECTIONS: tuple[Section, ...] = (
                 "fixture starting a fresh template, a test suite's preload",
                 Kind.LATENCY,
             ),
-            Row("open_template_plain", "open_template() in a program without Early", Kind.LATENCY),
+            Row(
+                "open_template_plain",
+                "open_template(fresh=True): an interpreter started",
+                Kind.LATENCY,
+            ),
             Row(
                 "open_template_early",
                 "open_template() in a program that called start_early() first",
+                Kind.LATENCY,
+            ),
+            Row(
+                "open_template_default",
+                "open_template(), second and later: a fork of the default template",
                 Kind.LATENCY,
             ),
         ),
@@ -288,11 +327,19 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target(
         "early_speedup",
-        "open_template() without Early / with Early",
+        "open_template(fresh=True) / open_template() with Early",
         "open_template_plain",
         "open_template_early",
         True,
         10.0,
+    ),
+    Target(
+        "default_template_time",
+        "open_template() from the default template, second and later",
+        "open_template_default",
+        None,
+        False,
+        0.005,
     ),
     Target(
         "run_sync_vs_anyio",

@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from . import _calls, _fixtures, _helper, _numpy, _peers, _spawns
+from . import _calls, _fixtures, _helper, _numpy, _parity, _peers, _spawns
 from ._measure import Sampler, Unavailable
 from ._report import BALLASTS_MB, ROWS, Kind, Report, RowResult, Settings, ballast_key, ballast_name
 from ._system import Ballast, load_average, machine, memory_use, resident_bytes
@@ -43,6 +43,7 @@ def _plan() -> list[tuple[int, str]]:
             ballast_key("os_fork", megabytes),
             ballast_key("trio_fork_seq", megabytes),
             ballast_key("trio_fork_32", megabytes),
+            *_parity.keys_at(megabytes),
         ]
         if megabytes == 0:
             keys += _NO_BALLAST_ONLY
@@ -87,6 +88,8 @@ def _probe(
         return _spawns.trio_fork_spawns(settings, template, concurrency=1)
     if key.startswith("trio_fork_32_"):
         return _spawns.trio_fork_spawns(settings, template, concurrency=settings.concurrency)
+    if key.startswith("exec_"):
+        return _parity.run_process_rows(settings, template, key)
     if key == "mp_fork":
         return _peers.multiprocessing_processes(settings, multiprocessing.get_context("fork"))
     if key == "mp_forkserver":

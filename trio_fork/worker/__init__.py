@@ -6,10 +6,14 @@ starts as an ordinary import of it (or, on a host where trio_fork is not install
 from its sources sent down the template's channel).
 
 The functions here are the child-side API: what code running in a template (through
-:meth:`trio_fork.Template.eval`) or in a child may call.
+:meth:`trio_fork.Template.eval`) or in a child may call; :func:`emit` and
+:func:`retire` are for RPC workers (those of :func:`trio_fork.open_rpc`,
+:func:`trio_fork.open_pool` and :func:`trio_fork.run_sync`).
 """
 
 from __future__ import annotations
+
+import sys
 
 from ._template import current as _current
 
@@ -17,7 +21,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["in_template", "take_queue"]
+    from ._rpc import _Worker
+
+__all__ = ["emit", "in_template", "retire", "take_queue"]
 
 
 def in_template() -> bool:
@@ -44,3 +50,43 @@ def take_queue() -> list[Any]:
     queue = list(server.queue)
     server.queue.clear()
     return queue
+
+
+def emit(event: Any) -> None:
+    """Send ``event`` to the parent, whenever: in a call or outside one.
+
+    AnyEvent::Fork::RPC's ``event``. The parent receives it from
+    :meth:`trio_fork.RPC.events` (or :meth:`trio_fork.Pool.events`), serialized as
+    the worker's arguments and results are. In a sync worker any thread may call it;
+    in an async worker, the event loop's thread (it never waits: the event is sent
+    as soon as the socket takes it).
+
+    Raises:
+        RuntimeError: This process is not an RPC worker.
+    """
+    _worker("emit").send_event(event)
+
+
+def retire() -> None:
+    """Ask to be replaced: this RPC worker takes no call after those it has.
+
+    AnyEvent::Fork::Pool's worker-side retirement, for a worker that knows it should
+    go (it leaks, or grew too big). A sync worker exits after its current call (or
+    its next, if none runs); an async one once the calls it runs are done. A pool
+    starts another in its place when calls need one; an :func:`trio_fork.open_rpc`
+    takes no more calls (they raise :exc:`anyio.ClosedResourceError`). The worker's
+    ``done`` hook runs before it exits.
+
+    Raises:
+        RuntimeError: This process is not an RPC worker.
+    """
+    _worker("retire").retire()
+
+
+def _worker(what: str) -> _Worker:
+    # Loaded only in RPC workers: templates never import the RPC loop for this.
+    rpc = sys.modules.get(f"{__name__}._rpc")
+    worker = None if rpc is None else rpc.current()
+    if worker is None:
+        raise RuntimeError(f"{what}() can only be called in an RPC worker")
+    return worker  # type: ignore[no-any-return]

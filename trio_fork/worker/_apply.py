@@ -1,14 +1,35 @@
-"""What ``run_sync`` workers run, and how a template takes on the parent's ``__main__``."""
+"""What ``run_sync`` workers run, and how they take on the parent's ``__main__``.
+
+A run_sync worker belongs to no event loop of the parent (its default context serves
+every ``trio.run`` of the program), so it is not a child spawned over a template's
+channel, whose exit the template reports on that channel. It is a template forked on
+request from a ``TemplateHandle``, which reaps it and reports its exit status on a pipe
+of its own, and which then becomes an RPC worker: :func:`become_worker`, INVOKEd as
+the fork's first command, serves the fork's own channel as the worker's socket.
+
+Each call comes with its function, pickled once by the parent and unpickled once per
+worker (:func:`apply`), and its result goes back pickled by :func:`apply` itself, so
+that a result that cannot be pickled fails the call with a
+:exc:`pickle.PicklingError`, raised as itself in the parent, as trio-parallel and
+anyio raise the pickling error.
+"""
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]
+import os
 import pickle
 import sys
+
+from . import _child, _rpc, _template
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any
+    from types import ModuleType as _Module
+    from typing import Any, NoReturn
+else:
+    _Module = type(sys)
 
 # Functions that came pickled with calls, by their pickle: a worker called with the
 # same function again and again unpickles it once.
@@ -16,9 +37,26 @@ _functions: dict[bytes, Callable[..., Any]] = {}
 _MAX_FUNCTIONS = 256
 
 
-def apply(function: bytes, *args: Any) -> Any:
-    """Call the function that came with the call: pickled once by the parent,
-    unpickled once per worker."""
+async def _probe() -> None:
+    pass
+
+
+_coroutine = _probe()
+_COROUTINE = type(_coroutine)
+_coroutine.close()
+del _coroutine
+
+
+def apply(function: bytes, *args: Any) -> bytes:
+    """Call the function that came with the call; its result, pickled here.
+
+    Raises:
+        TypeError: The function is asynchronous (it returned a coroutine, which is
+            closed unawaited): ``run_sync`` runs sync functions.
+        RuntimeError: The function could not be unpickled here.
+        pickle.PicklingError: Its result cannot be pickled.
+        Exception: What the function raised.
+    """
     found = _functions.get(function)
     if found is None:
         try:
@@ -30,7 +68,77 @@ def apply(function: bytes, *args: Any) -> Any:
         if len(_functions) >= _MAX_FUNCTIONS:
             _functions.clear()
         _functions[function] = found
-    return found(*args)
+    result = found(*args)
+    if type(result) is _COROUTINE:
+        result.close()
+        raise TypeError(
+            f"run_sync runs sync functions, but {found!r} returned a coroutine (it is "
+            "asynchronous): call it with an event loop of its own, or use open_rpc"
+        )
+    try:
+        return pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise pickle.PicklingError(
+            f"the result of {found!r} cannot be pickled: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+class Pickled:
+    """run_sync's serializer: arguments are pickled, results come from :func:`apply`
+    already pickled (as bytes: anything else, an event, is pickled here)."""
+
+    @staticmethod
+    def dumps(value: Any) -> bytes:
+        if type(value) is bytes:
+            return value
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def loads(data: bytes) -> Any:
+        return pickle.loads(data)
+
+
+def become_worker(
+    spec: _rpc.WorkerSpec,
+    setup: tuple[list[str], str, dict[str, str]] | None,
+    authkey: bytes | None,
+    main: tuple[str | None, str | None],
+) -> NoReturn:
+    """Turn this template, forked for one worker, into that worker; exit when it is done.
+
+    INVOKEd as the fork's first command: the channel it came on becomes the worker's
+    socket (the parent sends nothing else until the worker is ready), and what
+    follows is the RPC protocol. ``setup`` is what :func:`~._template.align` makes
+    of a fork when the parent's ``sys.path``, directory or environment changed since
+    the template started; ``authkey`` is the parent's :mod:`multiprocessing` key, so
+    that manager proxies passed to calls work here; ``main`` locates the parent's
+    main module (see :func:`expect_main`).
+
+    An error before the worker serves is the INVOKE's error; the parent then closes
+    the channel, and this template shuts down as any template does.
+    """
+    server = _template.current()
+    assert server is not None
+    sock = server.channel.sock
+    assert sock is not None
+    # A worker dies with the template that made it, as a spawned child does.
+    _child.prctl(_child.PR_SET_PDEATHSIG, _signal.SIGKILL)
+    if setup is not None:
+        _template.align(*setup)
+    if authkey is not None:
+        from multiprocessing import process
+
+        process.current_process().authkey = authkey
+    expect_main(*main)
+    server.state.restore()
+    _template._current[0] = None  # a worker, no longer a template
+    code = 0
+    try:
+        _rpc.serve(sock, spec)
+    except BaseException as exc:
+        _child.print_exception(exc, None)
+        code = 1
+    _child.exit(code)
 
 
 class _Loading:
@@ -47,6 +155,64 @@ def adopt_main(spec_name: str | None, path: str | None) -> None:
     to ``__main__`` resolves here and in every worker forked from here, and the
     module's ``if __name__ == "__main__":`` block does not run.
     """
+    module = _Module("__mp_main__")
+    previous = sys.modules["__main__"]
+    # Registered before running, so that the module can refer to itself while it
+    # loads (dataclasses look their module up in sys.modules, for instance).
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+    try:
+        _run_main(module, spec_name, path)
+    except BaseException:
+        sys.modules["__main__"] = previous
+        del sys.modules["__mp_main__"]
+        raise
+
+
+def expect_main(spec_name: str | None, path: str | None) -> None:
+    """Make the parent's main module this worker's ``__main__``, run when first used.
+
+    Both peers run the parent's main module in every worker, as ``__mp_main__``;
+    trio_fork does it only when something needs it: unpickling a reference to one of
+    its functions or classes, or reading one of its names through ``sys.modules``.
+    A main module whose top-level code has side effects (or is slow to import) then
+    costs nothing in workers that never use it. Nothing to do if the template has
+    loaded it already (:func:`adopt_main`), or if it cannot be loaded here (a
+    program run as ``python -c``, or a file that does not exist).
+    """
+    location = (spec_name, path)
+    if getattr(sys.modules.get("__main__"), "__trio_fork_main__", None) == location:
+        return
+    if spec_name is None and not (path is not None and os.path.isfile(path)):
+        return
+    module = _LazyMain("__mp_main__")
+    if path is not None:
+        module.__file__ = path
+    module.__trio_fork_main__ = location  # type: ignore[attr-defined]
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+
+
+class _LazyMain(_Module):
+    """A main module that runs its code the first time one of its names is looked up."""
+
+    def __getattr__(self, name: str) -> Any:
+        # Only names the module lacks come here. Probes for special names (by pickle,
+        # by inspect...) must not run the program's code.
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(f"module '__main__' has no attribute {name!r}")
+        self.__class__ = _Module  # type: ignore[assignment]
+        spec_name, path = self.__dict__["__trio_fork_main__"]
+        try:
+            _run_main(self, spec_name, path)
+        except Exception as exc:
+            raise RuntimeError(
+                f"loading the main module {spec_name or path} in the worker failed ("
+                f"{type(exc).__name__}: {exc}): does its top-level code run the program? "
+                "Put that under 'if __name__ == \"__main__\":'"
+            ) from exc
+        return getattr(self, name)
+
+
+def _run_main(module: Any, spec_name: str | None, path: str | None) -> None:
     if spec_name is not None:
         import importlib.util
 
@@ -62,18 +228,10 @@ def adopt_main(spec_name: str | None, path: str | None) -> None:
         with open(path, "rb") as file:
             code = compile(file.read(), path, "exec")
         filename = path
-    module = type(sys)("__mp_main__")
     module.__file__ = filename
-    previous = sys.modules["__main__"]
-    # Registered before running, so that the module can refer to itself while it
-    # loads (dataclasses look their module up in sys.modules, for instance).
-    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+    module.__trio_fork_main__ = (spec_name, path)
     loading.main = True
     try:
         exec(code, module.__dict__)
-    except BaseException:
-        sys.modules["__main__"] = previous
-        del sys.modules["__mp_main__"]
-        raise
     finally:
         loading.main = False

@@ -3,10 +3,14 @@
 A sync function is served one call at a time; an async function's worker runs the
 parent's event loop (trio or asyncio, imported only then) and each call in a task of
 its own. Every call is answered exactly once: result, error, or ``CANCELLED``.
+Outside calls, the worker may send events (id 0) and say it retires (see
+:mod:`trio_fork.worker`); once the parent has closed the socket and the calls are
+done, the ``done`` hook runs, and the worker exits.
 """
 
 from __future__ import annotations
 
+import _thread
 import collections
 import os
 import pickle
@@ -14,7 +18,7 @@ import signal
 import socket
 import sys
 
-from . import _wire
+from . import _child, _wire
 from ._child import is_async, resolve
 from ._wire import CALL, CANCEL, CANCELLED, ERROR, EVENT, RESULT, RETIRING, encode
 
@@ -22,6 +26,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
+
+    Hook = Callable[..., Any] | None
 
 # Frames held back for a batch before they are sent anyway, so that the other side
 # starts on the first ones while this side is still producing the rest.
@@ -31,12 +37,21 @@ _HIGH_WATER = 1024 * 1024
 
 WorkerSpec = collections.namedtuple(
     "WorkerSpec",
-    "function init init_args serializer events exceptions backend retire",
-    defaults=(None,),
+    "function init init_args serializer events exceptions backend retire done",
+    defaults=(None, None),
 )
 """What an RPC worker is spawned with. ``events``: pass the function an ``emit`` first;
 ``exceptions``: send what it raised pickled too; ``backend``: the parent's event
-loop; ``retire``: called after each call of a sync function, exit when true."""
+loop; ``retire``: called after each call of a sync function, exit when true;
+``done``: called when the worker ends, as it was asked to, before it exits."""
+
+# The worker this process is, while it serves: the child-side API's way in.
+_current: list[_Worker | None] = [None]
+
+
+def current() -> _Worker | None:
+    """The RPC worker this process is, or None."""
+    return _current[0]
 
 
 def serve(sock: socket.socket, spec: WorkerSpec) -> None:
@@ -48,19 +63,27 @@ def serve(sock: socket.socket, spec: WorkerSpec) -> None:
         function = resolve(spec.function, "function")
         init = None if spec.init is None else resolve(spec.init, "init")
         concurrent = is_async(function)
-        if init is not None and is_async(init) and not concurrent:
-            raise TypeError(
-                f"init {spec.init!r} is async, but the function is not: an async init "
-                "needs an async function (whose worker runs an event loop)"
-            )
+        done = None if spec.done is None else resolve(spec.done, "done")
+        for name, hook in (("init", init), ("done", done)):
+            if hook is not None and is_async(hook) and not concurrent:
+                raise TypeError(
+                    f"{name} {getattr(spec, name)!r} is async, but the function is not: an "
+                    f"async {name} needs an async function (whose worker runs an event loop)"
+                )
         retire = None if spec.retire is None else resolve(spec.retire, "retire")
+        _child.set_title(f"rpc {getattr(function, '__name__', 'worker')}")
     except BaseException as exc:
         _fail(sock, exc)
         return
-    if concurrent:
-        _AsyncWorker(sock, function, spec).run(init)
-    else:
-        _SyncWorker(sock, function, spec).main(init, retire)
+    worker = _current[0] = (_AsyncWorker if concurrent else _SyncWorker)(sock, function, spec)
+    worker.serve(init, retire, done)
+
+
+async def _call_hook(hook: Hook, args: tuple[Any, ...]) -> None:
+    if hook is not None:
+        result = hook(*args)
+        if is_async(hook):
+            await result
 
 
 def _fail(sock: socket.socket, exc: BaseException) -> None:
@@ -79,6 +102,7 @@ class _Worker:
         self.function = function
         self.spec = spec
         self.serializer = spec.serializer
+        self.retiring = False
 
     def ready(self, concurrent: bool) -> list[_wire.Segment]:
         return encode(_wire.WORKER_READY, 0, _wire.WORKER.pack(os.getpid(), concurrent))
@@ -120,6 +144,18 @@ class _Worker:
     def emit(self, call_id: int, payload: bytes) -> Any:
         raise NotImplementedError
 
+    def serve(self, init: Hook, retire: Hook, done: Hook) -> None:
+        """Run ``init``, serve calls until end of file (or retiring), then run ``done``."""
+        raise NotImplementedError
+
+    def retire(self) -> None:
+        """Take no calls after the current one; the worker exits then (child-side API)."""
+        self.retiring = True
+
+    def send_event(self, event: Any) -> None:
+        """Send an event that belongs to no call (child-side API)."""
+        self.emit(0, self.serializer.dumps(event))
+
 
 class _Emitter:
     """``emit`` for a call: ``emit(event)``, or ``await emit(event)`` when async."""
@@ -136,9 +172,10 @@ class _Emitter:
 
 
 class _SyncWorker(_Worker):
-    def main(self, init: Callable[..., Any] | None, retire: Callable[..., Any] | None) -> None:
+    def serve(self, init: Hook, retire: Hook, done: Hook) -> None:
         sock = self.sock
         sock.setblocking(True)
+        self.lock = _thread.allocate_lock()  # emit() may come from any thread
         try:
             if init is not None:
                 init(*self.spec.init_args)
@@ -148,19 +185,25 @@ class _SyncWorker(_Worker):
         self.reader = _wire.FrameReader()
         self.queue: collections.deque[tuple[int, bytes]] = collections.deque()
         try:
-            _wire.send_blocking(sock, self.ready(False))
+            self.post(self.ready(False))
             while self.receive():
                 if self.queue:
                     reply = self.run(*self.queue.popleft())
-                    if retire is not None and self.should_retire(retire):
+                    if self.retiring or (retire is not None and self.should_retire(retire)):
                         # Said before the reply, so that the parent sends nothing
                         # more. Calls queued behind this one never started; the
                         # parent sees the exit and sends them to another worker.
-                        _wire.send_blocking(sock, [*encode(RETIRING), *reply])
-                        return
-                    _wire.send_blocking(sock, reply)
+                        self.post([*encode(RETIRING), *reply])
+                        break
+                    self.post(reply)
         except OSError:
             pass  # the parent is gone
+        if done is not None:
+            done()
+
+    def post(self, segments: list[_wire.Segment]) -> None:
+        with self.lock:
+            _wire.send_blocking(self.sock, segments)
 
     def run(self, call_id: int, payload: bytes) -> list[_wire.Segment]:
         args = self.begin(call_id, payload)
@@ -175,7 +218,7 @@ class _SyncWorker(_Worker):
         return self.result(call_id, value)
 
     def emit(self, call_id: int, payload: bytes) -> None:
-        _wire.send_blocking(self.sock, encode(EVENT, call_id, payload))
+        self.post(encode(EVENT, call_id, payload))
 
     def should_retire(self, retire: Callable[..., Any]) -> bool:
         try:
@@ -201,7 +244,7 @@ class _SyncWorker(_Worker):
                 for index, (queued_id, _) in enumerate(self.queue):
                     if queued_id == frame.id:
                         del self.queue[index]
-                        _wire.send_blocking(self.sock, encode(CANCELLED, frame.id))
+                        self.post(encode(CANCELLED, frame.id))
                         break
                 # Otherwise it has been answered already: the parent takes that.
         return True
@@ -220,7 +263,7 @@ class _AsyncWorker(_Worker):
     wait_writable: Any
     start_soon: Any
 
-    def run(self, init: Callable[..., Any] | None) -> None:
+    def serve(self, init: Hook, retire: Hook, done: Hook) -> None:
         self.running: dict[int, Any] = {}
         self.outbox = _wire.Outbox()
         self.drained: Any = None
@@ -231,7 +274,7 @@ class _AsyncWorker(_Worker):
             self.event, self.checkpoint = trio.Event, trio.lowlevel.checkpoint
             self.wait_readable = trio.lowlevel.wait_readable
             self.wait_writable = trio.lowlevel.wait_writable
-            trio.run(self.main, init)
+            trio.run(self.main, init, done)
         else:
             import asyncio
 
@@ -244,21 +287,30 @@ class _AsyncWorker(_Worker):
             )
             self.event, self.checkpoint = asyncio.Event, lambda: asyncio.sleep(0)
             self.wait_readable, self.wait_writable = anyio.wait_readable, anyio.wait_writable
-            asyncio.run(self.main(init))
+            asyncio.run(self.main(init, done))
 
-    async def main(self, init: Callable[..., Any] | None) -> None:
+    async def main(self, init: Hook, done: Hook) -> None:
+        self.sock.setblocking(False)
+        self.wake_writer = self.event()
+        self.writer_busy = False  # what init emits waits for the writer
         try:
-            if init is not None:
-                result = init(*self.spec.init_args)
-                if is_async(init):
-                    await result
+            await _call_hook(init, self.spec.init_args)
         except BaseException as exc:
             _fail(self.sock, exc)
             return
-        self.sock.setblocking(False)
-        self.wake_writer = self.event()
-        self.writer_busy = False
         self.send(self.ready(True))
+        await self.serve_calls()
+        await _call_hook(done, ())
+
+    def retire(self) -> None:
+        if not self.retiring:  # the parent closes us once our calls are done
+            self.retiring = True
+            self.send(encode(RETIRING))
+
+    def send_event(self, event: Any) -> None:
+        self.send(encode(EVENT, 0, self.serializer.dumps(event)))
+
+    async def serve_calls(self) -> None:
         if self.loop.__name__ == "trio":
             async with self.loop.open_nursery() as nursery:
                 self.start_soon = nursery.start_soon

@@ -276,7 +276,7 @@ class Server:
             self.in_new_process([channel], None, announce=True)
         os.close(channel)
         # Not in self.children: nobody reads our channel for its exit status. The
-        # requester learns that it is reaped when this pipe closes.
+        # requester reads it from this pipe, which closes once the process is reaped.
         self.reaped[pid] = reaped
 
     def in_new_process(
@@ -301,6 +301,7 @@ class Server:
             if payload is not None:
                 code = _child.run(sock, self.queue, payload, fds[1:], self.state)
             else:
+                _child.set_title(f"tmpl of {self.pid}")
                 server = _current[0] = Server(Link(sock), list(self.queue), self.state)
                 server.become_template()
                 if announce:
@@ -330,10 +331,16 @@ class Server:
                 continue  # a thread of our code's reaped it
             if not reaped:
                 continue
+            code = os.waitstatus_to_exitcode(status)
             if pid in self.children:
-                code = os.waitstatus_to_exitcode(status)
                 self.reply(_wire.EXITED, self.children.pop(pid), _wire.EXIT_STATUS.pack(code))
-            close_all([self.reaped.pop(pid, -1)])
+            if pid in self.reaped:
+                # The requester learns the exit status, then (end of file) that it is gone.
+                try:
+                    os.write(self.reaped[pid], _wire.EXIT_STATUS.pack(code))
+                except OSError:
+                    pass
+                os.close(self.reaped.pop(pid))
 
     def shutdown(self) -> None:
         """Kill and reap everything below this process."""
@@ -424,6 +431,7 @@ def main(channel: Link, owner: int, sigint_blocked: bool) -> None:
             # If the owner dies, even while this template runs a long command or is
             # stopped: shut down as when it closes the channel (see on_sigcont).
             _child.prctl(_child.PR_SET_PDEATHSIG, _signal.SIGCONT)
+            _child.set_title(f"tmpl of {os.getppid()}")
             if owner and os.getppid() != owner:
                 raise Terminate
             if channel.carries_fds:
