@@ -36,7 +36,7 @@ def prctl(option: int, value: int | bytes) -> None:
 
     _prctl = _prctl or _ctypes.dlsym(_ctypes.dlopen(None), "prctl")  # type: ignore[arg-type]
     if _ctypes.call_function(_prctl, (option, value, 0, 0, 0)):
-        raise OSError(f"prctl({option}, {value}) failed")
+        raise OSError(f"prctl({option}, {value!r}) failed")
 
 
 def set_title(title: str) -> None:
