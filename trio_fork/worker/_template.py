@@ -379,13 +379,15 @@ def count_threads() -> int:
 
 
 def fork() -> int:
-    """``os.fork()`` without Python's warning about threads (the owner had ours): on
-    3.15, when warnings are errors, it raises after the child exists, its pid unknown."""
-    if count_threads() == 1:
-        return os.fork()
+    """``os.fork()`` without Python's warning about threads (the owner had ours).
+
+    On 3.15, when warnings are errors, it raises after the child exists, pid unknown;
+    and from 3.12 it counts 20 threads in a process whose title has spaces.
+    """
     import warnings
 
-    with warnings.catch_warnings(action="ignore", category=DeprecationWarning):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"This process \(pid=", DeprecationWarning)
         return os.fork()
 
 
