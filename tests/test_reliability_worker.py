@@ -248,6 +248,19 @@ async def test_a_template_with_a_thread_is_reported_and_loses_no_child() -> None
         assert forked_child.returncode == 0
 
 
+async def test_templates_fork_when_warnings_are_errors() -> None:
+    # No thread here, but titles with spaces ("tmpl of 1234"): CPython 3.12+ reads the
+    # thread count from /proc/self/stat split at spaces, and 3.15 raises its warning.
+    env = {**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"}
+    async with (
+        trio_fork.open_template(preload=["tests.targets"], env=env) as template,
+        template.fork() as forked,
+        forked.spawn(targets.one_byte) as child,
+    ):
+        assert await child.stream.receive() == b"x"
+    assert child.returncode == 0
+
+
 def test_a_handle_whose_preload_starts_a_thread_is_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
