@@ -245,3 +245,127 @@ def emit_then_retire(value: Any) -> Any:
     trio_fork.worker.emit(("event", value))
     trio_fork.worker.retire()
     return value
+
+
+# Hostile workers (tests/test_reliability_parent.py).
+
+
+class Unprintable(Exception):
+    """An exception whose ``str()`` fails: returns an int, or raises."""
+
+    def __str__(self) -> str:
+        if self.args[0] == "int":
+            return 3  # type: ignore[return-value]
+        raise RuntimeError("no str() for this exception")
+
+
+def fail_unprintably(how: str | None) -> str:
+    if how is None:
+        return "fine"
+    raise Unprintable(how)
+
+
+async def async_fail_unprintably(how: str | None) -> str:
+    import anyio.lowlevel
+
+    await anyio.lowlevel.checkpoint()
+    return fail_unprintably(how)
+
+
+def own_socket() -> Any:
+    """This worker's socket to the parent, found among its descriptors.
+
+    The socketpair was made by the parent, so the peer credentials name another
+    process (an event loop's own socketpairs name this one).
+    """
+    import socket
+    import struct
+
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM:
+            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            if struct.unpack("3i", credentials)[0] != os.getpid():
+                sock.setblocking(True)
+                return sock
+        sock.close()
+    raise RuntimeError("no socket to the parent")
+
+
+def garbage(kind: str) -> bytes:
+    """What a worker that breaks the protocol sends, of several kinds."""
+    from trio_fork.worker import _wire
+
+    if kind == "unknown frame":  # and a payload that never comes
+        return _wire.HEADER.pack(0xEE, 0, 1, 1 << 60)
+    if kind == "descriptors":
+        return _wire.HEADER.pack(_wire.RESULT, 3, 1, 1 << 40)
+    if kind == "not a description":
+        return _wire.HEADER.pack(_wire.ERROR, 0, 1, 4) + b"\xff\xff\xff\xff"
+    if kind == "noise":
+        return b"\xff" + bytes(range(256)) * 64
+    raise ValueError(kind)
+
+
+def misbehave(kind: str | None) -> int:
+    """The worker's pid; or write garbage of ``kind`` onto the socket, and hang."""
+    if kind is not None:
+        with own_socket() as sock:
+            sock.sendall(garbage(kind))
+        time.sleep(3600)
+    return os.getpid()
+
+
+async def async_misbehave(kind: str | None) -> int:
+    return misbehave(kind)
+
+
+class _Evil:
+    """Unpickled, it makes the directory ``path``: proof that code ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (self.path,))
+
+
+def forge(kind: str, path: str) -> str:
+    """Send, ahead of this call's answer, a frame carrying a malicious pickle.
+
+    The first call of a worker has id 1.
+    """
+    import pickle
+
+    from trio_fork.worker import _wire
+
+    evil = pickle.dumps(_Evil(path))
+    if kind == "error with an original":
+        frame = _wire.encode(_wire.ERROR, 1, _wire.pack_strings("E", "m", "t", evil))
+    elif kind == "error as a pickle":
+        frame = _wire.encode(_wire.ERROR, 1, evil)
+    elif kind == "failed as a pickle":
+        frame = _wire.encode(_wire.FAILED, 0, evil)
+    elif kind == "ready as a pickle":
+        frame = _wire.encode(_wire.WORKER_READY, 0, evil)
+    else:
+        raise ValueError(kind)
+    with own_socket() as sock:
+        _wire.send_blocking(sock, frame)
+    return "answered already"
+
+
+def die_in_the_first_init(path: str) -> None:
+    """``init`` that kills the first worker that runs it (the one to create ``path``)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fail_at_length(length: int) -> None:
+    raise ValueError("x" * length)

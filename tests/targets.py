@@ -259,3 +259,14 @@ async def adopt_and_report(stream: Any) -> None:
             await stream.send(pickle.dumps((template.pid, reported)))
             # Hold the template until the parent has looked at it.
             await stream.receive()
+
+
+def journal_start_and_end_of_file(sock: socket.socket, path: str) -> None:
+    """Journal ``start PID``, and ``eof PID`` if the parent closes its end; then sleep."""
+    with open(path, "a") as file:
+        file.write(f"start {os.getpid()}\n")
+    if not sock.recv(1):
+        with open(path, "a") as file:
+            file.write(f"eof {os.getpid()}\n")
+    while True:
+        time.sleep(3600)

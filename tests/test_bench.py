@@ -61,6 +61,12 @@ EXPECTED_ROWS = {
         for runner in ("trio_fork", "anyio", "trio", "as_user_trio_fork", "as_user_anyio")
         for size in ("0", "2gb")
     ),
+    "numpy_run",
+    "numpy_python",
+    "run_empty",
+    "python_pass",
+    "numpy_run_20",
+    "numpy_python_20",
 }
 EXPECTED_TARGETS = {
     "spawn_vs_floor",
@@ -81,6 +87,9 @@ EXPECTED_TARGETS = {
     "rpc_pipelined_rate",
     "pool_ready_time",
     "pool_vs_trio_parallel",
+    "numpy_run_speedup",
+    "run_client_cost",
+    "numpy_run_20_speedup",
 }
 HIDDEN = ("numpy", "trio_parallel")
 # Rows that need an optional peer (the bench extra) that may not be installed here.

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from ._pool import Pool as Pool
     from ._pool import PoolStatistics as PoolStatistics
     from ._pool import open_pool as open_pool
+    from ._remote import RemoteTemplate as RemoteTemplate
+    from ._remote import open_remote_template as open_remote_template
     from ._rpc import RPC as RPC
     from ._rpc import open_rpc as open_rpc
     from ._run_sync import WorkerContext as WorkerContext
@@ -67,6 +69,8 @@ _LOCATIONS = {
     "Pool": "_pool",
     "PoolStatistics": "_pool",
     "open_pool": "_pool",
+    "RemoteTemplate": "_remote",
+    "open_remote_template": "_remote",
     "RPC": "_rpc",
     "open_rpc": "_rpc",
     "WorkerContext": "_run_sync",

@@ -111,23 +111,27 @@ class Channel:
         return id, slot
 
     def kill(self, id: int) -> None:
-        """Have the template SIGKILL what command ``id`` made, if it still lives."""
+        """Have the template SIGKILL what command ``id`` made, if it still lives.
+
+        Also while a hand-over waits: cleaning up after a command already sent is
+        part of finishing it, which is what the hand-over waits for.
+        """
         if id in self._exits and not self._closed and self._broken is None:
-            self._queue(_wire.KILL, b"", (), id)
+            self._transport.put(_wire.encode(_wire.KILL, id))
             self._flush()
 
-    def _queue(
-        self, op: int, payload: bytes, fds: list[int] | tuple[int, ...], id: int | None = None
-    ) -> int:
+    def _queue(self, op: int, payload: bytes, fds: list[int] | tuple[int, ...]) -> int:
         # What waits for the answer must be registered before the flush: a flush that
         # finds the template dead fails everything registered, at once.
-        if self._closed or self._broken is not None or self._handed_over:
-            _wire.close_all(list(fds))
+        try:
             self.check()
-        if id is None:
-            id = self._sent
-            self._sent = (self._sent + 1) & 0xFFFFFFFF or 1
-        self._transport.put(_wire.encode(op, id, payload, fds))
+            segments = _wire.encode(op, self._sent, payload, fds)
+        except BaseException:
+            _wire.close_all(list(fds))
+            raise
+        id = self._sent
+        self._sent = (self._sent + 1) & 0xFFFFFFFF or 1
+        self._transport.put(segments)
         return id
 
     def check(self) -> None:
@@ -243,6 +247,7 @@ class Channel:
                     continue
                 while (frame := transport.next_frame()) is not None:
                     self._dispatch(frame)
+                _check_pending(transport)
                 streak += 1
                 if streak == _FAIRNESS:
                     streak = 0
@@ -365,6 +370,32 @@ class Channel:
         # and would unregister a new socket that reused the number (anyio 4.16).
         if not self._running:
             self._transport.close()
+
+
+# What a template may send: opcode -> (most descriptors, payload size or None: any).
+_FROM_TEMPLATE = {
+    _wire.READY: (1, _wire.IDENTITY.size),
+    _wire.OK: (0, 0),
+    _wire.ERROR: (0, None),
+    _wire.FORKED: (1, _wire.PID.size),
+    _wire.EXITED: (0, _wire.EXIT_STATUS.size),
+}
+
+
+def _check_pending(transport: Transport) -> None:
+    """Refuse a frame as soon as its header shows it is not one a template sends.
+
+    Its payload may never come: waiting for it would leave every command hanging.
+    """
+    header = transport.pending_header()
+    if header is None:
+        return
+    op, nfds, _, length = header
+    if op not in _FROM_TEMPLATE:
+        raise ProtocolError(f"unknown frame {op}")
+    most_fds, size = _FROM_TEMPLATE[op]
+    if nfds > most_fds or (size is not None and length != size):
+        raise ProtocolError(f"a frame {op} with {nfds} descriptors and {length} bytes")
 
 
 def _discard(frame: _wire.Frame) -> None:

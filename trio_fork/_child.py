@@ -66,7 +66,10 @@ class Process:
                 continue
             self._watching = True
             try:
-                await anyio.wait_readable(self._pidfd)
+                try:
+                    await anyio.wait_readable(self._pidfd)
+                except anyio.ClosedResourceError:
+                    return  # its block closed it: the block knew it gone
                 self._dead = True
             finally:
                 self._watching = False
@@ -74,6 +77,7 @@ class Process:
                 self._changed = anyio.Event()
 
     def send_signal(self, sig: int) -> None:
+        check_signal(sig)
         if self._exit.code is None and self._pidfd is not None:
             signal_pidfd(self._pidfd, sig)
 
@@ -91,7 +95,9 @@ class Process:
                 await self._deliver(deliver_cancel)
 
     async def _wait_reported(self) -> None:
-        if self._exit.event.is_set():
+        """Until the template reports the exit, or the pidfd says it is dead and the
+        report is late; if the template died, until the pidfd says so."""
+        if self._exit.code is not None:
             return
         async with anyio.create_task_group() as task_group:
 
@@ -103,7 +109,8 @@ class Process:
 
             task_group.start_soon(report_or_grace)
             await self._exit.event.wait()
-            task_group.cancel_scope.cancel()
+            if self._exit.code is not None:
+                task_group.cancel_scope.cancel()
 
     async def _deliver(self, deliver_cancel: Callable[[], Awaitable[object]]) -> None:
         failures: list[BaseException] = []
@@ -194,7 +201,12 @@ class Child(metaclass=NoPublicConstructor):
 
         Args:
             sig: A signal number, such as :data:`signal.SIGUSR1`.
+
+        Raises:
+            TypeError: ``sig`` is not an int.
+            ValueError: ``sig`` is not a signal number of this system.
         """
+        check_signal(sig)  # here too: a remote child's process signals by other means
         self._process.send_signal(sig)
 
     def terminate(self) -> None:
@@ -227,6 +239,20 @@ class Child(metaclass=NoPublicConstructor):
         await self.stream.aclose()
         sock.setblocking(True)
         return sock
+
+
+def check_signal(sig: object) -> None:
+    """Refuse what is not a signal number here, before it reaches the kernel.
+
+    0 (no signal: only checks that the process exists) is allowed, as by ``kill``.
+    """
+    if isinstance(sig, bool) or not isinstance(sig, int):
+        raise TypeError(f"send_signal: sig must be a signal number, not {type(sig).__name__}")
+    if sig != 0 and sig not in _VALID_SIGNALS:
+        raise ValueError(f"send_signal: {sig} is not a signal number of this system")
+
+
+_VALID_SIGNALS = frozenset(int(sig) for sig in signal.valid_signals())
 
 
 def describe_exit(code: int) -> str:

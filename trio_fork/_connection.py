@@ -56,6 +56,16 @@ _FAIRNESS = 256
 _BATCH = 32
 # How long a worker that closed its socket may take to exit before it is killed.
 _EXIT_GRACE = 5.0
+# What a worker may send: opcode -> payload size (None: any).
+_FROM_WORKER = {
+    RESULT: None,
+    ERROR: None,
+    EVENT: None,
+    CANCELLED: 0,
+    WORKER_READY: _wire.WORKER.size,
+    FAILED: None,
+    RETIRING: 0,
+}
 
 
 @attrs.define(eq=False)
@@ -377,12 +387,36 @@ class Connection:
             while self.readable and (frame := self._transport.next_frame()) is not None:
                 self._dispatch(frame)
                 count += 1
+            if self.readable:
+                self._check_pending()
         except (ProtocolError, struct.error) as exc:
             self._break_protocol(exc)
         return count
 
+    def _check_pending(self) -> None:
+        """Refuse the frame being received as soon as its header shows it is not ours.
+
+        Its payload may never come (a header of random bytes announces up to 16 EiB):
+        waiting for it would hang every call of the worker.
+        """
+        header = self._transport.pending_header()
+        if header is None:
+            return
+        op, nfds, _, length = header
+        if op not in _FROM_WORKER:
+            raise ProtocolError(f"unknown frame {op}")
+        if nfds:
+            raise ProtocolError(f"a frame with {nfds} descriptors")
+        size = _FROM_WORKER[op]
+        if size is not None and length != size:
+            raise ProtocolError(f"a frame {op} of {length} bytes")
+
     def _break_protocol(self, exc: BaseException) -> None:
-        """The worker sent what is not a frame of ours: it is broken; kill it."""
+        """The worker sent what is not a frame of ours: it is broken; kill it.
+
+        Its calls fail at once: nothing it sends from now on can be trusted, and its
+        death may be reported late (by a template busy with a long command).
+        """
         if self._broke_protocol is None:
             self._broke_protocol = f"broke the protocol ({exc}) and was killed"
         if self._loop is not None and self.readable:
@@ -390,8 +424,11 @@ class Connection:
         self.readable = False
         self._end_of_file.set()
         self.kill()
+        self._lose(self._broke_protocol)
 
     def _dispatch(self, frame: _wire.Frame) -> None:
+        if frame.fds_lost:
+            raise ProtocolError("a frame with descriptors")
         kind = frame.op
         if kind == EVENT:
             if frame.id == 0:  # outside any call
@@ -442,7 +479,9 @@ class Connection:
             self._idle = None
 
     def _lose(self, what: str) -> None:
-        """The worker is gone: fail every request it had not answered."""
+        """The worker is gone (or as good as): fail every request it had not answered."""
+        if self.lost is not None:
+            return
         self.lost = BrokenWorkerError(f"worker {self.pid} {what}")
         self._set_ready()
         requests = list(self._requests.values())

@@ -40,7 +40,7 @@ async def adopt_template(channel: FileDescriptorLike) -> AsyncIterator[Template]
     Raises:
         TypeError: ``channel`` is not a Unix stream socket.
         BrokenTemplateError: The template has ended, or ``channel`` does not lead to
-            one.
+            one (nothing answered within 5 seconds, or not as a template does).
     """
     fd = dup_fd(channel, "adopt_template", 0)
     try:
@@ -64,21 +64,32 @@ async def adopt_template(channel: FileDescriptorLike) -> AsyncIterator[Template]
 
 
 async def _hello(sock: socket.socket) -> tuple[int, int]:
-    """The template's pid and a pidfd, asked with HELLO; reads nothing past the answer."""
+    """The template's pid and a pidfd, asked with HELLO; reads nothing past the answer.
+
+    A template answers at once: an exported one has nothing left to do. Whatever
+    does not answer in time is not a template (or not one that can be adopted).
+    """
+    frame: _wire.Frame | None = None
     try:
-        request = memoryview(_wire.HEADER.pack(_wire.HELLO, 0, _HELLO_ID, 0))
-        while request:
-            try:
-                request = request[sock.send(request) :]
-            except BlockingIOError:
-                await anyio.wait_writable(sock)
-        while True:
-            frame = await receive_frame(sock)
-            # Exit reports of processes the exporter forked may still be on their way.
-            if frame is None or frame.op != _wire.EXITED:
-                break
+        with anyio.move_on_after(HELLO_TIMEOUT) as waited:
+            request = memoryview(_wire.HEADER.pack(_wire.HELLO, 0, _HELLO_ID, 0))
+            while request:
+                try:
+                    request = request[sock.send(request) :]
+                except BlockingIOError:
+                    await anyio.wait_writable(sock)
+            while True:
+                frame = await receive_frame(sock)
+                # Exit reports of processes the exporter forked may still be on their way.
+                if frame is None or frame.op != _wire.EXITED:
+                    break
     except OSError as exc:
         raise BrokenTemplateError("the adopted template died or its channel broke") from exc
+    if waited.cancelled_caught:
+        raise BrokenTemplateError(
+            f"the socket given to adopt_template does not lead to a template: nothing "
+            f"answered within {HELLO_TIMEOUT:g} s"
+        )
     if frame is None:
         raise BrokenTemplateError("the adopted template has ended (its channel is closed)")
     if frame.op == _wire.ERROR:
@@ -94,3 +105,5 @@ async def _hello(sock: socket.socket) -> tuple[int, int]:
 
 # Any id but 0 (an unasked READY); the adopter's own commands count from 1.
 _HELLO_ID = 0xFFFFFFFF
+HELLO_TIMEOUT = 5.0
+"""How long :func:`adopt_template` waits for the template to answer."""

@@ -23,6 +23,7 @@ from ._call import LOST, Call, Request, make_request, open_call, outcome, wait_f
 from ._connection import Connection
 from ._construct import NoPublicConstructor
 from ._errors import BrokenWorkerError
+from ._placement import Placements
 from ._pool_state import STARTING, Actions, Limits, PoolState, Slot
 from ._rpc import EventQueue, is_async_function, prepare_worker, require_event_loop
 from ._transport import Transport
@@ -30,9 +31,14 @@ from .worker._rpc import WorkerSpec
 from .worker._serializers import PICKLE
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from anyio.abc import TaskGroup
 
+    from ._remote import RemoteTemplate
     from ._template import Template
+
+    PoolTemplate = Template | RemoteTemplate | tuple[Template | RemoteTemplate, int]
 
 
 @final
@@ -69,7 +75,7 @@ class Pool(metaclass=NoPublicConstructor):
     """
 
     _state: PoolState
-    _template: Template
+    _placements: Placements
     _spec: WorkerSpec
     _task_group: TaskGroup
     _event_loop_imported: bool
@@ -153,6 +159,9 @@ class Pool(metaclass=NoPublicConstructor):
     def _apply(self, actions: Actions) -> None:
         """Do what the policy decided: the only place where its decisions meet I/O."""
         for slot in actions.start:
+            if not self._opened.is_set():
+                # Started while the pool opens (a replacement): open waits for it too.
+                self._opening.add(slot)
             self._task_group.start_soon(self._run_worker, slot)
         for slot, request in actions.send:
             assert slot.connection is not None
@@ -202,8 +211,11 @@ class Pool(metaclass=NoPublicConstructor):
 
     async def _run_worker(self, slot: Slot) -> None:
         error: BaseException | None = None
+        died = False
+        index = await self._placements.take()
+        template = self._placements.templates[index]
         try:
-            async with self._template._spawn_worker(self._spec) as (process, sock):
+            async with template._spawn_worker(self._spec) as (process, sock):
                 connection = Connection(process, Transport(sock))
                 connection.on_event = self._events.put
                 self._state.worker_started(slot, connection)
@@ -215,6 +227,7 @@ class Pool(metaclass=NoPublicConstructor):
                         error = connection.failure
                     elif connection.lost is not None:
                         error = BrokenWorkerError(f"{connection.lost} before it was ready")
+                        died = True
                     if error is not None:
                         task_group.cancel_scope.cancel()
                     else:
@@ -222,7 +235,8 @@ class Pool(metaclass=NoPublicConstructor):
                             # Learnt only now (the function was named by a string):
                             # later workers start faster if the template has it.
                             self._event_loop_imported = True
-                            await require_event_loop(self._template)
+                            for each in self._placements.templates:
+                                await require_event_loop(each)
                         self._serve(slot, connection)
         except anyio.get_cancelled_exc_class():
             raise
@@ -233,8 +247,10 @@ class Pool(metaclass=NoPublicConstructor):
                 # template died with the worker's exit status).
                 return
             error = exc
+        finally:
+            self._placements.release(index)
         if error is not None:
-            self._failed(slot, error)
+            self._failed(slot, error, died=died)
 
     def _serve(self, slot: Slot, connection: Connection) -> None:
         """The worker is ready: hook its connection up to the policy."""
@@ -260,9 +276,17 @@ class Pool(metaclass=NoPublicConstructor):
         self._opened_one(slot, None)
         self._apply(self._state.worker_ready(slot, self._now()))
 
-    def _failed(self, slot: Slot, error: BaseException) -> None:
-        self._opened_one(slot, error)
-        self._apply(self._state.worker_failed(slot, error, self._now()))
+    def _failed(self, slot: Slot, error: BaseException, *, died: bool) -> None:
+        """A worker could not start: it said why (``init`` raised, say), or it died."""
+        if died:
+            actions = self._state.worker_died_starting(slot, error, self._now())
+            replaced = not self._state.start_failed
+        else:
+            actions = self._state.worker_failed(slot, error, self._now())
+            replaced = False
+        # Its replacement, if any, joins those that the opening waits for first.
+        self._apply(actions)
+        self._opened_one(slot, None if replaced else error)
 
     def _opened_one(self, slot: Slot, error: BaseException | None) -> None:
         if slot in self._opening:
@@ -275,7 +299,7 @@ class Pool(metaclass=NoPublicConstructor):
 
 @asynccontextmanager
 async def open_pool(
-    template: Template,
+    template: Template | RemoteTemplate | Sequence[PoolTemplate],
     function: str | Callable[..., Any],
     *,
     max: int | None = None,
@@ -297,9 +321,14 @@ async def open_pool(
     workers; leaving it by an exception or cancellation kills them.
 
     Args:
-        template: The template to fork workers from.
+        template: The template to fork workers from, local or remote; or a sequence
+            of templates, or of ``(template, max)`` pairs, to spread the workers
+            over (say, over several hosts). A new worker is forked from the template
+            with the fewest workers for its ``max``.
         function: As for :func:`open_rpc`.
-        max: The most workers at once (default: the number of CPUs).
+        max: The most workers at once (default: the number of CPUs); with a
+            sequence of templates, the most of each template that is not given
+            its own, and the pool's most is their sum.
         idle: Workers kept even without calls; the block starts with this many ready.
         load: Calls sent to one worker at a time; beyond that, calls wait here for
             a worker. For a sync function, more than one lets a worker start its
@@ -317,28 +346,32 @@ async def open_pool(
         RemoteError: The function or ``init`` could not be found in the first
             workers, or ``init`` raised.
     """
-    limits = _limits(max, idle, load, start, stop, retire)
-    spec = await prepare_worker(
-        template,
-        function,
-        init=init,
-        init_args=init_args,
-        serializer=serializer,
-        events=events,
-        done=done,
-    )
-    async with run_pool(template, limits, spec) as pool:
+    if max is not None:
+        _check_int("max", max, 1)
+    placements = Placements.of(template, max if max is not None else os.cpu_count() or 1)
+    limits = _limits(placements.total, idle, load, start, stop, retire)
+    for each in placements.templates:
+        spec = await prepare_worker(
+            each,
+            function,
+            init=init,
+            init_args=init_args,
+            serializer=serializer,
+            events=events,
+            done=done,
+        )
+    async with run_pool(placements, limits, spec) as pool:
         yield pool
 
 
 @asynccontextmanager
-async def run_pool(template: Template, limits: Limits, spec: WorkerSpec) -> AsyncIterator[Pool]:
+async def run_pool(placements: Placements, limits: Limits, spec: WorkerSpec) -> AsyncIterator[Pool]:
     """The lifetime of a pool whose template is ready and settings checked."""
     body_error: BaseException | None = None
     timer = anyio.CancelScope()
     async with anyio.create_task_group() as task_group:
         pool = Pool._create(
-            PoolState(limits), template, spec, task_group, is_async_function(spec.function)
+            PoolState(limits), placements, spec, task_group, is_async_function(spec.function)
         )
         task_group.start_soon(_run_in, timer, pool._run_timer)
         try:
@@ -388,12 +421,18 @@ def _limits(
         _check_int("retire", retire, 1)
     if idle > max:
         raise ValueError(f"idle ({idle}) cannot exceed max ({max})")
-    for name, value in (("start", start), ("stop", stop)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-        if not value >= 0:
-            raise ValueError(f"{name} must be a non-negative number of seconds, not {value!r}")
-    return Limits(max, idle, load, float(start), float(stop), retire)
+    return Limits(max, idle, load, _seconds("start", start), _seconds("stop", stop), retire)
+
+
+def _seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number of seconds, not {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf  # an int beyond any float: forever, as far as any clock goes
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -71,6 +71,11 @@ class Actions:
 NOTHING = Actions()
 """No actions: returned, never changed, when there is nothing to do."""
 
+DEATHS_IN_A_ROW = 3
+"""Workers that may die while starting, with none ready in between, before the start-up
+itself is taken to be what kills them (and starting is a failure, see
+:meth:`PoolState.worker_died_starting`)."""
+
 
 @attrs.frozen
 class Limits:
@@ -92,6 +97,8 @@ class PoolState:
     last_start: float = -math.inf
     start_failed: bool = False
     """The last start failed: no more starts until a new call asks for one."""
+    deaths_in_a_row: int = 0
+    """Workers that died while starting since a worker was last ready."""
     _numbers: int = 0
 
     # Events.
@@ -149,7 +156,26 @@ class PoolState:
         slot.status = READY
         slot.idle_since = now
         self.start_failed = False
+        self.deaths_in_a_row = 0
         return self._schedule(now)
+
+    def worker_died_starting(self, slot: Slot, error: BaseException, now: float) -> Actions:
+        """A worker died before it was ready: killed, say, or by the OOM killer.
+
+        It is replaced at once if it is still needed, as a worker that dies later
+        would be. But when :data:`DEATHS_IN_A_ROW` have died so, with none ready in
+        between, what kills them is taken to be their start-up (an ``init`` that
+        exits the process, say): that death is a failure (:meth:`worker_failed`).
+        """
+        self.deaths_in_a_row += 1
+        if self.deaths_in_a_row >= DEATHS_IN_A_ROW:
+            return self.worker_failed(slot, error, now)
+        slot.status = GONE
+        self.slots.remove(slot)
+        actions = Actions()
+        if not self.start_failed and self._shortfall() > 0:
+            self._start(actions, now)
+        return self._schedule(now, actions)
 
     def worker_failed(self, slot: Slot, error: BaseException, now: float) -> Actions:
         """A worker could not start: the calls nobody else can serve fail with its error.
@@ -309,17 +335,7 @@ class PoolState:
         if self.start_failed:
             return
         limits = self.limits
-        wanted = self._wanted_for_queue()
-        # A closing pool still serves the calls it took, but keeps no spare workers.
-        if not self.closing:
-            available = sum(
-                1
-                for slot in self.slots
-                if slot.generation == self.generation
-                and (slot.status == STARTING or self._idle(slot))
-            )
-            wanted = max(wanted, limits.idle - available)
-        wanted = self._room(wanted)
+        wanted = self._shortfall()
         if wanted <= 0:
             return
         if limits.start > 0:
@@ -331,6 +347,20 @@ class PoolState:
             wanted = 1
         for _ in range(wanted):
             self._start(actions, now)
+
+    def _shortfall(self) -> int:
+        """Workers to start now, were starts not paced."""
+        wanted = self._wanted_for_queue()
+        # A closing pool still serves the calls it took, but keeps no spare workers.
+        if not self.closing:
+            available = sum(
+                1
+                for slot in self.slots
+                if slot.generation == self.generation
+                and (slot.status == STARTING or self._idle(slot))
+            )
+            wanted = max(wanted, self.limits.idle - available)
+        return self._room(wanted)
 
     def _wanted_for_queue(self) -> int:
         """Workers to start so that every queued call has a place."""

@@ -31,17 +31,18 @@ from .worker._rpc import WorkerSpec
 from .worker._serializers import PICKLE
 
 if TYPE_CHECKING:
+    from ._remote import RemoteTemplate
     from ._template import Template
 
 
-async def prepare_template(template: Template, concurrent: bool) -> None:
+async def prepare_template(template: Template | RemoteTemplate, concurrent: bool) -> None:
     """Make ``template`` fork RPC workers fast: the worker loop imported, once for all."""
     await template.require("trio_fork.worker._rpc")
     if concurrent:
         await require_event_loop(template)
 
 
-async def require_event_loop(template: Template) -> None:
+async def require_event_loop(template: Template | RemoteTemplate) -> None:
     """Import what an async worker's event loop needs into ``template``, once for all."""
     await template.require(f"anyio._backends._{sniffio.current_async_library()}")
 
@@ -79,7 +80,7 @@ def worker_spec(
 
 
 async def prepare_worker(
-    template: Template,
+    template: Template | RemoteTemplate,
     function: str | Callable[..., Any],
     *,
     init: str | Callable[..., Any] | None,
@@ -273,7 +274,7 @@ class RPC(metaclass=NoPublicConstructor):
 
 @asynccontextmanager
 async def open_rpc(
-    template: Template,
+    template: Template | RemoteTemplate,
     function: str | Callable[..., Any],
     *,
     init: str | Callable[..., Any] | None = None,

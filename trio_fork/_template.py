@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import signal
 import socket
 import subprocess
+import threading
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -24,7 +26,7 @@ from ._child import Child, Process
 from ._construct import NoPublicConstructor
 from ._errors import BrokenTemplateError
 from ._process import CLOSE_TIMEOUT, check_ready, readable, signal_pidfd
-from ._transport import Transport, receive_frame
+from ._transport import FirstFrame, Transport
 from .worker import _wire
 
 
@@ -43,7 +45,10 @@ class Template(metaclass=NoPublicConstructor):
     template, and its result is discarded.
 
     Every method raises :exc:`BrokenTemplateError` once the template has died, and
-    :exc:`anyio.ClosedResourceError` once its block has ended.
+    :exc:`anyio.ClosedResourceError` once its block has ended. A template belongs to
+    the event loop that opened it: every method raises :exc:`RuntimeError` when
+    called from another one (in another thread, say; from a worker thread of its
+    own event loop, call it with :func:`anyio.from_thread.run`).
     """
 
     _channel: Channel
@@ -58,11 +63,25 @@ class Template(metaclass=NoPublicConstructor):
     # Whether the template's __main__ is this program's, so that functions defined in
     # this program's __main__ can be found there by name.
     shares_main: bool = False
-    # spawn() and fork() blocks open on this template: export() refuses while any is.
+    # spawn() and fork() blocks open, or starting, on this template: export() refuses
+    # while any is.
     _blocks: int = 0
+    # The event loop that opened it, and its thread: the only ones it may be used from.
+    _loop: object = attrs.field(init=False, factory=lambda: current_event_loop())
+    _thread: str = attrs.field(init=False, factory=lambda: threading.current_thread().name)
 
     def __attrs_post_init__(self) -> None:
         self._channel.name = f"template {self._pid}"
+
+    def _check_loop(self) -> None:
+        """Refuse a call from another event loop: its waits would wake up the wrong one."""
+        if current_event_loop() is not self._loop:
+            raise RuntimeError(
+                f"{self!r} belongs to the event loop that opened it, in thread "
+                f"{self._thread!r}: it cannot be used from another event loop or thread "
+                "(from a worker thread of that event loop, call it through "
+                "anyio.from_thread.run)"
+            )
 
     def __repr__(self) -> str:
         return f"<trio_fork.Template {self._pid}>"
@@ -96,6 +115,7 @@ class Template(metaclass=NoPublicConstructor):
             TypeError: A name is not a non-empty string.
             RemoteError: An import failed; the modules before it stay imported.
         """
+        self._check_loop()
         names = module_names(modules, "require")
         await self._request(_wire.REQUIRE, pickle.dumps(names))
 
@@ -117,6 +137,7 @@ class Template(metaclass=NoPublicConstructor):
             RemoteError: The code raised (or is not valid Python); whatever it did
                 before that stays done.
         """
+        self._check_loop()
         if not isinstance(code, str):
             raise TypeError(f"eval: code must be a str, not {type(code).__name__}")
         await self._request(_wire.EVAL, pickle_arguments((code, list(args)), "eval", args))
@@ -136,6 +157,7 @@ class Template(metaclass=NoPublicConstructor):
             TypeError: An argument cannot be pickled (the message names it).
             RemoteError: An argument cannot be unpickled in the template.
         """
+        self._check_loop()
         await self._request(_wire.ARGS, pickle_arguments(list(args), "send_args", args))
 
     async def send_fds(self, *fds: FileDescriptorLike) -> None:
@@ -155,6 +177,7 @@ class Template(metaclass=NoPublicConstructor):
                 template's channel cannot carry descriptors.
             ValueError: A descriptor is not open.
         """
+        self._check_loop()
         self._channel_fds_check(fds)
         owned = dup_fds(fds, "send_fds")
         await self._request(_wire.FDS, b"", owned)
@@ -177,26 +200,29 @@ class Template(metaclass=NoPublicConstructor):
         Raises:
             BrokenTemplateError: This template died.
         """
+        self._check_loop()
         self._channel_fds_check([0])
-        ours, theirs = socket.socketpair()
-        try:
-            forked = self._channel.command(_wire.FORK, fds=[theirs.detach()])
-        except BaseException:
-            ours.close()
-            raise
-        channel = Channel(Transport(ours), "new template")
-        try:
-            pid, pidfd, slot = await self._channel.forked(forked)
-        except BaseException:
-            # It ends when it sees our end closed, or is killed when its pidfd arrives.
-            channel.close()
-            assert forked.slot is not None
-            with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                await forked.slot.event.wait()
-            raise
-        template = Template._create(channel, pid, pidfd, slot, None, shares_main=self.shares_main)
         self._blocks += 1
         try:
+            ours, theirs = socket.socketpair()
+            try:
+                forked = self._channel.command(_wire.FORK, fds=[theirs.detach()])
+            except BaseException:
+                ours.close()
+                raise
+            channel = Channel(Transport(ours), "new template")
+            try:
+                pid, pidfd, slot = await self._channel.forked(forked)
+            except BaseException:
+                # It ends when it sees our end closed, or is killed when its pidfd arrives.
+                channel.close()
+                assert forked.slot is not None
+                with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    await forked.slot.event.wait()
+                raise
+            template = Template._create(
+                channel, pid, pidfd, slot, None, shares_main=self.shares_main
+            )
             async with template._serving():
                 yield template
         finally:
@@ -227,10 +253,22 @@ class Template(metaclass=NoPublicConstructor):
 
         Leaving the block normally closes :attr:`Child.stream` (a child still
         writing to its socket then gets :exc:`BrokenPipeError`) and waits for the
-        child to exit. Leaving it by an exception or cancellation closes the stream
-        and kills the child (or calls ``deliver_cancel(child)`` to end it some
-        other way), waits, shielded from cancellation, until it is gone, and lets
-        the exception propagate as itself.
+        child to exit. Leaving it by an exception or cancellation kills the child
+        (or calls ``deliver_cancel(child)`` to end it some other way), waits,
+        shielded from cancellation, until it is gone, then closes the stream, and
+        lets the exception propagate as itself. The wait is bounded: the child's
+        death is known from its pidfd, and its template's report of the exit status
+        is awaited only a moment more (a busy or stopped template reports later,
+        into :attr:`Child.returncode`).
+
+        If the spawn itself is cancelled, before the block is entered, no process is
+        left: the child, if the template made one, is killed, before this process
+        closes its end of the child's socket, and the cancellation propagates once
+        it is gone (or after 5 seconds if its template does not answer; the
+        template kills it as soon as it reads the command). Its target may have
+        begun to run, since a child runs it without waiting for this process; it
+        never sees its socket closed because of the cancellation. Nothing is
+        printed.
 
         Args:
             target: ``"package.module:qualname"``, or a callable defined at the top
@@ -258,27 +296,30 @@ class Template(metaclass=NoPublicConstructor):
             BrokenTemplateError: The template died.
         """
         process, sock = await self._start_process(target, args, fds)
-        try:
-            stream = await UNIXSocketStream.from_socket(sock)
-        except BaseException:
-            sock.close()
-            await process.end(None)
-            process.close()
-            raise
-        child = Child._create(process.pid, stream, process)
-        hook = None if deliver_cancel is None else lambda: deliver_cancel(child)
         self._blocks += 1
         try:
-            yield child
-            await stream.aclose()
-            await process.wait()
-        except BaseException:
             try:
-                await process.end(hook)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
-            raise
+                stream = await UNIXSocketStream.from_socket(sock)
+            except BaseException:
+                try:
+                    await process.end(None)
+                finally:
+                    sock.close()
+                raise
+            child = Child._create(process.pid, stream, process)
+            hook = None if deliver_cancel is None else lambda: deliver_cancel(child)
+            try:
+                yield child
+                await stream.aclose()
+                await process.wait()
+            except BaseException:
+                # Killed before its stream closes: it never sees end of file.
+                try:
+                    await process.end(hook)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await stream.aclose()
+                raise
         finally:
             self._blocks -= 1
             process.close()
@@ -322,9 +363,11 @@ class Template(metaclass=NoPublicConstructor):
 
         Raises:
             RuntimeError: A :meth:`spawn` or :meth:`fork` block of this template is
-                still open: the exit status of its process would go to the adopter.
+                open or starting: the exit status of its process would go to the
+                adopter.
             BrokenTemplateError: The template died.
         """
+        self._check_loop()
         if self._blocks:
             raise RuntimeError(
                 f"{self!r} has {self._blocks} spawn() or fork() block(s) open: leave them "
@@ -341,11 +384,12 @@ class Template(metaclass=NoPublicConstructor):
 
     async def _invoke(self, function: Callable[..., object], *args: object) -> None:
         """Call a function of the worker side in the template (see ``INVOKE``)."""
+        self._check_loop()
         await self._request(_wire.INVOKE, pickle.dumps((function, args), pickle.HIGHEST_PROTOCOL))
 
     async def _request(self, op: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
         reply = await self._channel.wait(self._channel.command(op, payload, fds or ()))
-        if reply.payload:  # the command left the template with threads (see run_code)
+        if reply.payload:  # the command left the template with threads (see Server.handle)
             warnings.warn(reply.payload.decode(), RuntimeWarning, stacklevel=3)
 
     async def _start_process(
@@ -354,7 +398,26 @@ class Template(metaclass=NoPublicConstructor):
         args: tuple[object, ...],
         fds: Iterable[FileDescriptorLike],
     ) -> tuple[Process, socket.socket]:
-        """Send SPAWN and wait for STARTED: the process, and our end of its socket."""
+        """Send SPAWN and wait for STARTED: the process, and our end of its socket.
+
+        Cancelled before STARTED, it has the process killed, by its template and
+        through the pidfd if STARTED comes, and waits (shielded, bounded) until it
+        is gone before closing our end of its socket. While it runs, the template
+        counts a block open (export() refuses); the caller counts its own after.
+        """
+        self._check_loop()
+        self._blocks += 1
+        try:
+            return await self._start(target, args, fds)
+        finally:
+            self._blocks -= 1
+
+    async def _start(
+        self,
+        target: str | Callable[..., object],
+        args: tuple[object, ...],
+        fds: Iterable[FileDescriptorLike],
+    ) -> tuple[Process, socket.socket]:
         name = target_name(target)
         if not isinstance(target, str) and name.startswith("__main__:") and not self.shares_main:
             raise TypeError(
@@ -376,17 +439,17 @@ class Template(metaclass=NoPublicConstructor):
         # One command does it all: the template forks and the child runs at once. The
         # child confirms on its own socket, with its pid and a pidfd of itself.
         id, slot = self._channel.spawn(payload, [theirs.detach(), *owned])
+        first = FirstFrame(ours)
         try:
             ours.setblocking(False)
-            try:
-                started = await receive_frame(ours)
-            except OSError:
-                started = None  # the slot says what became of the child
+            started = await _receive_started(first)
         except BaseException:
-            ours.close()
+            # Killed before our end closes: it never sees end of file (see spawn).
             self._channel.kill(id)
-            with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                await slot.event.wait()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+                await _abandon(first, slot)
+            first.close()
+            ours.close()
             raise
         if started is not None and started.op == _wire.STARTED and len(started.fds) == 1:
             (pid,) = _wire.PID.unpack(started.payload)
@@ -478,3 +541,47 @@ class Template(metaclass=NoPublicConstructor):
             check_ready(frame, f"template ({python})", self._process.returncode)
         except BrokenTemplateError as exc:
             raise BrokenTemplateError(str(exc)) from None
+
+
+async def _receive_started(first: FirstFrame) -> _wire.Frame | None:
+    """A new child's first frame; None if it ended first (its exit slot says how)."""
+    try:
+        return await first.receive()
+    except OSError:
+        return None
+
+
+async def _abandon(first: FirstFrame, slot: ExitSlot) -> None:
+    """Wait until a child nobody wants (its template was told to kill it) is gone.
+
+    If it started, its STARTED brings a pidfd: it is killed through that as well, and
+    its death is known from it even while its template is too busy to report.
+    """
+    started = await _receive_started(first)
+    if started is not None and started.op == _wire.STARTED and len(started.fds) == 1:
+        (pid,) = _wire.PID.unpack(started.payload)
+        process = Process(pid, started.fds[0], slot)
+        try:
+            await process.end(None)
+        finally:
+            process.close()
+        return
+    if started is not None:
+        _wire.close_all(started.fds)
+    await slot.event.wait()
+
+
+def current_event_loop() -> object:
+    """The event loop running in this thread (trio's token, or the asyncio loop); or None."""
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return None
+    if library == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token()
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

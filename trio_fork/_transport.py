@@ -102,6 +102,20 @@ class Transport:
     def next_frame(self) -> _wire.Frame | None:
         return self.reader.next_frame()
 
+    def pending_header(self) -> tuple[int, int, int, int] | None:
+        """The header of the frame being received (op, nfds, id, length), if it has come.
+
+        So that a peer that sends what is not a frame of ours is found out when the
+        header arrives, not never: a lying header announces a payload that may never
+        come. (It reads the reader's buffer, which the worker side keeps minimal.)
+        """
+        reader = self.reader
+        start = reader._start
+        if reader._end - start < _wire.HEADER.size:
+            return None
+        op, nfds, id, length = _wire.HEADER.unpack_from(reader._buffer, start)
+        return op, nfds, id, length
+
     def check_fds(self, fds: list[int] | tuple[int, ...]) -> None:
         """Raise unless this channel can carry ``fds`` (checked before anything is sent)."""
         if fds and not self.carries_fds:
@@ -146,8 +160,62 @@ class Transport:
             self.pipes = None
 
 
+@attrs.define(eq=False)
+class FirstFrame:
+    """Receives one frame from a socket, reading no byte past it.
+
+    For the first frame on a socket that then changes hands: the STARTED of a new
+    child, before its target runs and uses the socket for itself; the READY of a
+    template forked on request or adopted. A receive that is cancelled can be
+    resumed (call :meth:`receive` again): what had arrived is kept, so a caller
+    cleaning up after a cancellation still learns what the other side sent. It owns
+    the descriptors received until the frame is handed out; :meth:`close` closes
+    them.
+    """
+
+    sock: socket.socket
+    _data: bytearray = attrs.field(factory=bytearray)
+    _fds: list[int] = attrs.field(factory=list)
+
+    async def receive(self) -> _wire.Frame | None:
+        """The frame; None at end of file before it.
+
+        Raises:
+            ConnectionResetError: End of file in the middle of the frame, or a
+                header no first frame has.
+        """
+        data = self._data
+        # Every such frame is at least this long (STARTED is exactly): one recvmsg.
+        if not await self._receive_into(_wire.HEADER.size + _wire.PID.size):
+            if data:
+                raise ConnectionResetError("end of file in the middle of a frame")
+            return None
+        op, nfds, id, length = _wire.HEADER.unpack_from(data)
+        if length > 1 << 20:
+            raise ConnectionResetError(f"a first frame of {length} bytes is not one of ours")
+        if not await self._receive_into(_wire.HEADER.size + length):
+            raise ConnectionResetError("end of file in the middle of a frame")
+        payload = bytes(data[_wire.HEADER.size :])
+        fds, self._fds = self._fds, []
+        if len(fds) != nfds:
+            _wire.close_all(fds)
+            return _wire.Frame(op, id, payload, [], True)
+        return _wire.Frame(op, id, payload, fds, False)
+
+    async def _receive_into(self, size: int) -> bool:
+        return await _receive_into(self.sock, self._data, size, self._fds)
+
+    def close(self) -> None:
+        _wire.close_all(self._fds)
+        self._fds.clear()
+
+
 async def _receive_into(sock: socket.socket, data: bytearray, size: int, fds: list[int]) -> bool:
-    """Receive until ``data`` holds ``size`` bytes, never more; False at end of file."""
+    """Receive until ``data`` holds ``size`` bytes, never more; False at end of file.
+
+    What arrives is added to ``data`` and ``fds`` as it comes, so a receive that is
+    cancelled can be resumed with the same ``data`` and ``fds``.
+    """
     while len(data) < size:
         try:
             chunk, ancdata, _, _ = sock.recvmsg(
@@ -164,30 +232,9 @@ async def _receive_into(sock: socket.socket, data: bytearray, size: int, fds: li
 
 
 async def receive_frame(sock: socket.socket) -> _wire.Frame | None:
-    """One frame, reading no byte past it; None at end of file before it.
-
-    For the first frame on a socket that then changes hands: the STARTED of a new
-    child, before its target runs and uses the socket for itself; the READY of a
-    template forked on request or adopted.
-    """
-    data = bytearray()
-    fds: list[int] = []
+    """One frame, reading no byte past it (see :class:`FirstFrame`); None at end of file."""
+    first = FirstFrame(sock)
     try:
-        # Every such frame is at least this long (STARTED is exactly): one recvmsg.
-        if not await _receive_into(sock, data, _wire.HEADER.size + _wire.PID.size, fds):
-            if data:
-                raise ConnectionResetError("end of file in the middle of a frame")
-            return None
-        op, nfds, id, length = _wire.HEADER.unpack_from(data)
-        if length > 1 << 20:
-            raise ConnectionResetError(f"a first frame of {length} bytes is not one of ours")
-        if not await _receive_into(sock, data, _wire.HEADER.size + length, fds):
-            raise ConnectionResetError("end of file in the middle of a frame")
-    except BaseException:
-        _wire.close_all(fds)
-        raise
-    payload = bytes(data[_wire.HEADER.size :])
-    if len(fds) != nfds:
-        _wire.close_all(fds)
-        return _wire.Frame(op, id, payload, [], True)
-    return _wire.Frame(op, id, payload, fds, False)
+        return await first.receive()
+    finally:
+        first.close()

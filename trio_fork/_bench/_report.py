@@ -212,6 +212,17 @@ SECTIONS: tuple[Section, ...] = (
             ),
         ),
     ),
+    Section(
+        "Programs: `trio-fork run` (a warm server) against python, command start to exit",
+        (
+            Row("numpy_run", "trio-fork run --preload=numpy numpy_line.py", Kind.LATENCY),
+            Row("numpy_python", "python numpy_line.py (imports numpy, prints)", Kind.LATENCY),
+            Row("run_empty", "trio-fork run of an empty script", Kind.LATENCY),
+            Row("python_pass", "python -c pass", Kind.LATENCY),
+            Row("numpy_run_20", "20 of trio-fork run numpy_line.py at once", Kind.LATENCY),
+            Row("numpy_python_20", "20 of python numpy_line.py at once", Kind.LATENCY),
+        ),
+    ),
 )
 ROWS: tuple[Row, ...] = tuple(row for section in SECTIONS for row in section.rows)
 ROW_BY_KEY = {row.key: row for row in ROWS}
@@ -372,6 +383,30 @@ TARGETS: tuple[Target, ...] = (
         None,
         False,
         0.050,
+    ),
+    Target(
+        "numpy_run_speedup",
+        "python numpy_line.py / trio-fork run numpy_line.py",
+        "numpy_python",
+        "numpy_run",
+        True,
+        8.0,
+    ),
+    Target(
+        "run_client_cost",
+        "trio-fork run of an empty script / python -c pass",
+        "run_empty",
+        "python_pass",
+        False,
+        1.5,
+    ),
+    Target(
+        "numpy_run_20_speedup",
+        "20 python numpy_line.py at once / 20 trio-fork run at once",
+        "numpy_python_20",
+        "numpy_run_20",
+        True,
+        8.0,
     ),
     Target(
         "pool_vs_trio_parallel",

@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from . import _calls, _fixtures, _helper, _numpy, _parity, _peers, _spawns
+from . import _calls, _fixtures, _helper, _numpy, _parity, _peers, _spawns, _zygote
 from ._measure import Sampler, Unavailable
 from ._report import BALLASTS_MB, ROWS, Kind, Report, RowResult, Settings, ballast_key, ballast_name
 from ._system import Ballast, load_average, machine, memory_use, resident_bytes
@@ -108,6 +108,8 @@ def _probe(
         return _numpy.first_spawns(settings)
     if key == "numpy_fresh_start":
         return _numpy.fresh_starts(settings)
+    if key in _zygote.ROWS:
+        return _zygote.command_rows(settings, key)
     if key.startswith("fixture_"):
         preload = _fixtures.SUITE_PRELOAD if key.endswith("_suite") else ()
         if key.startswith("fixture_fork_template"):

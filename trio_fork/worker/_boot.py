@@ -3,6 +3,7 @@
 # trio_fork is not installed, the parent first sends the worker side's sources down
 # the channel (an 8-byte length, then a marshalled {name: (is_package, source)}).
 #   python -c BOOT import|sources CHANNEL OWNER SIGINT_BLOCKED PACKAGE_ROOT PATH...
+# CHANNEL: socket:FD, pipes:READ:WRITE, or relay:READ:WRITE (a remote template's).
 
 
 def _bootstrap() -> None:
@@ -47,10 +48,11 @@ def _bootstrap() -> None:
                 return str(sources[name][1])
 
         sys.meta_path.insert(0, Finder)  # type: ignore[arg-type]
-    from trio_fork.worker import _template
-
+    # A remote template's channel is a relay's (see _relay): it forks the template.
+    server = "_relay" if channel.startswith("relay:") else "_template"
+    module = __import__(f"trio_fork.worker.{server}", fromlist=["start"])
     sys.path[:] = path or sys.path
-    _template.start(channel, int(owner), sigint_blocked == "1")
+    module.start(channel, int(owner), sigint_blocked == "1")
 
 
 if __name__ == "__main__":

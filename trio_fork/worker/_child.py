@@ -192,13 +192,20 @@ def run(
         state.restore()
     except BaseException as exc:
         state.show_sources()
-        _wire.send_blocking(sock, _wire.encode(_wire.ERROR, 0, _wire.error_payload(exc)))
+        try:
+            _wire.send_blocking(sock, _wire.encode(_wire.ERROR, 0, _wire.error_payload(exc)))
+        except OSError:
+            pass  # nobody waits for this child any more
         return 1
     # The child opens its own pidfd: it is alive now, so the pidfd cannot name a
     # recycled pid, and the template has nothing to do for it.
     pidfd = os.pidfd_open(os.getpid())
-    socket.send_fds(sock, [_STARTED + _wire.PID.pack(os.getpid())], [pidfd])
-    os.close(pidfd)
+    try:
+        socket.send_fds(sock, [_STARTED + _wire.PID.pack(os.getpid())], [pidfd])
+    except OSError:
+        return 1  # the parent gave up on this child (or died) before it started: quietly
+    finally:
+        os.close(pidfd)
     return call(target, [sock, *queued, *args, *fds], run_backend, state)
 
 

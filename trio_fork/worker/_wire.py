@@ -319,14 +319,24 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     if cls.__module__ not in ("builtins", "__main__", "__mp_main__"):
         name = f"{cls.__module__}.{name}"
     try:
-        message = str(exc)
+        message = _cut(str(exc))
     except BaseException:
         message = f"<exception str() failed: {cls.__name__}>"
     try:
-        text = "".join(traceback.format_exception(cls, exc, tb))
+        text = _cut("".join(traceback.format_exception(cls, exc, tb)))
     except BaseException:
         text = f"{name}: {message}\n(the traceback could not be formatted)\n"
     return name, message, text
+
+
+# The longest message or traceback described: the fields' lengths are 32-bit.
+DESCRIPTION_LIMIT = 1 << 24
+
+
+def _cut(text: str) -> str:
+    if len(text) <= DESCRIPTION_LIMIT:
+        return text
+    return f"{text[:DESCRIPTION_LIMIT]}... ({len(text) - DESCRIPTION_LIMIT} characters cut)"
 
 
 def error_payload(exc: BaseException) -> bytes:
