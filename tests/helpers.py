@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -38,6 +39,18 @@ def parent_side_modules(modules: object) -> list[str]:
 def fd_identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
+
+
+def libffi(fds: dict[int, str]) -> set[int]:
+    """Which of ``fds`` (fd -> what it refers to) is libffi's: the one exception.
+
+    From Python 3.14, the ``_ctypes`` that templates use for ``prctl`` opens libffi.so
+    (when libffi uses static trampolines, as Debian's does) and keeps it: every
+    process forked from a template holds it (see docs/reliability.md).
+    """
+    found = {fd for fd, target in fds.items() if os.path.basename(target).startswith("libffi.so")}
+    assert len(found) <= (sys.version_info >= (3, 14)), fds
+    return found
 
 
 def process_exists(pid: int) -> bool:

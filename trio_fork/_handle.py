@@ -25,6 +25,7 @@ import stat
 import subprocess
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -396,12 +397,7 @@ def _serve_forks(
         check_ready(ready, f"{kind} ({python})")
         if modules:
             _request_sync(channel, reader, _wire.REQUIRE, pickle.dumps(modules))
-        # A template we started dies with the thread that started it (see main() in
-        # trio_fork.worker._template), unless told otherwise; the handle may outlive
-        # a worker thread.
-        outlive = process is not None and threading.current_thread() is not threading.main_thread()
-        payload = b"outlive the thread" if outlive else b""
-        _request_sync(channel, reader, _wire.SERVE_FORKS, payload, fds=[served.detach()])
+        _request_sync(channel, reader, _wire.SERVE_FORKS, fds=[served.detach()])
     except BaseException:
         requests.close()
         served.close()
@@ -432,6 +428,8 @@ def _request_sync(
     if reply.op != _wire.OK:
         _wire.close_all(reply.fds)
         raise BrokenTemplateError(f"the template answered {reply.op} instead of OK")
+    if reply.payload:  # the command left the template with threads
+        warnings.warn(reply.payload.decode(), RuntimeWarning, stacklevel=4)
 
 
 def _receive_sync(sock: socket.socket, reader: _wire.FrameReader) -> _wire.Frame | None:

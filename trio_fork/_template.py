@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import threading
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import final
@@ -403,7 +404,9 @@ class Template(metaclass=NoPublicConstructor):
         await self._request(_wire.INVOKE, pickle.dumps((function, args), pickle.HIGHEST_PROTOCOL))
 
     async def _request(self, op: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
-        await self._channel.wait(self._channel.command(op, payload, fds or ()))
+        reply = await self._channel.wait(self._channel.command(op, payload, fds or ()))
+        if reply.payload:  # the command left the template with threads (see Server.handle)
+            warnings.warn(reply.payload.decode(), RuntimeWarning, stacklevel=3)
 
     async def _start_process(
         self,

@@ -6,7 +6,8 @@ each with the command's id. ``FORK`` makes a new template that serves its own
 channel; ``SPAWN`` makes a child that runs a target at once (see :mod:`._child`). A
 template reaps what it forks and reports their exit statuses, and is a child
 subreaper, so that nothing forked below it is orphaned to an init that may never
-reap it. It ends when its owner closes the channel or sends SIGTERM: it kills and
+reap it; it leads a process group that the kernel kills when it ends, however it
+ends. It ends when its owner closes the channel, sends SIGTERM or dies: it kills and
 reaps everything below it, then exits.
 
 It can also serve fork requests (``SERVE_FORKS``): single messages on a
@@ -24,6 +25,7 @@ from __future__ import annotations
 # template's start-up and 0.5 MiB of its memory (most of it re, which pickle imports).
 import _pickle
 import _signal  # type: ignore[import-not-found]
+import fcntl
 import os
 import select
 import socket
@@ -86,7 +88,8 @@ class Server:
         self.reader = _wire.FrameReader()
         self.pid = os.getpid()
         self.children: dict[int, int] = {}  # pid -> id of the command that made it
-        self.wakeup: tuple[int, int] | None = None
+        self.theirs: set[int] = set()  # children that code run in the template made
+        self.machinery: list[int] = []  # wakeup pipe, group guard: see become_template
         self.poller = select.poll()
         self.poller.register(channel.read_fd, select.POLLIN)
         # SERVE_FORKS: the request socket, and for each template forked on request
@@ -101,12 +104,23 @@ class Server:
             raise ChannelClosed from exc
 
     def become_template(self) -> None:
-        """Get ready to fork: reap children promptly and adopt orphans below us."""
+        """Get ready to fork: reap promptly, adopt orphans, lead a guarded process group.
+
+        The guard: a socketpair only we hold, each end set to SIGKILL the group when
+        the other closes. However we end, nothing we orphaned stays (unless it left
+        the group, by setsid say). The kernel holds the group itself, not its id.
+        """
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         _signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         self.poller.register(read_end, select.POLLIN)
-        self.wakeup = (read_end, write_end)
         _child.prctl(_child.PR_SET_CHILD_SUBREAPER, 1)
+        if os.getpgrp() != self.pid:
+            os.setpgid(0, 0)
+        self.machinery = [read_end, write_end, *(end.detach() for end in socket.socketpair())]
+        for fd in self.machinery[2:]:
+            fcntl.fcntl(fd, fcntl.F_SETOWN, -self.pid)
+            fcntl.fcntl(fd, fcntl.F_SETSIG, _signal.SIGKILL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, os.O_ASYNC)
 
     def serve(self) -> None:
         """Serve commands until end of file, SIGTERM or a broken channel."""
@@ -141,22 +155,28 @@ class Server:
                     if op in (_wire.FORK, _wire.SPAWN)
                     else self.hello_or_kill(frame)
                 )
-            if op == _wire.REQUIRE:
-                for name in _pickle.loads(frame.payload):
-                    __import__(name)
-            elif op == _wire.EVAL:
-                self.state.eval(*_pickle.loads(frame.payload))
-            elif op == _wire.ARGS:
-                self.queue.extend(_child.loads(frame.payload, frame.fds))
-            elif op == _wire.FDS:
-                self.queue.extend(frame.fds)
-            elif op == _wire.INVOKE:
-                function, args = _pickle.loads(frame.payload)
-                function(*args)
-            elif op == _wire.SERVE_FORKS:
-                self.serve_forks(frame.fds, frame.payload)
-            else:
-                raise ValueError(f"unknown command {op}")
+            # The processes that the owner's code starts here are that code's to wait
+            # for (reap() leaves them); of the threads it leaves, the owner is told.
+            children, threads = list_children(), count_threads()
+            try:
+                if op == _wire.REQUIRE:
+                    for name in _pickle.loads(frame.payload):
+                        __import__(name)
+                elif op == _wire.EVAL:
+                    self.state.eval(*_pickle.loads(frame.payload))
+                elif op == _wire.ARGS:
+                    self.queue.extend(_child.loads(frame.payload, frame.fds))
+                elif op == _wire.FDS:
+                    self.queue.extend(frame.fds)
+                elif op == _wire.INVOKE:
+                    function, args = _pickle.loads(frame.payload)
+                    function(*args)
+                elif op == _wire.SERVE_FORKS:
+                    self.serve_forks(frame.fds)
+                else:
+                    raise ValueError(f"unknown command {op}")
+            finally:
+                self.theirs |= list_children() - children
         except (Terminate, ChannelClosed):
             raise
         except BaseException as exc:
@@ -166,7 +186,14 @@ class Server:
             self.reply(_wire.ERROR, id, _wire.error_payload(exc))
         else:
             self.state.settle()
-            self.reply(_wire.OK, id)
+            warning = ""
+            if threads == 1 and (threads := count_threads()) > 1:
+                warning = (
+                    f"template {self.pid} runs {threads - 1} other thread(s) after this command: "
+                    "a process forked from it may hang on a lock one held; keep templates "
+                    "single-threaded"
+                )
+            self.reply(_wire.OK, id, warning.encode())
 
     def hello_or_kill(self, frame: _wire.Frame) -> None:
         if frame.op == _wire.HELLO:
@@ -189,10 +216,8 @@ class Server:
         fds, spawn = frame.fds, frame.op == _wire.SPAWN
         if not fds or (not spawn and len(fds) != 1):
             raise ValueError("FORK takes one socket, SPAWN a socket and the target's fds")
-        if self.wakeup is None:
-            self.become_template()
         _wire.flush_stdio()
-        pid = os.fork()
+        pid = fork()
         if pid == 0:
             self.in_new_process(fds, frame.payload if spawn else None)
         # Little to do here: until the child exits, every page this process writes
@@ -203,20 +228,13 @@ class Server:
         if not spawn:
             self.reply(_wire.FORKED, frame.id, _wire.PID.pack(pid), [os.pidfd_open(pid)])
 
-    def serve_forks(self, fds: list[int], payload: bytes) -> None:
+    def serve_forks(self, fds: list[int]) -> None:
         if len(fds) != 1 or self.forks is not None:
             raise ValueError("SERVE_FORKS takes one socket, once")
         requests = socket.socket(fileno=fds.pop())
         if requests.type != socket.SOCK_SEQPACKET:
             requests.close()
             raise ValueError("SERVE_FORKS needs a SOCK_SEQPACKET socket")
-        if self.wakeup is None:
-            self.become_template()
-        if payload == b"outlive the thread":
-            # PR_SET_PDEATHSIG fires when the *thread* that started us ends, and this
-            # template must outlive it; its owner's death still reaches it as end of
-            # file on the channel.
-            _child.prctl(_child.PR_SET_PDEATHSIG, 0)
         self.forks = requests
         self.poller.register(requests, select.POLLIN)
 
@@ -241,7 +259,7 @@ class Server:
         channel, reaped = fds
         _wire.flush_stdio()
         try:
-            pid = os.fork()
+            pid = fork()
         except OSError as exc:
             # The requester waits on the new channel: tell it there.
             try:
@@ -267,14 +285,15 @@ class Server:
         code = 1
         try:
             # A child dies with its template. A new template shuts down instead, so
-            # that it still kills and reaps everything below it.
-            _child.prctl(_child.PR_SET_PDEATHSIG, _signal.SIGKILL if payload else _signal.SIGTERM)
+            # that it still kills and reaps everything below it (see on_sigcont).
+            _child.prctl(_child.PR_SET_PDEATHSIG, _signal.SIGKILL if payload else _signal.SIGCONT)
             if os.getppid() != self.pid:
                 _child.exit(1)
+            self.state.parent = self.pid
             _signal.set_wakeup_fd(-1)
             # Nothing of the template's machinery may leak into the new process.
             self.channel.close()
-            close_all([*(self.wakeup or ()), *self.reaped.values()])
+            close_all([*self.machinery, *self.reaped.values()])
             if self.forks is not None:
                 os.close(self.forks.detach())
             self.reader.close()
@@ -284,6 +303,7 @@ class Server:
             else:
                 _child.set_title(f"tmpl of {self.pid}")
                 server = _current[0] = Server(Link(sock), list(self.queue), self.state)
+                server.become_template()
                 if announce:
                     server.hello(0)
                 server.serve()
@@ -297,38 +317,35 @@ class Server:
             _child.exit(code)
 
     def reap(self) -> None:
-        assert self.wakeup is not None
+        """Reap what we forked and the orphans we adopted, not what our code started."""
         try:
-            while os.read(self.wakeup[0], 512):
+            while os.read(self.machinery[0], 512):
                 pass
         except BlockingIOError:
             pass
-        while True:
+        self.theirs &= (children := list_children())
+        for pid in children - self.theirs:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                reaped, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                return
-            if pid == 0:
-                return
+                continue  # a thread of our code's reaped it
+            if not reaped:
+                continue
             code = os.waitstatus_to_exitcode(status)
-            id = self.children.pop(pid, None)
-            if id is not None:
-                self.reply(_wire.EXITED, id, _wire.EXIT_STATUS.pack(code))
-            reaped = self.reaped.pop(pid, None)
-            if reaped is not None:
+            if pid in self.children:
+                self.reply(_wire.EXITED, self.children.pop(pid), _wire.EXIT_STATUS.pack(code))
+            if pid in self.reaped:
                 # The requester learns the exit status, then (end of file) that it is gone.
                 try:
-                    os.write(reaped, _wire.EXIT_STATUS.pack(code))
+                    os.write(self.reaped[pid], _wire.EXIT_STATUS.pack(code))
                 except OSError:
                     pass
-                os.close(reaped)
+                os.close(self.reaped.pop(pid))
 
     def shutdown(self) -> None:
         """Kill and reap everything below this process."""
         self.state.shutting_down = True
         self.reader.close()
-        if self.wakeup is None and not self.children:
-            return
         killed: set[int] = set()
         while True:
             # Orphans below us are adopted as they appear, so look again each time.
@@ -354,6 +371,24 @@ def list_children() -> set[int]:
         except OSError:
             pass
     return children
+
+
+def count_threads() -> int:
+    """The threads of this process, whoever started them (C libraries too)."""
+    return os.stat("/proc/self/task").st_nlink - 2
+
+
+def fork() -> int:
+    """``os.fork()`` without Python's warning about threads (the owner had ours).
+
+    On 3.15, when warnings are errors, it raises after the child exists, pid unknown;
+    and from 3.12 it counts 20 threads in a process whose title has spaces.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"This process \(pid=", DeprecationWarning)
+        return os.fork()
 
 
 def align(path: list[str], cwd: str, environ: dict[str, str]) -> None:
@@ -395,9 +430,9 @@ def main(channel: Link, owner: int, sigint_blocked: bool) -> None:
     server = _current[0] = Server(channel, [], state)
     try:
         try:
-            # If the owner dies, even while this template runs a long command: shut
-            # down as when it closes the channel, and take everything below down too.
-            _child.prctl(_child.PR_SET_PDEATHSIG, _signal.SIGTERM)
+            # If the owner dies, even while this template runs a long command or is
+            # stopped: shut down as when it closes the channel (see on_sigcont).
+            _child.prctl(_child.PR_SET_PDEATHSIG, _signal.SIGCONT)
             _child.set_title(f"tmpl of {os.getppid()}")
             if owner and os.getppid() != owner:
                 raise Terminate
