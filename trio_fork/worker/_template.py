@@ -374,8 +374,13 @@ def list_children() -> set[int]:
 
 
 def count_threads() -> int:
-    """The threads of this process, whoever started them (C libraries too)."""
-    return os.stat("/proc/self/task").st_nlink - 2
+    """The threads this process's Python code started.
+
+    Not the kernel's count: C libraries' thread pools (OpenBLAS's, started by
+    ``import numpy``) handle fork themselves, with ``pthread_atfork``.
+    """
+    threading = sys.modules.get("threading")
+    return len(threading.enumerate()) if threading is not None else 1
 
 
 def fork() -> int:
