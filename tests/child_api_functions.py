@@ -13,19 +13,8 @@ import time
 from typing import Any
 
 import trio_fork.worker as worker
-
-
-def journal(path: str, entry: str) -> None:
-    with open(path, "a") as file:
-        file.write(f"{entry}\n")
-
-
-def read_journal(path: str) -> list[str]:
-    try:
-        with open(path) as file:
-            return file.read().splitlines()
-    except FileNotFoundError:
-        return []
+from tests.rpc_functions import journal as journal
+from tests.rpc_functions import read_journal as read_journal
 
 
 def emit_at_start() -> None:
