@@ -297,6 +297,22 @@ async def test_user_and_groups(template: trio_fork.Template) -> None:
     assert int(result.stdout.split()[-1]) == nobody.pw_gid  # "id -G": the group too
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
+async def test_another_user_starts_in_a_directory_it_could_not_enter(
+    template: trio_fork.Template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The directory is changed before the user, as subprocess does: "nobody" could not
+    # enter a directory only root may, but starts in it (this process's, by default).
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    monkeypatch.chdir(private)
+    expected = subprocess.run(["pwd"], user="nobody", capture_output=True, check=True).stdout
+    assert expected == f"{private}\n".encode()
+    assert (await template.run_process(["pwd"], user="nobody")).stdout == expected
+    monkeypatch.chdir("/")
+    assert (await template.run_process(["pwd"], user="nobody", cwd=private)).stdout == expected
+
+
 def test_no_public_constructor() -> None:
     with pytest.raises(TypeError, match="no public constructor"):
         trio_fork.TemplateProcess()  # type: ignore[call-arg]

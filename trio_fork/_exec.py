@@ -339,7 +339,7 @@ async def open_process(
     finally:
         _wire.close_all(theirs)
     try:
-        await _check_exec(sock, process, argv[0], cwd)
+        await _check_exec(sock, process, argv[0], directory)
     except BaseException:
         with anyio.CancelScope(shield=True):
             for stream in ours:
@@ -354,7 +354,7 @@ async def open_process(
 
 
 async def _check_exec(
-    sock: socket.socket, process: Process, program: bytes, cwd: StrOrBytesPath | None
+    sock: socket.socket, process: Process, program: bytes, directory: bytes | None
 ) -> None:
     """Wait until the child has exec'd the program (end of file), or raise why not."""
     try:
@@ -380,8 +380,9 @@ async def _check_exec(
     if step == "exec":
         raise OSError(code, os.strerror(code), os.fsdecode(program))
     if step == "cwd":
-        assert cwd is not None
-        raise OSError(code, os.strerror(code), os.fsdecode(cwd))
+        # The directory asked for, or this process's, which the template could not enter.
+        assert directory is not None
+        raise OSError(code, os.strerror(code), os.fsdecode(directory))
     raise OSError(code, f"{os.strerror(code)} (while setting up the program)")
 
 

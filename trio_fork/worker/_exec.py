@@ -44,6 +44,12 @@ def run(sock: socket.socket, *rest: Any) -> NoReturn:
                 os.closerange(low, keep)
             low = keep + 1
         os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+        if cwd is not None:
+            # Before the user changes, as subprocess does: the program starts in the
+            # directory even where its user could not enter it.
+            step = "cwd"
+            os.chdir(cwd)
+            step = "setup"
         if session:
             os.setsid()
         if umask >= 0:
@@ -54,9 +60,6 @@ def run(sock: socket.socket, *rest: Any) -> NoReturn:
             os.setregid(gid, gid)
         if uid is not None:
             os.setreuid(uid, uid)
-        if cwd is not None:
-            step = "cwd"
-            os.chdir(cwd)
         # Handlers are reset by the exec itself; ignored signals (SIGPIPE, SIGXFSZ,
         # the template's SIGINT) would stay ignored in the program.
         for sig in _signal.valid_signals():
