@@ -233,7 +233,9 @@ def _stdio(fd: int, unbuffered: bool) -> Any:
 def _run(mode: str, target: str, program: str) -> tuple[int, bool]:
     """Run the program in a new ``__main__``: its exit code, and whether Ctrl-C ended it."""
     main = type(sys)("__main__")
-    main.__dict__.update(__builtins__=builtins, __annotations__={}, __spec__=None)
+    main.__dict__.update(__builtins__=builtins, __spec__=None)
+    if sys.version_info < (3, 14):  # from 3.14 (PEP 649), only code that annotates has them
+        main.__annotations__ = {}
     main.__loader__ = sys.modules["_frozen_importlib"].BuiltinImporter
     sys.modules["__main__"] = main
     path = os.path.abspath(target) if mode == "script" else ""
@@ -250,9 +252,9 @@ def _run(mode: str, target: str, program: str) -> tuple[int, bool]:
             if not source.startswith(b"PK\x03\x04"):  # else a zip application
                 sys.path[:0] = [] if safe else [os.path.dirname(path)]
                 loader = sys.modules["_frozen_importlib_external"].SourceFileLoader
-                main.__dict__.update(
-                    __file__=path, __cached__=None, __loader__=loader("__main__", path)
-                )
+                main.__dict__.update(__file__=path, __loader__=loader("__main__", path))
+                if sys.version_info < (3, 15):  # 3.15's __main__ has no __cached__
+                    main.__dict__["__cached__"] = None
                 exec(compile(source, path, "exec", dont_inherit=True), main.__dict__)
                 return 0, False
         if mode == "code":
