@@ -31,6 +31,7 @@ def write_to(sock: socket.socket, fd: int, text: str) -> None:
 
 
 def exit_with(sock: socket.socket, code: int) -> None:
+    sock.recv(1)  # runs until the parent lets go: leaving its block closes the stream
     sys.exit(code)
 
 
