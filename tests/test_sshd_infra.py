@@ -48,8 +48,13 @@ def _ssh(target: SshTarget, command: str) -> str:
     return run.stdout
 
 
+# The Python that the remote tests run there: this one (a root filesystem of
+# test-pythons may have no python3 command).
+PYTHON = getattr(sys, "_base_executable", sys.executable)
+
+
 def test_runs_python_on_the_server(ssh_target: SshTarget) -> None:
-    out = _ssh(ssh_target, "python3 -c 'import sys; print(sys.version_info[:2])'")
+    out = _ssh(ssh_target, shlex.join([PYTHON, "-c", "import sys; print(sys.version_info[:2])"]))
     assert re.fullmatch(r"\(3, \d+\)\n", out)
 
 
@@ -71,7 +76,7 @@ def test_the_remote_side_sees_eof_when_the_client_is_killed(
         "import os, sys; print(os.getpid(), flush=True); data = sys.stdin.buffer.read(); "
         f"open({str(report)!r}, 'w').write(str(len(data)))"
     )
-    command = [*ssh_target.command, shlex.join(["python3", "-c", script])]
+    command = [*ssh_target.command, shlex.join([PYTHON, "-c", script])]
     with subprocess.Popen(
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
     ) as client:
