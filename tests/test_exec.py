@@ -306,7 +306,7 @@ async def test_another_user_starts_in_a_directory_it_could_not_enter(
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     monkeypatch.chdir(private)
-    expected = subprocess.run(["pwd"], user="nobody", capture_output=True, check=True).stdout
+    expected = (await anyio.run_process(["pwd"], user="nobody")).stdout  # subprocess's
     assert expected == f"{private}\n".encode()
     assert (await template.run_process(["pwd"], user="nobody")).stdout == expected
     monkeypatch.chdir("/")
