@@ -24,6 +24,12 @@ def report(sock):
 
 def leave_an_orphan(sock):
     orphan = subprocess.Popen(["sleep", "60"])
+    # Popen returns once the exec has begun; the new command line is there a moment
+    # later (until then /proc shows an empty one).
+    while True:
+        with open(f"/proc/{orphan.pid}/cmdline", "rb") as file:
+            if file.read():
+                break
     sock.sendall(str(orphan.pid).encode())
 
 def crash(sock):

@@ -283,6 +283,7 @@ def report(sock):
         if int(fd) != sock.fileno() and os.path.exists(f"/proc/self/fd/{fd}"):
             fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
     sock.sendall(json.dumps([fds, "ctypes" in sys.modules]).encode())
+    sock.recv(1)  # alive until the parent has looked (leaving the block closes the stream)
 """
 
 
