@@ -32,7 +32,7 @@ from trio_fork._remote import open_remote_template
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
-HARD_LIMIT = 120.0
+HARD_LIMIT = 60.0
 
 _RUNNER = """
 import json, sys

@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sniffio
 
@@ -30,7 +30,13 @@ from ._context_settings import (
 from ._event_loop_run import this_run
 from ._shared import DEFAULT_BUFFER_THRESHOLD
 from ._task_tree import TaskTreeValue
+from ._template_workers import open_template_workers
 from ._worker_context import WorkerContext, WorkerContextStatistics
+
+if TYPE_CHECKING:
+    from ._pool import PoolTemplate
+    from ._remote import RemoteTemplate
+    from ._template import Template
 
 __all__ = [
     "WorkerContext",
@@ -137,6 +143,7 @@ async def open_worker_context(
     *,
     preload: Iterable[str] = (),
     buffer_threshold: int | None = DEFAULT_BUFFER_THRESHOLD,
+    template: Template | RemoteTemplate | Sequence[PoolTemplate] | None = None,
 ) -> AsyncIterator[WorkerContext]:
     """A context of workers of its own, isolated from the default one.
 
@@ -176,7 +183,7 @@ async def open_worker_context(
     settings = make_settings(
         idle_timeout, init, retire, grace_period, worker_type, preload, buffer_threshold
     )
-    async with _context(settings) as context:
+    async with _context(settings, template) as context:
         yield context
 
 
@@ -190,6 +197,7 @@ async def cache_scope(
     *,
     preload: Iterable[str] = (),
     buffer_threshold: int | None = DEFAULT_BUFFER_THRESHOLD,
+    template: Template | RemoteTemplate | Sequence[PoolTemplate] | None = None,
 ) -> AsyncIterator[None]:
     """Make :func:`run_sync` use a new context of its own in this block's task tree.
 
@@ -207,7 +215,7 @@ async def cache_scope(
         idle_timeout, init, retire, grace_period, worker_type, preload, buffer_threshold
     )
     backend = sniffio.current_async_library()
-    async with _context(settings) as context:
+    async with _context(settings, template) as context:
         with _scoped.being(backend, context):
             yield
 
@@ -299,7 +307,18 @@ def end_default_context() -> None:
 
 
 @asynccontextmanager
-async def _context(settings: Settings) -> AsyncIterator[WorkerContext]:
+async def _context(
+    settings: Settings, template: Template | RemoteTemplate | Sequence[PoolTemplate] | None
+) -> AsyncIterator[WorkerContext]:
+    if template is not None:
+        async with open_template_workers(template, settings) as workers:
+            context = WorkerContext._create(settings, over=workers)
+            try:
+                yield context
+            finally:
+                context._closed = True
+                await shielded(workers.drain)
+        return
     context = WorkerContext._create(settings)
     try:
         # Started now, so that a preload that fails to import fails here.
