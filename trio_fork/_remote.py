@@ -292,8 +292,9 @@ class RemoteTemplate(Spawner, metaclass=NoPublicConstructor):
 
         The same code as a local template's, with the same guarantees under
         cancellation and errors. The child's :attr:`~Child.stream` is a local socket
-        bridged to the child's over the connection, a :class:`RemoteChildStream`:
-        its ``send_fds`` and ``receive_fds`` raise :exc:`TypeError`.
+        bridged to the child's over the connection, which carries bytes only: its
+        ``send_fds`` and ``receive_fds`` raise :exc:`TypeError` (no descriptor is
+        dropped silently).
         Its :attr:`~Child.pid` is the pid on the other host, and signals reach it
         through the relay there, which holds its pidfd. Leaving the block by an
         exception or cancellation kills the child there and waits for its

@@ -175,9 +175,21 @@ async def open_worker_context(
             buffers) of at least this many bytes in arguments and results travel in
             shared memory, copied once or not at all (see :doc:`large-data`); None:
             every byte goes in the pickle.
+        template: Fork the workers from templates of yours instead: a template,
+            local or remote (:func:`open_remote_template`), or a sequence of
+            templates and ``(template, max)`` pairs to spread them over, as
+            :func:`open_pool` takes. Each imports ``preload`` first, and stays open
+            after the block. Functions travel by reference, as always: a remote host
+            that lacks their module gets it by import forwarding, but this
+            program's ``__main__`` is not there (:exc:`TypeError` at the call).
+            Such a context belongs to the event loop that opened it, as its
+            templates do; buffers go out of band only if every template takes
+            descriptors (no remote one does).
 
     Raises:
-        TypeError, ValueError: A bad argument, as trio_parallel raises them.
+        TypeError, ValueError: A bad argument, as trio_parallel raises them; a
+            ``template`` that is not a template nor a sequence of them; ``init`` or
+            ``retire`` defined in this program's ``__main__`` with ``template``.
         RemoteError: A preloaded module failed to import.
     """
     settings = make_settings(
@@ -209,7 +221,9 @@ async def cache_scope(
     those started from inside into a nursery opened outside it. On asyncio, which
     has no task tree, it is the tasks started from inside the block (they copy its
     context). Explicit contexts are not affected; leaving the block closes its
-    context as leaving :func:`open_worker_context` does.
+    context as leaving :func:`open_worker_context` does. With ``template``, the
+    calls of the block go to workers forked from those templates, remote ones
+    included.
     """
     settings = make_settings(
         idle_timeout, init, retire, grace_period, worker_type, preload, buffer_threshold
