@@ -9,11 +9,11 @@ child *before* closing its socket, so that its target never sees end of file bec
 of a cancellation; a block left by an exception or a cancellation kills the child,
 then waits for it, shielded and bounded; a child that ends before it confirms is an
 error that says how it ended; a template belongs to the event loop that opened it.
-So that is written once, here, in :class:`Spawner`, over a seam of two methods that
-each kind of template provides: :meth:`Spawner._send_spawn` (send the command) and
-:meth:`Spawner._check` (is the template still usable, and if not, why); and
-:meth:`Spawner._stream_of`, for a child's stream that cannot carry what the other
-side cannot take.
+So that is written once, here, in :class:`Spawner`, over a seam of methods that each
+kind of template provides: :meth:`Spawner._send_spawn` (send the command, and say
+how the confirmation makes a process), :meth:`Spawner._check` (is the template still
+usable, and if not, why) and :meth:`Spawner._stream_of` (the child's stream, bytes
+only where descriptors cannot go).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class Spawner:
     """What every template's ``spawn`` shares; see the module's docstring.
 
     Subclasses are attrs classes with the fields below; they implement
-    :meth:`_send_spawn` and :meth:`_check`.
+    :meth:`_send_spawn` and :meth:`_check`, and may replace :meth:`_stream_of` (or,
+    for workers whose socket is not a plain socket, :meth:`_spawn_worker`).
     """
 
     _channel: Channel
