@@ -36,6 +36,10 @@ async def test_run_sync_on_a_remote_template(ssh_target: SshTarget, sshd_server:
             assert isinstance(info.value.__cause__, trio_fork.RemoteError)
             # Idle workers are reused.
             assert await context.run_sync(rpc_functions.getpid) == pid
+            # A worker that dies is a BrokenWorkerError, and is replaced.
+            with pytest.raises(trio_fork.BrokenWorkerError):
+                await context.run_sync(rpc_functions.exit_now, 3)
+            assert await context.run_sync(rpc_functions.getpid) != pid
             assert context.statistics() == trio_fork.WorkerContextStatistics(1, 0)
             # Calls at once spread over workers; large arguments travel in the pickle.
             results: list[int] = []
