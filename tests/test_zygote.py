@@ -554,7 +554,10 @@ def converse_on_a_terminal(command: list[str], env: dict[str, str], cwd: Path) -
             try:
                 wait_for(b"name? ")
                 os.write(leader, b"bob\n")
-                wait_for(b"hello bob")
+                # The whole line, as the terminal shows it: a Ctrl-C flushes what the
+                # program wrote and we have not read yet (the "\r\n", if the line came
+                # in two pieces), as a terminal discards output on an interrupt.
+                wait_for(b"hello bob\r\n")
                 os.write(leader, b"\x03")
                 wait_for(b"KeyboardInterrupt")
                 status = process.wait(TIMEOUT)
