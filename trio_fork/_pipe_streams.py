@@ -10,7 +10,8 @@ stream owns its descriptor and closes it in :meth:`aclose`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import final
 
 import anyio
@@ -26,12 +27,18 @@ class _FdStream:
         self._fd = fd
         self._busy = False
 
-    def _check(self) -> int:
+    @contextmanager
+    def _using(self) -> Iterator[int]:
+        """The descriptor, for one task at a time."""
         if self._fd < 0:
             raise anyio.ClosedResourceError
         if self._busy:
             raise anyio.BusyResourceError("using this stream")
-        return self._fd
+        self._busy = True
+        try:
+            yield self._fd
+        finally:
+            self._busy = False
 
     async def aclose(self) -> None:
         if self._fd >= 0:
@@ -47,9 +54,7 @@ class PipeReceiveStream(_FdStream, anyio.abc.ByteReceiveStream):
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         await anyio.lowlevel.checkpoint()
-        fd = self._check()
-        self._busy = True
-        try:
+        with self._using() as fd:
             while True:
                 try:
                     data = os.read(fd, max_bytes)
@@ -58,8 +63,6 @@ class PipeReceiveStream(_FdStream, anyio.abc.ByteReceiveStream):
                     await anyio.wait_readable(fd)
                 except OSError as exc:
                     raise anyio.BrokenResourceError from exc
-        finally:
-            self._busy = False
         if not data:
             raise anyio.EndOfStream
         return data
@@ -71,19 +74,14 @@ class PipeSendStream(_FdStream, anyio.abc.ByteSendStream):
 
     async def send(self, item: bytes) -> None:
         await anyio.lowlevel.checkpoint()
-        fd = self._check()
-        self._busy = True
-        try:
-            with memoryview(item) as view:
-                while view:
-                    try:
-                        view = view[os.write(fd, view) :]
-                    except BlockingIOError:
-                        await anyio.wait_writable(fd)
-                    except OSError as exc:
-                        raise anyio.BrokenResourceError from exc
-        finally:
-            self._busy = False
+        with self._using() as fd, memoryview(item) as view:
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    await anyio.wait_writable(fd)
+                except OSError as exc:
+                    raise anyio.BrokenResourceError from exc
 
 
 async def aclose_all(streams: Iterable[anyio.abc.AsyncResource | None]) -> None:
