@@ -314,7 +314,8 @@ class Connection:
 
     def _on_readable(self) -> None:
         """The reader callback (asyncio's, or the mux's): hand out what has come."""
-        while self.readable:
+        direct = self._direct
+        while self.readable and (direct is None or direct.pending or direct.got_end):
             try:
                 received = self._receive()
             except BlockingIOError:

@@ -36,6 +36,8 @@ from .worker._relay import CHUNK, COUNT
 _QUEUE = 4 * CHUNK
 # Frames dispatched in a row before the reader lets other tasks run.
 _FAIRNESS = 16
+# Frames up to this size are sent as one buffer, made at once.
+_JOINED = 64 * 1024
 # The tail of the transport's stderr kept to explain a failure.
 _STDERR_KEPT = 16 * 1024
 
@@ -58,6 +60,7 @@ class Mux:
     drained: anyio.Event = attrs.field(factory=anyio.Event)
     """Set (and replaced) each time the queue for the transport has been sent."""
     _stderr_fd: int = -1
+    _output: int = attrs.field(init=False)
     _streams: dict[int, Stream] = attrs.field(factory=dict)
     _next_id: int = 1
     _task_group: anyio.abc.TaskGroup | None = None
@@ -69,6 +72,10 @@ class Mux:
     _closing: bool = False
     _scope: anyio.CancelScope | None = None
     _ran: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        assert self.transport.pipes is not None
+        self._output = self.transport.pipes[1]
 
     @classmethod
     def launch(
@@ -216,8 +223,25 @@ class Mux:
     def send(self, op: int, id: int, payload: bytes = b"") -> None:
         if self.broken is not None:
             return
-        self.transport.put(_wire.encode(op, id, payload))
-        self._flush()
+        transport = self.transport
+        if self._writer_busy or transport.outbox or len(payload) > _JOINED:
+            transport.put(_wire.encode(op, id, payload))
+            self._flush()
+            return
+        # Nothing queued: straight to the transport, as most calls and replies go.
+        data = _wire.HEADER.pack(op, 0, id, len(payload)) + payload
+        self._said = time.monotonic()
+        try:
+            sent = os.write(self._output, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._break(f"the transport to {self.name} broke", exc)
+            return
+        if sent < len(data):
+            transport.put([([data[sent:]], [])])
+            self._writer_busy = True
+            self._wake_writer.set()
 
     def _flush(self) -> None:
         if self._writer_busy or self.broken is not None:
@@ -275,12 +299,16 @@ class Mux:
         transport = self.transport
         try:
             streak = 0
+            drained = False
             while True:
                 try:
+                    if drained:
+                        raise BlockingIOError
                     count = transport.receive()
                 except BlockingIOError:
                     streak = 0
                     await transport.wait_readable()
+                    drained = False
                     continue
                 if not count:
                     if transport.reader.in_frame:
@@ -293,6 +321,9 @@ class Mux:
                     self._dispatch(frame)
                 if _relay.oversized(transport.reader):
                     raise ValueError("a frame too large")
+                # A read shorter than the room it had emptied the pipe: asking again
+                # would only fail (a system call, and an exception, per message).
+                drained = count < _wire.RECEIVE_SIZE
                 streak += 1
                 if streak == _FAIRNESS:
                     streak = 0
