@@ -25,6 +25,7 @@ from collections.abc import Callable
 import anyio
 import anyio.lowlevel
 import attrs
+import sniffio
 
 from ._errors import BrokenTemplateError
 from ._mux_stream import Stream, bridge
@@ -296,44 +297,91 @@ class Mux:
             os.close(self._stderr_fd)
 
     async def _read(self) -> None:
+        if sniffio.current_async_library() == "asyncio":
+            await self._read_by_callback()
+            return
+        streak = 0
+        drained = False
+        while True:
+            try:
+                if drained:
+                    raise BlockingIOError
+                count = self._receive()
+            except BlockingIOError:
+                streak = 0
+                try:
+                    await self.transport.wait_readable()
+                except anyio.ClosedResourceError:
+                    return
+                drained = False
+                continue
+            if count is None:
+                return
+            # A read shorter than the room it had emptied the pipe: asking again
+            # would only fail (a system call, and an exception, per message).
+            drained = count < _wire.RECEIVE_SIZE
+            streak += 1
+            if streak == _FAIRNESS:
+                streak = 0
+                await anyio.lowlevel.checkpoint()
+
+    async def _read_by_callback(self) -> None:
+        """asyncio's way: a reader callback that stays registered.
+
+        Waiting for the pipe with a task would register it and unregister it again
+        for every message: two system calls, and a wake-up of the task.
+        """
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        fd = self.transport.fileno()
+        ended = anyio.Event()
+
+        def on_readable() -> None:
+            try:
+                if self._receive() is not None:
+                    return
+            except BlockingIOError:
+                return
+            except Exception as exc:  # a bug of ours: the connection cannot go on
+                self._break(f"the connection to {self.name} failed: {exc!r}", exc)
+            loop.remove_reader(fd)
+            ended.set()
+
+        loop.add_reader(fd, on_readable)
+        try:
+            await ended.wait()
+        finally:
+            loop.remove_reader(fd)
+
+    def _receive(self) -> int | None:
+        """Receive once and dispatch what came: how many bytes; None at the end.
+
+        Raises:
+            BlockingIOError: Nothing has come.
+        """
         transport = self.transport
         try:
-            streak = 0
-            drained = False
-            while True:
-                try:
-                    if drained:
-                        raise BlockingIOError
-                    count = transport.receive()
-                except BlockingIOError:
-                    streak = 0
-                    await transport.wait_readable()
-                    drained = False
-                    continue
-                if not count:
-                    if transport.reader.in_frame:
-                        self._break(f"{self.name} sent a frame cut short")
-                    elif not self._closing:
-                        self._break(f"the connection to {self.name} ended")
-                    return
-                self._heard = time.monotonic()
-                while (frame := transport.next_frame()) is not None:
-                    self._dispatch(frame)
-                if _relay.oversized(transport.reader):
-                    raise ValueError("a frame too large")
-                # A read shorter than the room it had emptied the pipe: asking again
-                # would only fail (a system call, and an exception, per message).
-                drained = count < _wire.RECEIVE_SIZE
-                streak += 1
-                if streak == _FAIRNESS:
-                    streak = 0
-                    await anyio.lowlevel.checkpoint()
-        except anyio.ClosedResourceError:
-            return
+            count = transport.receive()
+            if not count:
+                if transport.reader.in_frame:
+                    self._break(f"{self.name} sent a frame cut short")
+                elif not self._closing:
+                    self._break(f"the connection to {self.name} ended")
+                return None
+            self._heard = time.monotonic()
+            while (frame := transport.next_frame()) is not None:
+                self._dispatch(frame)
+            if _relay.oversized(transport.reader):
+                raise ValueError("a frame too large")
+            return count
+        except BlockingIOError:
+            raise
         except (ValueError, struct.error) as exc:
             self._break(f"{self.name} broke the protocol: {exc}", exc)
         except OSError as exc:
             self._break(f"the transport to {self.name} broke", exc)
+        return None
 
     def _dispatch(self, frame: _wire.Frame) -> None:
         op, id, payload = frame.op, frame.id, frame.payload
