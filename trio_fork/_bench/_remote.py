@@ -4,7 +4,8 @@ Four figures, each side by side with its peer in the same run, over the same ssh
 a new remote worker ready (trio_fork's remote spawn of an RPC worker and its first
 call, against ``execnet.makegateway`` and a first call); sequential call round trips
 to one remote worker (trio_fork's RPC against an execnet channel's send and
-receive); a child streaming 1 GiB (against raw ``ssh host head -c 1G /dev/zero``);
+receive, and against two floors: a bare echo over the same ssh, and one through a
+second process there); a child streaming 1 GiB (against raw ``ssh host head -c 1G /dev/zero``);
 and the spawn rate of a remote template against a local one's. Each figure is the
 median of its samples, peers and trio_fork sampled in turn.
 """
