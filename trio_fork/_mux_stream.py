@@ -277,7 +277,17 @@ class Stream:
     def sendmsg(self, buffers: list[Any], ancdata: object = (), *_: object) -> int:
         if ancdata:
             raise OSError(errno.EINVAL, "a stream of an ssh connection carries no descriptors")
-        return self.send(b"".join(buffers)[: min(self.credit, CHUNK)])
+        # Only what one frame may carry is joined: a batch may hold a payload of GiBs.
+        limit = min(self.credit, CHUNK)
+        parts = []
+        size = 0
+        for buffer in buffers:
+            if size >= limit:
+                break
+            part = memoryview(buffer)[: limit - size]
+            parts.append(part)
+            size += len(part)
+        return self.send(b"".join(parts))
 
     async def wait_writable(self) -> None:
         """Wait until :meth:`send` may take something (or would fail)."""
