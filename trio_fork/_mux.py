@@ -2,12 +2,13 @@
 
 The transport (``ssh``) gives one byte stream each way. The relay at the far end
 (:mod:`trio_fork.worker._relay`) and this mux cut it into numbered streams, each
-bridged here to a local socket: the parent's code (a template's
-:class:`~trio_fork._channel.Channel`, a child's stream, an RPC worker's
-:class:`~trio_fork._connection.Connection`) holds the other end of a socketpair and
-uses it as it would a local template's, unaware of the transport. Each stream has a
-window each way (credits), so one child that floods, or one stream nobody reads,
-never stalls the others, and never holds more than a window in memory. Keepalive
+bridged here to a local socket (:mod:`._mux_stream`): the parent's code (a
+template's :class:`~trio_fork._channel.Channel`, a child's stream) holds the other
+end of a socketpair and uses it as it would a local template's, unaware of the
+transport; an RPC worker's :class:`~trio_fork._connection.Connection` takes its
+stream over and reads and writes the frames here directly. Each stream has a window
+each way (credits), so one child that floods, or one stream nobody reads, never
+stalls the others, and never holds more than a window in memory. Keepalive
 frames both ways notice a link that went silent, which TCP may take minutes to. The
 mux also answers the relay's questions for modules (:mod:`._forwarding`).
 """
