@@ -137,7 +137,9 @@ async def test_cancellation_at_every_point_of_a_remote_spawn(ssh_target: SshTarg
             assert alive_below(template.pid) == [], f"after a cancel at yield {n}"
             if not scope.cancel_called:
                 break
-        assert n > 2
+        # How many times a spawn yields depends on what has arrived when it looks (two
+        # at least: the request sent, the start awaited): each of them was tried.
+        assert n >= 2
         async with template.spawn(targets.one_byte) as child:
             assert await child.stream.receive() == b"x"
 
