@@ -70,6 +70,7 @@ class ProcessState:
         self.restore_handlers: list[tuple[int, Any]] = []
         self.restore_mask = False
         self.shutting_down = False
+        self.reap_theirs = False  # see settle
         self.evals = 0
         self.sources: dict[str, str] = {}  # of eval'd code, for tracebacks
         if sigint_blocked:
@@ -100,6 +101,13 @@ class ProcessState:
 
     def settle(self) -> None:
         """After the template's state changed: keep what children must do small."""
+        if _signal.getsignal(_signal.SIGCHLD) in (_signal.SIG_IGN, _signal.SIG_DFL):
+            # Ignored, the kernel would reap our children itself and their exits would
+            # never be reported (nor, by default, wake us): take it back, and reap the
+            # processes of code that asked for that, as the kernel would have.
+            self.reap_theirs |= _signal.getsignal(_signal.SIGCHLD) == _signal.SIG_IGN
+            _signal.signal(_signal.SIGCHLD, self.on_sigchld)
+            _signal.siginterrupt(_signal.SIGCHLD, False)
         self.restore_handlers = [
             (sig, handler)
             for sig, handler in self.fresh_handlers.items()

@@ -324,6 +324,8 @@ class Server:
         except BlockingIOError:
             pass
         self.theirs &= (children := list_children())
+        if self.state.reap_theirs:
+            self.theirs.clear()
         for pid in children - self.theirs:
             try:
                 reaped, status = os.waitpid(pid, os.WNOHANG)
