@@ -1,18 +1,19 @@
 """RPC workers: a child that serves calls to one function over its socket.
 
-A sync function is served one call at a time; an async function's worker runs the
-parent's event loop (trio or asyncio, imported only then) and each call in a task of
-its own. Every call is answered exactly once: result, error, or ``CANCELLED``.
-Outside calls, the worker may send events (id 0) and say it retires (see
-:mod:`trio_fork.worker`); once the parent has closed the socket and the calls are
-done, the ``done`` hook runs, and the worker exits.
+A sync function is served one call at a time on a blocking socket; an async
+function's worker runs the parent's event loop (trio or asyncio, through anyio,
+imported only then) and each call in a task of its own. Both run the same code
+(:meth:`_Worker.main`, :meth:`_Worker.outcome`), which a sync worker drives as a
+coroutine that never suspends. Every call is answered exactly once: result, error,
+or ``CANCELLED``. Outside calls, the worker may send events (id 0) and say it
+retires (see :mod:`trio_fork.worker`); once the parent has closed the socket and the
+calls are done, the ``done`` hook runs, and the worker exits.
 """
 
 from __future__ import annotations
 
 import _thread
 import collections
-import functools
 import os
 import pickle
 import signal
@@ -22,14 +23,14 @@ import sys
 from . import _buffers, _child, _wire
 from ._child import is_async, resolve
 from ._serializers import PickleSerializer
-from ._wire import CALL, CANCEL, CANCELLED, ERROR, EVENT, RESULT, RETIRING, encode
+from ._wire import CALL, CANCEL, CANCELLED, EVENT, RETIRING, encode
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Coroutine, Sequence
     from typing import Any
 
-    Hook = Callable[..., Any] | None
+    Call = tuple[int, Any, Sequence[memoryview]]  # id, payload, its buffers
 
 # Frames held back for a batch before they are sent anyway, so that the other side
 # starts on the first ones while this side is still producing the rest.
@@ -64,29 +65,23 @@ def serve(sock: socket.socket, spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         function = resolve(spec.function, "function")
-        init = None if spec.init is None else resolve(spec.init, "init")
         concurrent = is_async(function)
-        done = None if spec.done is None else resolve(spec.done, "done")
-        for name, hook in (("init", init), ("done", done)):
-            if hook is not None and is_async(hook) and not concurrent:
+        hooks = {}
+        for name in ("init", "retire", "done"):
+            hook = getattr(spec, name)
+            hook = hooks[name] = None if hook is None else resolve(hook, name)
+            if name != "retire" and is_async(hook) and not concurrent:
                 raise TypeError(
                     f"{name} {getattr(spec, name)!r} is async, but the function is not: an "
                     f"async {name} needs an async function (whose worker runs an event loop)"
                 )
-        retire = None if spec.retire is None else resolve(spec.retire, "retire")
         _child.set_title(f"rpc {getattr(function, '__name__', 'worker')}")
     except BaseException as exc:
         _fail(sock, exc)
         return
     worker = _current[0] = (_AsyncWorker if concurrent else _SyncWorker)(sock, function, spec)
-    worker.serve(init, retire, done)
-
-
-async def _call_hook(hook: Hook, args: tuple[Any, ...]) -> None:
-    if hook is not None:
-        result = hook(*args)
-        if is_async(hook):
-            await result
+    worker.hooks = hooks
+    worker.serve()
 
 
 def _fail(sock: socket.socket, exc: BaseException) -> None:
@@ -97,8 +92,19 @@ def _fail(sock: socket.socket, exc: BaseException) -> None:
         pass
 
 
+async def _call_hook(hook: Callable[..., Any] | None, args: tuple[Any, ...]) -> None:
+    if hook is not None:
+        result = hook(*args)
+        if is_async(hook):
+            await result
+
+
 class _Worker:
-    """What both kinds of worker do: payloads into calls, outcomes into frames."""
+    """What both kinds of worker do: frames into calls, outcomes into frames."""
+
+    concurrent = False
+    cancelled: Any = ()  # what a cancelled call raises: nothing, in a sync worker
+    hooks: dict[str, Callable[..., Any] | None]  # init, retire and done, resolved
 
     def __init__(self, sock: socket.socket, function: Callable[..., Any], spec: WorkerSpec):
         self.sock = sock
@@ -106,45 +112,73 @@ class _Worker:
         self.spec = spec
         self.serializer = spec.serializer
         self.buffers = spec.buffers  # frames carry descriptors only when this is set
-        # Chosen once: this is every call's path.
-        self.dump: Callable[[Any], tuple[bytes, Sequence[int]]] = self.dump_plain
-        if self.buffers and isinstance(self.serializer, PickleSerializer):
-            self.dump = functools.partial(_buffers.dumps, threshold=self.buffers)
-        elif self.buffers:
-            self.dump = self.dump_pickled
+        self.reader = _wire.FrameReader()
         # Results sent out of band, freed once their reply is sent: after the caller
         # has it, not on its way.
         self.kept: list[Any] = []
         self.retiring = False
 
-    def ready(self, concurrent: bool) -> list[_wire.Segment]:
-        return encode(_wire.WORKER_READY, 0, _wire.WORKER.pack(os.getpid(), concurrent))
+    def serve(self) -> None:
+        raise NotImplementedError
 
-    def take(self, frame: _wire.Frame) -> tuple[Any, list[memoryview]] | list[_wire.Segment]:
-        """A CALL frame's pickle and its buffers, mapped; or the frame of its error.
+    def send(self, segments: list[_wire.Segment], *, now: bool = True) -> None:
+        raise NotImplementedError
 
-        For a frame that came with descriptors (or lost them) only.
-        """
+    def start(self, call: Call) -> None:
+        raise NotImplementedError
+
+    def cancel(self, call_id: int) -> None:
+        raise NotImplementedError
+
+    async def serve_calls(self) -> None:
+        raise NotImplementedError
+
+    async def main(self) -> None:
+        """Run ``init``, serve calls until end of file (or retiring), then run ``done``."""
         try:
-            if frame.fds_lost:  # or sent with buffers off: the kernel dropped them
-                raise OSError("descriptors were lost in transit (is RLIMIT_NOFILE too low?)")
-            return _buffers.receive(frame.payload, frame.fds)
-        except (OSError, ValueError) as exc:
-            return self.error(frame.id, exc, "the worker could not receive the arguments")
+            await _call_hook(self.hooks["init"], self.spec.init_args)
+        except BaseException as exc:
+            _fail(self.sock, exc)
+            return
+        try:
+            self.send(
+                encode(_wire.WORKER_READY, 0, _wire.WORKER.pack(os.getpid(), self.concurrent))
+            )
+            await self.serve_calls()
+        except OSError:
+            pass  # the parent is gone
+        await _call_hook(self.hooks["done"], ())
 
-    def dump_plain(self, value: Any) -> tuple[bytes, Sequence[int]]:
-        """``value`` serialized, and the descriptors of its out-of-band buffers: none."""
-        return self.serializer.dumps(value), ()
+    def take_in(self, flags: int = 0) -> bool:
+        """Receive once and start or cancel the calls that came; False at end of file.
 
-    def dump_pickled(self, value: Any) -> tuple[bytes, Sequence[int]]:
-        if type(value) is _buffers.Dumped:  # pickled already, by run_sync's apply
-            return value[0], value[1]
-        return self.serializer.dumps(value), ()
+        Raises :exc:`BlockingIOError` if nothing came.
+        """
+        if self.reader.receive(self.sock, flags, fds=bool(self.buffers)) == 0:
+            return False
+        while (frame := self.reader.next_frame()) is not None:
+            if frame.op == CALL:
+                if not (frame.fds or frame.fds_lost):
+                    self.start((frame.id, frame.payload, ()))
+                    continue
+                try:
+                    if frame.fds_lost:  # or sent with buffers off: the kernel dropped them
+                        raise OSError(
+                            "descriptors were lost in transit (is RLIMIT_NOFILE too low?)"
+                        )
+                    self.start((frame.id, *_buffers.receive(frame.payload, frame.fds)))
+                except (OSError, ValueError) as exc:
+                    self.send(
+                        self.error(frame.id, exc, "the worker could not receive the arguments")
+                    )
+            elif frame.op == CANCEL:
+                self.cancel(frame.id)
+        return True
 
-    def begin(
+    async def outcome(
         self, call_id: int, payload: Any, buffers: Sequence[memoryview]
-    ) -> tuple[Any, ...] | list[_wire.Segment]:
-        """A call's arguments (its ``emit`` first if asked), or the frame of its error."""
+    ) -> list[_wire.Segment]:
+        """Run one call; the frame that answers it. Only cancellation escapes."""
         try:
             args = _buffers.loads(payload, buffers) if buffers else self.serializer.loads(payload)
             if type(args) is not tuple:
@@ -153,16 +187,34 @@ class _Worker:
                 args = tuple(args)
         except BaseException as exc:
             return self.error(call_id, exc, "the worker could not deserialize the arguments")
-        return (_Emitter(self, call_id), *args) if self.spec.events else args
-
-    def result(self, call_id: int, value: Any) -> list[_wire.Segment]:
+        if self.spec.events:
+            args = (_Emitter(self, call_id), *args)
+        try:
+            value = self.function(*args)
+            if self.concurrent:
+                value = await value
+        except self.cancelled:
+            raise
+        except BaseException as exc:
+            return self.error(call_id, exc)
+        finally:
+            if self.spec.events:
+                args[0].finished = True
         try:
             payload, fds = self.dump(value)
         except BaseException as exc:
             return self.error(call_id, exc, "the worker could not serialize the result")
         if fds:
             self.kept.append(value)
-        return encode(RESULT, call_id, payload, fds)
+        return encode(_wire.RESULT, call_id, payload, fds)
+
+    def dump(self, value: Any) -> tuple[bytes, Sequence[int]]:
+        """``value`` serialized, and the descriptors of its out-of-band buffers."""
+        if type(value) is _buffers.Dumped:  # pickled already, by run_sync's apply
+            return value[0], value[1]
+        if self.buffers and isinstance(self.serializer, PickleSerializer):
+            return _buffers.dumps(value, self.buffers)
+        return self.serializer.dumps(value), ()
 
     def error(self, call_id: int, exc: BaseException, context: str = "") -> list[_wire.Segment]:
         name, message, text = _wire.describe(exc)
@@ -173,26 +225,18 @@ class _Worker:
                 fields += (pickle.dumps(exc, pickle.HIGHEST_PROTOCOL),)
             except BaseException:
                 pass  # the parent falls back to the description
-        return encode(ERROR, call_id, _wire.pack_strings(*fields))
-
-    def finish(self, args: tuple[Any, ...]) -> None:
-        if self.spec.events:
-            args[0].finished = True
+        return encode(_wire.ERROR, call_id, _wire.pack_strings(*fields))
 
     def emit(self, call_id: int, payload: bytes, fds: Sequence[int]) -> Any:
-        raise NotImplementedError
+        self.send(encode(EVENT, call_id, payload, fds))
 
-    def serve(self, init: Hook, retire: Hook, done: Hook) -> None:
-        """Run ``init``, serve calls until end of file (or retiring), then run ``done``."""
-        raise NotImplementedError
+    def send_event(self, event: Any) -> None:
+        """Send an event that belongs to no call (child-side API)."""
+        self.send(encode(EVENT, 0, *self.dump(event)))
 
     def retire(self) -> None:
         """Take no calls after the current one; the worker exits then (child-side API)."""
         self.retiring = True
-
-    def send_event(self, event: Any) -> None:
-        """Send an event that belongs to no call (child-side API)."""
-        self.emit(0, *self.dump(event))
 
 
 class _Emitter:
@@ -209,207 +253,120 @@ class _Emitter:
         return self.worker.emit(self.call_id, *self.worker.dump(event))
 
 
+def _drive(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that never suspends (a sync worker's ``main``) to its end."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    raise AssertionError("a sync worker's coroutine suspended")
+
+
 class _SyncWorker(_Worker):
-    def serve(self, init: Hook, retire: Hook, done: Hook) -> None:
-        sock = self.sock
-        sock.setblocking(True)
+    def serve(self) -> None:
+        self.sock.setblocking(True)
         self.lock = _thread.allocate_lock()  # emit() may come from any thread
-        try:
-            if init is not None:
-                init(*self.spec.init_args)
-        except BaseException as exc:
-            _fail(sock, exc)
-            return
-        self.reader = _wire.FrameReader()
-        self.queue: collections.deque[tuple[int, Any, Sequence[memoryview]]] = collections.deque()
-        try:
-            self.post(self.ready(False))
-            while self.receive():
-                if self.queue:
-                    call = self.queue.popleft()  # its buffers stay mapped until it is answered
-                    reply = self.run(*call)
-                    if self.retiring or (retire is not None and self.should_retire(retire)):
-                        # Said before the reply, so that the parent sends nothing
-                        # more. Calls queued behind this one never started; the
-                        # parent sees the exit and sends them to another worker.
-                        self.post([*encode(RETIRING), *reply])
-                        break
-                    self.post(reply)
-                    del call, reply
-                    self.kept.clear()
-        except OSError:
-            pass  # the parent is gone
-        if done is not None:
-            done()
+        self.queue: collections.deque[Call] = collections.deque()
+        _drive(self.main())
 
-    def post(self, segments: list[_wire.Segment]) -> None:
-        with self.lock:
-            _wire.send_blocking(self.sock, segments)
-
-    def run(self, call_id: int, payload: Any, buffers: Sequence[memoryview]) -> list[_wire.Segment]:
-        args = self.begin(call_id, payload, buffers)
-        if isinstance(args, list):
-            return args
-        try:
-            value = self.function(*args)
-        except BaseException as exc:
-            return self.error(call_id, exc)
-        finally:
-            self.finish(args)
-        return self.result(call_id, value)
-
-    def emit(self, call_id: int, payload: bytes, fds: Sequence[int]) -> None:
-        self.post(encode(EVENT, call_id, payload, fds))
-
-    def should_retire(self, retire: Callable[..., Any]) -> bool:
-        try:
-            return bool(retire())
-        except BaseException:
-            sys.excepthook(*sys.exc_info())
-            return True
+    async def serve_calls(self) -> None:
+        while self.receive():
+            if self.queue:
+                call = self.queue.popleft()  # its buffers stay mapped until it is answered
+                reply = await self.outcome(*call)
+                if self.retiring or self.should_retire():
+                    # Said before the reply, so that the parent sends nothing more.
+                    # Calls queued behind this one never started; the parent sees
+                    # the exit and sends them to another worker.
+                    self.send([*encode(RETIRING), *reply])
+                    return
+                self.send(reply)
+                del call, reply
+                self.kept.clear()
 
     def receive(self) -> bool:
         """Take in what has arrived (waiting if there is nothing to do); False at EOF."""
         # With calls queued, only look: cancellations of queued calls must be seen
         # before those calls start, but a running worker must not wait for input.
-        flags = socket.MSG_DONTWAIT if self.queue else 0
         try:
-            if self.reader.receive(self.sock, flags, fds=bool(self.buffers)) == 0:
-                return False
+            return self.take_in(socket.MSG_DONTWAIT if self.queue else 0)
         except BlockingIOError:
             return True
-        while (frame := self.reader.next_frame()) is not None:
-            if frame.op == CALL:
-                if not (frame.fds or frame.fds_lost):
-                    self.queue.append((frame.id, frame.payload, ()))
-                elif isinstance(taken := self.take(frame), list):
-                    self.post(taken)
-                else:
-                    self.queue.append((frame.id, *taken))
-            elif frame.op == CANCEL:
-                for index, (queued_id, _, _) in enumerate(self.queue):
-                    if queued_id == frame.id:
-                        del self.queue[index]
-                        self.post(encode(CANCELLED, frame.id))
-                        break
-                # Otherwise it has been answered already: the parent takes that.
-        return True
+
+    def start(self, call: Call) -> None:
+        self.queue.append(call)
+
+    def cancel(self, call_id: int) -> None:
+        for index, (queued_id, _, _) in enumerate(self.queue):
+            if queued_id == call_id:
+                del self.queue[index]
+                self.send(encode(CANCELLED, call_id))
+                return
+        # Otherwise it has been answered already: the parent takes that.
+
+    def send(self, segments: list[_wire.Segment], *, now: bool = True) -> None:
+        with self.lock:
+            _wire.send_blocking(self.sock, segments)
+
+    def should_retire(self) -> bool:
+        try:
+            return self.hooks["retire"] is not None and bool(self.hooks["retire"]())
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            return True
 
 
 class _AsyncWorker(_Worker):
-    """Serves each call in a task of the event loop's own (anyio's task groups cost
-    several times more per call); a cancelled call's scope is cancelled."""
+    """Serves each call in a task of its own; a cancelled call's scope is cancelled."""
 
-    loop: Any
-    scope: Any
-    cancelled: Any
-    event: Any
-    checkpoint: Any
-    wait_readable: Any
-    wait_writable: Any
-    start_soon: Any
+    concurrent = True
 
-    def serve(self, init: Hook, retire: Hook, done: Hook) -> None:
+    def serve(self) -> None:
+        import anyio  # its cancel scopes honour the shields of the function's own
+
+        self.sock.setblocking(False)
         self.running: dict[int, Any] = {}
         self.outbox = _wire.Outbox()
         self.drained: Any = None
-        if self.spec.backend == "trio":
-            import trio
-
-            self.loop, self.scope, self.cancelled = trio, trio.CancelScope, trio.Cancelled
-            self.event, self.checkpoint = trio.Event, trio.lowlevel.checkpoint
-            self.wait_readable = trio.lowlevel.wait_readable
-            self.wait_writable = trio.lowlevel.wait_writable
-            trio.run(self.main, init, done)
-        else:
-            import asyncio
-
-            import anyio  # its cancel scopes honour the shields of the function's own
-
-            self.loop, self.scope, self.cancelled = (
-                asyncio,
-                anyio.CancelScope,
-                asyncio.CancelledError,
-            )
-            self.event, self.checkpoint = asyncio.Event, lambda: asyncio.sleep(0)
-            self.wait_readable, self.wait_writable = anyio.wait_readable, anyio.wait_writable
-            asyncio.run(self.main(init, done))
-
-    async def main(self, init: Hook, done: Hook) -> None:
-        self.sock.setblocking(False)
-        self.wake_writer = self.event()
         self.writer_busy = False  # what init emits waits for the writer
-        try:
-            await _call_hook(init, self.spec.init_args)
-        except BaseException as exc:
-            _fail(self.sock, exc)
-            return
-        self.send(self.ready(True))
-        await self.serve_calls()
-        await _call_hook(done, ())
+        anyio.run(self.main, backend=self.spec.backend)
 
-    def retire(self) -> None:
-        if not self.retiring:  # the parent closes us once our calls are done
-            self.retiring = True
-            self.send(encode(RETIRING))
+    async def main(self) -> None:
+        import anyio
 
-    def send_event(self, event: Any) -> None:
-        self.send(encode(EVENT, 0, *self.dump(event)))
+        self.wake_writer = anyio.Event()
+        self.cancelled = anyio.get_cancelled_exc_class()
+        await super().main()
 
     async def serve_calls(self) -> None:
-        if self.loop.__name__ == "trio":
-            async with self.loop.open_nursery() as nursery:
-                self.start_soon = nursery.start_soon
-                nursery.start_soon(self.write)
-                await self.read()
-                nursery.cancel_scope.cancel()  # the parent is done with us, or gone
-            return
-        tasks: set[Any] = set()
+        import anyio
 
-        def start_soon(function: Callable[..., Any], *args: Any) -> None:
-            task = self.loop.create_task(function(*args))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        async with anyio.create_task_group() as self.group:
+            self.group.start_soon(self.write)
+            while True:
+                try:
+                    if not self.take_in():
+                        break
+                except BlockingIOError:
+                    await anyio.wait_readable(self.sock)
+                    continue
+                except OSError:
+                    break
+                await anyio.lowlevel.checkpoint()  # let the calls just started run first
+            self.group.cancel_scope.cancel()  # the parent is done with us, or gone
 
-        self.start_soon = start_soon
-        start_soon(self.write)
-        try:
-            await self.read()
-        finally:
-            for task in list(tasks):  # the parent is done with us, or gone
-                task.cancel()
-            await self.loop.gather(*tasks, return_exceptions=True)
+    def start(self, call: Call) -> None:
+        import anyio
 
-    async def read(self) -> None:
-        reader = _wire.FrameReader()
-        while True:
-            try:
-                if reader.receive(self.sock, fds=bool(self.buffers)) == 0:
-                    return
-            except BlockingIOError:
-                await self.wait_readable(self.sock)
-                continue
-            except OSError:
-                return
-            while (frame := reader.next_frame()) is not None:
-                if frame.op == CALL:
-                    payload: Any = frame.payload
-                    buffers: Sequence[memoryview] = ()
-                    if frame.fds or frame.fds_lost:
-                        taken = self.take(frame)
-                        if isinstance(taken, list):
-                            self.send(taken)
-                            continue
-                        payload, buffers = taken
-                    self.running[frame.id] = scope = self.scope()
-                    self.start_soon(self.serve_call, frame.id, payload, buffers, scope)
-                elif frame.op == CANCEL and frame.id in self.running:
-                    self.running[frame.id].cancel()
-            # Let the calls just started run before reading more.
-            await self.checkpoint()
+        self.running[call[0]] = scope = anyio.CancelScope()
+        self.group.start_soon(self.serve_call, scope, *call)
+
+    def cancel(self, call_id: int) -> None:
+        if call_id in self.running:
+            self.running[call_id].cancel()
 
     async def serve_call(
-        self, call_id: int, payload: Any, buffers: Sequence[memoryview], scope: Any
+        self, scope: Any, call_id: int, payload: Any, buffers: Sequence[memoryview]
     ) -> None:
         frame = None
         with scope:
@@ -418,22 +375,10 @@ class _AsyncWorker(_Worker):
         del self.running[call_id]
         self.send(frame or encode(CANCELLED, call_id), now=not self.running)
 
-    async def outcome(
-        self, call_id: int, payload: Any, buffers: Sequence[memoryview]
-    ) -> list[_wire.Segment]:
-        """Run one call; the frame that answers it. Only cancellation escapes."""
-        args = self.begin(call_id, payload, buffers)
-        if isinstance(args, list):
-            return args
-        try:
-            value = await self.function(*args)
-        except self.cancelled:
-            raise
-        except BaseException as exc:
-            return self.error(call_id, exc)
-        finally:
-            self.finish(args)
-        return self.result(call_id, value)
+    def retire(self) -> None:
+        if not self.retiring:  # the parent closes us once our calls are done
+            self.retiring = True
+            self.send(encode(RETIRING))
 
     def send(self, segments: list[_wire.Segment], *, now: bool = True) -> None:
         """Queue a frame; send it at once if ``now``, else with the others of this batch.
@@ -463,20 +408,24 @@ class _AsyncWorker(_Worker):
         return True
 
     async def write(self) -> None:
+        import anyio
+
         while True:
             await self.wake_writer.wait()
-            self.wake_writer = self.event()
+            self.wake_writer = anyio.Event()
             while not self.flush():
-                await self.wait_writable(self.sock)
+                await anyio.wait_writable(self.sock)
             self.writer_busy = False
 
     async def emit(self, call_id: int, payload: bytes, fds: Sequence[int]) -> None:
+        import anyio
+
         # It waits only when a megabyte of output is queued, so that a fast emitter
         # cannot fill the worker's memory while the parent falls behind.
         self.send(encode(EVENT, call_id, payload, fds), now=False)
         if self.outbox.size > _HIGH_WATER:
             if self.drained is None:
-                self.drained = self.event()
+                self.drained = anyio.Event()
             await self.drained.wait()
         else:
-            await self.checkpoint()
+            await anyio.lowlevel.checkpoint()
