@@ -317,18 +317,31 @@ class _SyncWorker(_Worker):
 
 
 class _AsyncWorker(_Worker):
-    """Serves each call in a task of its own; a cancelled call's scope is cancelled."""
+    """Serves each call in a task of its own; a cancelled call's scope is cancelled.
+
+    Calls start as tasks of the event loop's own: anyio's task groups and cancel
+    scopes cost a third of the calls per second on trio, a quarter on asyncio (with
+    256 calls in flight). anyio's cancel scopes, on asyncio, honour the shields of the
+    function's own.
+    """
 
     concurrent = True
+    start_soon: Callable[..., Any]
+    scope: Callable[[], Any]
 
     def serve(self) -> None:
-        import anyio  # its cancel scopes honour the shields of the function's own
+        import anyio
 
         self.sock.setblocking(False)
         self.running: dict[int, Any] = {}
         self.outbox = _wire.Outbox()
         self.drained: Any = None
         self.writer_busy = False  # what init emits waits for the writer
+        self.scope = anyio.CancelScope
+        if self.spec.backend == "trio":
+            import trio
+
+            self.scope = trio.CancelScope
         anyio.run(self.main, backend=self.spec.backend)
 
     async def main(self) -> None:
@@ -339,27 +352,50 @@ class _AsyncWorker(_Worker):
         await super().main()
 
     async def serve_calls(self) -> None:
+        if self.spec.backend == "trio":
+            import trio
+
+            async with trio.open_nursery() as nursery:
+                self.start_soon = nursery.start_soon
+                nursery.start_soon(self.write)
+                await self.read()
+                nursery.cancel_scope.cancel()  # the parent is done with us, or gone
+            return
+        import asyncio
+
+        tasks: set[Any] = set()
+
+        def start_soon(function: Callable[..., Any], *args: Any) -> None:
+            task = asyncio.ensure_future(function(*args))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        self.start_soon = start_soon
+        start_soon(self.write)
+        try:
+            await self.read()
+        finally:
+            for task in list(tasks):  # the parent is done with us, or gone
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def read(self) -> None:
         import anyio
 
-        async with anyio.create_task_group() as self.group:
-            self.group.start_soon(self.write)
-            while True:
-                try:
-                    if not self.take_in():
-                        break
-                except BlockingIOError:
-                    await anyio.wait_readable(self.sock)
-                    continue
-                except OSError:
-                    break
-                await anyio.lowlevel.checkpoint()  # let the calls just started run first
-            self.group.cancel_scope.cancel()  # the parent is done with us, or gone
+        while True:
+            try:
+                if not self.take_in():
+                    return
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
+                continue
+            except OSError:
+                return
+            await anyio.lowlevel.checkpoint()  # let the calls just started run first
 
     def start(self, call: Call) -> None:
-        import anyio
-
-        self.running[call[0]] = scope = anyio.CancelScope()
-        self.group.start_soon(self.serve_call, scope, *call)
+        self.running[call[0]] = scope = self.scope()
+        self.start_soon(self.serve_call, scope, *call)
 
     def cancel(self, call_id: int) -> None:
         if call_id in self.running:
