@@ -1,19 +1,14 @@
 """A template: the small synchronous command server that processes are forked from.
 
 A template never runs an event loop or a thread, so forking it is safe and cheap. It
-serves its owner's commands on one channel, one at a time and in order, answering
-each with the command's id. ``FORK`` makes a new template that serves its own
-channel; ``SPAWN`` makes a child that runs a target at once (see :mod:`._child`). A
-template reaps what it forks and reports their exit statuses, and is a child
-subreaper, so that nothing forked below it is orphaned to an init that may never
-reap it; it leads a process group that the kernel kills when it ends, however it
-ends. It ends when its owner closes the channel, sends SIGTERM or dies: it kills and
-reaps everything below it, then exits.
-
-It can also serve fork requests (``SERVE_FORKS``): single messages on a
-``SOCK_SEQPACKET`` socket that any thread or process holding the other end may send,
-each carrying the channel of a new template. That is how a template outlives one
-event loop (see ``trio_fork._handle``).
+serves its owner's commands on one channel, in order, answering each with its id.
+``FORK`` makes a new template, ``SPAWN`` a child that runs a target (see
+:mod:`._child`). A template is a child subreaper: it reaps what it forks (or
+adopts) and reports their exit statuses, and leads a process group that the kernel
+kills however it ends. It ends when its owner closes the channel, sends SIGTERM or
+dies: it kills and reaps everything below it, then exits. ``SERVE_FORKS`` makes it
+also fork a new template per message on a ``SOCK_SEQPACKET`` socket, from any thread
+or process: how a template outlives one event loop (see ``trio_fork._handle``).
 """
 
 from __future__ import annotations
