@@ -209,10 +209,7 @@ def run(
         state.restore()
     except BaseException as exc:
         state.show_sources()
-        try:
-            _wire.send_blocking(sock, _wire.encode(_wire.ERROR, 0, _wire.error_payload(exc)))
-        except OSError:
-            pass  # nobody waits for this child any more
+        _wire.report(sock, _wire.ERROR, exc)
         return 1
     # The child opens its own pidfd: it is alive now, so the pidfd cannot name a
     # recycled pid, and the template has nothing to do for it.
@@ -267,10 +264,7 @@ def call(
 
 def print_exception(exc: BaseException, state: ProcessState | None) -> None:
     """Print ``exc`` as the interpreter would for a program's main code."""
-    tb = exc.__traceback__
-    while tb is not None and str(tb.tb_frame.f_globals.get("__name__")).startswith(__package__):
-        tb = tb.tb_next
-    exc = exc.with_traceback(tb)
+    exc = exc.with_traceback(_wire.user_traceback(exc))
     if state is not None:
         state.show_sources()
     if sys.excepthook is sys.__excepthook__:

@@ -77,19 +77,11 @@ def serve(sock: socket.socket, spec: WorkerSpec) -> None:
                 )
         _child.set_title(f"rpc {getattr(function, '__name__', 'worker')}")
     except BaseException as exc:
-        _fail(sock, exc)
+        _wire.report(sock, _wire.FAILED, exc)
         return
     worker = _current[0] = (_AsyncWorker if concurrent else _SyncWorker)(sock, function, spec)
     worker.hooks = hooks
     worker.serve()
-
-
-def _fail(sock: socket.socket, exc: BaseException) -> None:
-    sock.setblocking(True)
-    try:
-        _wire.send_blocking(sock, encode(_wire.FAILED, 0, _wire.error_payload(exc)))
-    except OSError:
-        pass
 
 
 async def _call_hook(hook: Callable[..., Any] | None, args: tuple[Any, ...]) -> None:
@@ -138,7 +130,7 @@ class _Worker:
         try:
             await _call_hook(self.hooks["init"], self.spec.init_args)
         except BaseException as exc:
-            _fail(self.sock, exc)
+            _wire.report(self.sock, _wire.FAILED, exc)
             return
         try:
             self.send(

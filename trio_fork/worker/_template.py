@@ -257,14 +257,9 @@ class Server:
             pid = fork()
         except OSError as exc:
             # The requester waits on the new channel: tell it there.
-            try:
-                with socket.socket(fileno=os.dup(channel)) as sock:
-                    _wire.send_blocking(
-                        sock, _wire.encode(_wire.ERROR, 0, _wire.error_payload(exc))
-                    )
-            except OSError:
-                pass
-            close_all(fds)
+            with socket.socket(fileno=channel) as sock:
+                _wire.report(sock, _wire.ERROR, exc)
+            os.close(reaped)
             return
         if pid == 0:
             os.close(reaped)

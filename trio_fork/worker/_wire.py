@@ -22,6 +22,7 @@ from collections import deque
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from types import TracebackType
 
 HEADER = struct.Struct("<BIIQ")  # opcode, number of descriptors, id, payload length
 MAX_FDS_PER_MESSAGE = 253  # the kernel's SCM_MAX_FD: descriptors in one sendmsg
@@ -308,6 +309,15 @@ def send_blocking(sock: socket.socket, segments: list[Segment]) -> None:
         outbox.clear()
 
 
+def report(sock: socket.socket, op: int, exc: BaseException) -> None:
+    """Send ``exc`` described in an ERROR or FAILED frame, the last one, if anyone reads."""
+    try:
+        sock.setblocking(True)
+        send_blocking(sock, encode(op, 0, error_payload(exc)))
+    except OSError:
+        pass
+
+
 def pack_strings(*fields: str | bytes) -> bytes:
     """Fields, each length-prefixed: how descriptions travel without pickle."""
     parts = []
@@ -322,9 +332,7 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     """Type name, message and traceback of ``exc`` (from the user's code); never raises."""
     import traceback  # only when something failed: templates stay small
 
-    tb = exc.__traceback__
-    while tb is not None and str(tb.tb_frame.f_globals.get("__name__")).startswith(__package__):
-        tb = tb.tb_next
+    tb = user_traceback(exc)
     cls = type(exc)
     name = cls.__qualname__
     if cls.__module__ not in ("builtins", "__main__", "__mp_main__"):
@@ -338,6 +346,14 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     except BaseException:
         text = f"{name}: {message}\n(the traceback could not be formatted)\n"
     return name, message, text
+
+
+def user_traceback(exc: BaseException) -> TracebackType | None:
+    """The traceback of ``exc`` from its first frame outside the worker side."""
+    tb = exc.__traceback__
+    while tb is not None and str(tb.tb_frame.f_globals.get("__name__")).startswith(__package__):
+        tb = tb.tb_next
+    return tb
 
 
 # The longest message or traceback described: the fields' lengths are 32-bit.
