@@ -143,13 +143,14 @@ class Server:
                     "file descriptors were lost in transit: the kernel truncated the "
                     "control message (is RLIMIT_NOFILE too low?)"
                 )
-            if op in (_wire.FORK, _wire.SPAWN, _wire.KILL, _wire.HELLO):
-                # Answered otherwise: by FORKED, by the child itself, or not at all.
-                return (
-                    self.fork(frame)
-                    if op in (_wire.FORK, _wire.SPAWN)
-                    else self.hello_or_kill(frame)
-                )
+            if op in (_wire.FORK, _wire.SPAWN):
+                return self.fork(frame)  # answered by FORKED, or by the child itself
+            if op == _wire.HELLO:
+                return self.hello(id)
+            if op == _wire.KILL:  # not answered
+                for pid in [pid for pid, made_by in self.children.items() if made_by == id]:
+                    os.kill(pid, _signal.SIGKILL)  # not reaped yet: the pid is not recycled
+                return
             # The processes that the owner's code starts here are that code's to wait
             # for (reap() leaves them); of the threads it leaves, the owner is told.
             children, threads = list_children(), count_threads()
@@ -189,16 +190,6 @@ class Server:
                     "single-threaded"
                 )
             self.reply(_wire.OK, id, warning.encode())
-
-    def hello_or_kill(self, frame: _wire.Frame) -> None:
-        if frame.op == _wire.HELLO:
-            self.hello(frame.id)
-            return
-        for pid, made_by in self.children.items():
-            if made_by == frame.id:
-                # Not reaped yet, so the pid cannot have been recycled.
-                os.kill(pid, _signal.SIGKILL)
-                return
 
     def hello(self, id: int, pidfd: bool = True) -> None:
         """READY with our pid (and a pidfd): asked by HELLO, or unasked (id 0)."""

@@ -246,16 +246,18 @@ class Outbox:
     """
 
     def __init__(self) -> None:
-        self._pieces: deque[list[object]] = deque()  # [memoryview, fds]
+        self._views: deque[memoryview] = deque()
+        self._fds: deque[list[int]] = deque()  # the descriptors riding on each view
         self.size = 0
 
     def __len__(self) -> int:
-        return len(self._pieces)
+        return len(self._views)
 
     def put(self, segments: list[Segment]) -> None:
         for buffers, fds in segments:
             for index, buffer in enumerate(buffers):
-                self._pieces.append([memoryview(buffer), fds if index == 0 else []])
+                self._views.append(memoryview(buffer))
+                self._fds.append(fds if index == 0 else [])
                 self.size += len(buffer)
 
     def flush(self, sock: socket.socket) -> bool:
@@ -263,39 +265,39 @@ class Outbox:
 
         Raises :exc:`OSError` (never :exc:`BlockingIOError`) if the socket broke.
         """
-        pieces = self._pieces
-        while pieces:
-            head, fds = pieces[0]
+        views, fds = self._views, self._fds
+        while views:
             try:
-                if fds:
-                    sent = sock.sendmsg([head], ancillary(fds))  # type: ignore[list-item,arg-type]
-                    close_all(fds)  # type: ignore[arg-type]
-                    pieces[0][1] = []
-                elif len(pieces) == 1:
-                    sent = sock.send(head)  # type: ignore[arg-type]
+                if fds[0]:
+                    sent = sock.sendmsg([views[0]], ancillary(fds[0]))
+                    close_all(fds[0])
+                    fds[0] = []
+                elif len(views) == 1:
+                    sent = sock.send(views[0])
                 else:
-                    batch: list[object] = []
-                    for view, more in pieces:
+                    batch: list[memoryview] = []
+                    for view, more in zip(views, fds, strict=True):
                         if more or len(batch) == _MAX_BUFFERS:
                             break
                         batch.append(view)
-                    sent = sock.sendmsg(batch)  # type: ignore[arg-type]
+                    sent = sock.sendmsg(batch)
             except BlockingIOError:
                 return False
             self.size -= sent
             while sent:
-                view = pieces[0][0]
-                if sent >= len(view):  # type: ignore[arg-type]
-                    sent -= len(view)  # type: ignore[arg-type]
-                    pieces.popleft()
+                if sent >= len(views[0]):
+                    sent -= len(views.popleft())
+                    fds.popleft()
                 else:
-                    pieces[0][0] = view[sent:]  # type: ignore[index]
+                    views[0] = views[0][sent:]
                     sent = 0
         return True
 
     def clear(self) -> None:
-        while self._pieces:
-            close_all(self._pieces.popleft()[1])  # type: ignore[arg-type]
+        for fds in self._fds:
+            close_all(fds)
+        self._views.clear()
+        self._fds.clear()
         self.size = 0
 
 
