@@ -97,6 +97,12 @@ class _Worker:
     concurrent = False
     cancelled: Any = ()  # what a cancelled call raises: nothing, in a sync worker
     hooks: dict[str, Callable[..., Any] | None]  # init, retire and done, resolved
+    # What each kind of worker does its own way:
+    serve: Callable[[], None]
+    serve_calls: Callable[[], Coroutine[Any, Any, None]]
+    send: Callable[..., None]  # (segments, *, now=True): now, or with a batch
+    start: Callable[[Call], None]
+    cancel: Callable[[int], None]
 
     def __init__(self, sock: socket.socket, function: Callable[..., Any], spec: WorkerSpec):
         self.sock = sock
@@ -109,21 +115,6 @@ class _Worker:
         # has it, not on its way.
         self.kept: list[Any] = []
         self.retiring = False
-
-    def serve(self) -> None:
-        raise NotImplementedError
-
-    def send(self, segments: list[_wire.Segment], *, now: bool = True) -> None:
-        raise NotImplementedError
-
-    def start(self, call: Call) -> None:
-        raise NotImplementedError
-
-    def cancel(self, call_id: int) -> None:
-        raise NotImplementedError
-
-    async def serve_calls(self) -> None:
-        raise NotImplementedError
 
     async def main(self) -> None:
         """Run ``init``, serve calls until end of file (or retiring), then run ``done``."""
@@ -210,8 +201,11 @@ class _Worker:
 
     def error(self, call_id: int, exc: BaseException, context: str = "") -> list[_wire.Segment]:
         name, message, text = _wire.describe(exc)
-        fields: tuple[str | bytes, ...] = (name, f"{context}: {message}" if context else message)
-        fields += (text,)
+        fields: tuple[str | bytes, ...] = (
+            name,
+            f"{context}: {message}" if context else message,
+            text,
+        )
         if self.spec.exceptions and not context:
             try:
                 fields += (pickle.dumps(exc, pickle.HIGHEST_PROTOCOL),)
