@@ -81,9 +81,7 @@ class ProcessState:
         _signal.signal(_signal.SIGTERM, self.on_sigterm)
         # What the kernel sends, with SIGCONT, to a stopped process group it orphans.
         _signal.signal(_signal.SIGHUP, self.on_sigterm)
-        _signal.signal(_signal.SIGCONT, self.on_sigcont)
-        _signal.signal(_signal.SIGCHLD, self.on_sigchld)
-        _signal.siginterrupt(_signal.SIGCHLD, False)
+        _signal.signal(_signal.SIGCONT, self.on_sigcont)  # and SIGCHLD: see settle
         self.parent = os.getppid()  # a template's owner (see on_sigcont)
 
     def on_sigterm(self, signum: int, frame: object) -> None:
@@ -101,11 +99,11 @@ class ProcessState:
 
     def settle(self) -> None:
         """After the template's state changed: keep what children must do small."""
-        if _signal.getsignal(_signal.SIGCHLD) in (_signal.SIG_IGN, _signal.SIG_DFL):
-            # Ignored, the kernel would reap our children itself and their exits would
-            # never be reported (nor, by default, wake us): take it back, and reap the
-            # processes of code that asked for that, as the kernel would have.
-            self.reap_theirs |= _signal.getsignal(_signal.SIGCHLD) == _signal.SIG_IGN
+        if (sigchld := _signal.getsignal(_signal.SIGCHLD)) in (_signal.SIG_IGN, _signal.SIG_DFL):
+            # Our handler wakes the serve loop to reap. Ignored (by code run here), the
+            # kernel would reap our children itself and their exits would never be
+            # reported: take it back, and reap that code's processes as it asked.
+            self.reap_theirs |= sigchld == _signal.SIG_IGN
             _signal.signal(_signal.SIGCHLD, self.on_sigchld)
             _signal.siginterrupt(_signal.SIGCHLD, False)
         self.restore_handlers = [
