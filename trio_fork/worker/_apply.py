@@ -58,7 +58,7 @@ def apply(function: bytes, *args: Any) -> bytes | _buffers.Dumped:
             f"run_sync runs sync functions, but {found!r} returned a coroutine (it is "
             "asynchronous): call it with an event loop of its own, or use open_rpc"
         )
-    worker = _rpc.current()
+    worker = _rpc.Worker.current
     try:
         payload, fds = _buffers.dumps(result, None if worker is None else worker.buffers)
     except Exception as exc:
@@ -99,7 +99,7 @@ def become_worker(
     module (see :func:`expect_main`). An error before the worker serves is the
     INVOKE's error: the parent then closes the channel, and this template shuts down.
     """
-    server = _template.current()
+    server = _template.Server.current
     assert server is not None
     sock = server.channel.sock
     assert sock is not None
@@ -113,7 +113,7 @@ def become_worker(
         process.current_process().authkey = authkey
     expect_main(*main)
     server.state.restore()
-    _template._current[0] = None  # a worker, no longer a template
+    _template.Server.current = None  # a worker, no longer a template
     code = 0
     try:
         _rpc.serve(sock, spec)

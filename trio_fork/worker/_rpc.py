@@ -3,7 +3,7 @@
 A sync function is served one call at a time on a blocking socket; an async
 function's worker runs the parent's event loop (trio or asyncio, through anyio,
 imported only then) and each call in a task of its own. Both run the same code
-(:meth:`_Worker.main`, :meth:`_Worker.outcome`), which a sync worker drives as a
+(:meth:`Worker.main`, :meth:`Worker.outcome`), which a sync worker drives as a
 coroutine that never suspends. Every call is answered exactly once: result, error,
 or ``CANCELLED``. Outside calls, the worker may send events (id 0) and say it
 retires (see :mod:`trio_fork.worker`); once the parent has closed the socket and the
@@ -28,7 +28,7 @@ from ._wire import CALL, CANCEL, CANCELLED, EVENT, RETIRING, encode
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
-    from typing import Any
+    from typing import Any, ClassVar
 
     Call = tuple[int, Any, Sequence[memoryview]]  # id, payload, its buffers
 
@@ -48,14 +48,6 @@ WorkerSpec = collections.namedtuple(
 loop; ``retire``: called after each call of a sync function, exit when true;
 ``done``: called when the worker ends, as it was asked to, before it exits;
 ``buffers``: the threshold of out-of-band buffers (see ``_buffers``), None for none."""
-
-# The worker this process is, while it serves: the child-side API's way in.
-_current: list[_Worker | None] = [None]
-
-
-def current() -> _Worker | None:
-    """The RPC worker this process is, or None."""
-    return _current[0]
 
 
 def serve(sock: socket.socket, spec: WorkerSpec) -> None:
@@ -79,7 +71,7 @@ def serve(sock: socket.socket, spec: WorkerSpec) -> None:
     except BaseException as exc:
         _wire.report(sock, _wire.FAILED, exc)
         return
-    worker = _current[0] = (_AsyncWorker if concurrent else _SyncWorker)(sock, function, spec)
+    worker = Worker.current = (_AsyncWorker if concurrent else _SyncWorker)(sock, function, spec)
     worker.hooks = hooks
     worker.serve()
 
@@ -91,9 +83,10 @@ async def _call_hook(hook: Callable[..., Any] | None, args: tuple[Any, ...]) -> 
             await result
 
 
-class _Worker:
+class Worker:
     """What both kinds of worker do: frames into calls, outcomes into frames."""
 
+    current: ClassVar[Worker | None] = None  # this process's: the child-side API's way in
     concurrent = False
     cancelled: Any = ()  # what a cancelled call raises: nothing, in a sync worker
     hooks: dict[str, Callable[..., Any] | None]  # init, retire and done, resolved
@@ -228,7 +221,7 @@ class _Worker:
 class _Emitter:
     """``emit`` for a call: ``emit(event)``, or ``await emit(event)`` when async."""
 
-    def __init__(self, worker: _Worker, call_id: int) -> None:
+    def __init__(self, worker: Worker, call_id: int) -> None:
         self.worker = worker
         self.call_id = call_id
         self.finished = False
@@ -248,7 +241,7 @@ def _drive(coroutine: Coroutine[Any, Any, None]) -> None:
     raise AssertionError("a sync worker's coroutine suspended")
 
 
-class _SyncWorker(_Worker):
+class _SyncWorker(Worker):
     def serve(self) -> None:
         self.sock.setblocking(True)
         self.lock = _thread.allocate_lock()  # emit() may come from any thread
@@ -302,7 +295,7 @@ class _SyncWorker(_Worker):
             return True
 
 
-class _AsyncWorker(_Worker):
+class _AsyncWorker(Worker):
     """Serves each call in a task of its own; a cancelled call's scope is cancelled.
 
     Calls start as tasks of the event loop's own: anyio's task groups and cancel

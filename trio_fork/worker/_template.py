@@ -32,7 +32,7 @@ from ._wire import close_all
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from typing import Any, ClassVar, NoReturn
 
 _REQUEST_ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 4)
 
@@ -75,6 +75,8 @@ class Link:
 
 class Server:
     """One template: its channel, its queue, and the processes it made."""
+
+    current: ClassVar[Server | None] = None  # this process's: the child-side API's way in
 
     def __init__(self, channel: Link, queue: list[Any], state: _child.ProcessState) -> None:
         self.channel = channel
@@ -283,7 +285,7 @@ class Server:
                 code = _child.run(sock, self.queue, payload, fds[1:], self.state)
             else:
                 _child.set_title(f"tmpl of {self.pid}")
-                server = _current[0] = Server(Link(sock), list(self.queue), self.state)
+                server = Server.current = Server(Link(sock), list(self.queue), self.state)
                 server.become_template()
                 if announce:
                     server.hello(0)
@@ -387,15 +389,6 @@ def align(path: list[str], cwd: str, environ: dict[str, str]) -> None:
     os.environ.update(environ)
 
 
-# The server of this process, while it is a template: the child-side API's way in.
-_current: list[Server | None] = [None]
-
-
-def current() -> Server | None:
-    """The template this process is, or None."""
-    return _current[0]
-
-
 def start(channel: str, owner: int, sigint_blocked: bool) -> None:
     """Serve the channel ``"socket:FD"`` or ``"pipes:READ:WRITE"`` (see ``_boot``)."""
     kind, _, where = channel.partition(":")
@@ -415,7 +408,7 @@ def start(channel: str, owner: int, sigint_blocked: bool) -> None:
 def main(channel: Link, owner: int, sigint_blocked: bool) -> None:
     """Serve ``channel`` as a template, for ``owner`` (0: any parent; see ProcessState)."""
     state = _child.ProcessState(sigint_blocked)
-    server = _current[0] = Server(channel, [], state)
+    server = Server.current = Server(channel, [], state)
     try:
         try:
             # If the owner dies, even while this template runs a long command or is
