@@ -298,10 +298,9 @@ class _SyncWorker(Worker):
 class _AsyncWorker(Worker):
     """Serves each call in a task of its own; a cancelled call's scope is cancelled.
 
-    Calls start as tasks of the event loop's own: anyio's task groups and cancel
-    scopes cost a third of the calls per second on trio, a quarter on asyncio (with
-    256 calls in flight). anyio's cancel scopes, on asyncio, honour the shields of the
-    function's own.
+    Calls start as tasks of the event loop's own: with anyio's task groups and cancel
+    scopes, 15 to 40% fewer calls per second (256 in flight, see docs/design.md).
+    anyio's cancel scopes, on asyncio, honour the shields of the function's own.
     """
 
     concurrent = True
