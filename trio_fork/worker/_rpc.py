@@ -1,8 +1,8 @@
 """RPC workers: a child that serves calls to one function over its socket.
 
 A sync function is served one call at a time on a blocking socket; an async
-function's worker runs the parent's event loop (trio or asyncio, through anyio,
-imported only then) and each call in a task of its own. Both run the same code
+function's worker runs the parent's event loop (trio or asyncio, imported only
+then) and each call in a task of its own. Both run the same code
 (:meth:`Worker.main`, :meth:`Worker.outcome`), which a sync worker drives as a
 coroutine that never suspends. Every call is answered exactly once: result, error,
 or ``CANCELLED``. Outside calls, the worker may send events (id 0) and say it
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import _thread
 import collections
+import functools
 import os
 import pickle
 import signal
@@ -298,35 +299,51 @@ class _SyncWorker(Worker):
 class _AsyncWorker(Worker):
     """Serves each call in a task of its own; a cancelled call's scope is cancelled.
 
-    Calls start as tasks of the event loop's own: with anyio's task groups and cancel
-    scopes, 15 to 40% fewer calls per second (256 in flight, see docs/design.md).
-    anyio's cancel scopes, on asyncio, honour the shields of the function's own.
+    On the event loop's own primitives: with anyio's task groups and cancel scopes,
+    15 to 40% fewer calls per second (256 in flight, see docs/design.md), and on trio
+    anyio is not even imported. anyio's cancel scopes, on asyncio, honour the shields
+    of the function's own.
     """
 
     concurrent = True
+    # The event loop's primitives, chosen in serve():
     start_soon: Callable[..., Any]
-    scope: Callable[[], Any]
+    scope: Any
+    event: Any
+    checkpoint: Any
+    wait_readable: Any
+    wait_writable: Any
 
     def serve(self) -> None:
-        import anyio
-
         self.sock.setblocking(False)
         self.running: dict[int, Any] = {}
         self.outbox = _wire.Outbox()
         self.drained: Any = None
         self.writer_busy = False  # what init emits waits for the writer
-        self.scope = anyio.CancelScope
         if self.spec.backend == "trio":
             import trio
+            from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
-            self.scope = trio.CancelScope
-        anyio.run(self.main, backend=self.spec.backend)
+            self.scope, self.event, self.cancelled = trio.CancelScope, trio.Event, trio.Cancelled
+            self.checkpoint, self.wait_readable, self.wait_writable = (
+                checkpoint,
+                wait_readable,
+                wait_writable,
+            )
+            trio.run(self.main)
+        else:
+            import asyncio
+
+            import anyio
+
+            self.scope, self.event = anyio.CancelScope, asyncio.Event
+            self.cancelled = asyncio.CancelledError
+            self.checkpoint = functools.partial(asyncio.sleep, 0)
+            self.wait_readable, self.wait_writable = anyio.wait_readable, anyio.wait_writable
+            asyncio.run(self.main())
 
     async def main(self) -> None:
-        import anyio
-
-        self.wake_writer = anyio.Event()
-        self.cancelled = anyio.get_cancelled_exc_class()
+        self.wake_writer = self.event()
         await super().main()
 
     async def serve_calls(self) -> None:
@@ -358,18 +375,16 @@ class _AsyncWorker(Worker):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def read(self) -> None:
-        import anyio
-
         while True:
             try:
                 if not self.take_in():
                     return
             except BlockingIOError:
-                await anyio.wait_readable(self.sock)
+                await self.wait_readable(self.sock)
                 continue
             except OSError:
                 return
-            await anyio.lowlevel.checkpoint()  # let the calls just started run first
+            await self.checkpoint()  # let the calls just started run first
 
     def start(self, call: Call) -> None:
         self.running[call[0]] = scope = self.scope()
@@ -422,24 +437,20 @@ class _AsyncWorker(Worker):
         return True
 
     async def write(self) -> None:
-        import anyio
-
         while True:
             await self.wake_writer.wait()
-            self.wake_writer = anyio.Event()
+            self.wake_writer = self.event()
             while not self.flush():
-                await anyio.wait_writable(self.sock)
+                await self.wait_writable(self.sock)
             self.writer_busy = False
 
     async def emit(self, call_id: int, payload: bytes, fds: Sequence[int]) -> None:
-        import anyio
-
         # It waits only when a megabyte of output is queued, so that a fast emitter
         # cannot fill the worker's memory while the parent falls behind.
         self.send(encode(EVENT, call_id, payload, fds), now=False)
         if self.outbox.size > _HIGH_WATER:
             if self.drained is None:
-                self.drained = anyio.Event()
+                self.drained = self.event()
             await self.drained.wait()
         else:
-            await anyio.lowlevel.checkpoint()
+            await self.checkpoint()
