@@ -306,6 +306,8 @@ class Server:
                 pass
         except BlockingIOError:
             pass
+        if self.state.reap_theirs:
+            self.theirs.clear()  # that code asked the kernel to reap its processes
         while not self.theirs:
             # No process of our code's to leave alone: whatever ended is ours to reap,
             # without listing /proc (a third of a spawn's cost in the template).
@@ -317,8 +319,6 @@ class Server:
                 return
             self.ended(pid, status)
         self.theirs &= (children := list_children())
-        if self.state.reap_theirs:
-            self.theirs.clear()
         for pid in children - self.theirs:
             try:
                 reaped, status = os.waitpid(pid, os.WNOHANG)
