@@ -89,6 +89,9 @@ def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]
     except BaseException:
         _close(fds)
         raise
+    finally:
+        if _pool.used:
+            _pool.trim()
     if not fds:
         return data, fds
     return b"".join([_HEAD.pack(0, len(fds)), *table, data]), fds
@@ -141,17 +144,206 @@ def loads(data: Any, buffers: Iterable[memoryview]) -> Any:
 
 
 def _copy(view: memoryview) -> int:
-    """A sealed memfd holding a copy of ``view``."""
+    """A memfd holding a copy of ``view``: a reused one of the pool's, or a new sealed one."""
+    fd = _pool.copy(view) if _pool.usable() else None
+    if fd is not None:
+        return fd
     fd = os.memfd_create("trio_fork buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done:])
+        _write(fd, view)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _FROZEN)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _write(fd: int, view: memoryview) -> None:
+    # write(), not a mapping: the kernel allocates the pages as it copies into them,
+    # with no page fault and no zeroing of pages about to be overwritten.
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
+
+
+class _Pool:
+    """Memfds of big buffers sent from here, written again once nobody holds them.
+
+    Most of the cost of copying a big buffer into a new memfd is not the copy but
+    the allocation of its shared memory, page by page where the kernel gives shared
+    memory no huge pages (each 4 KiB page charged, put in the page cache and on the
+    LRU lists; then the same again to free it), and the receiver's unmapping that
+    frees it. A program that sends arrays of the same size call after call pays it
+    every time. So while this process is an RPC worker, or has workers of its own
+    (:func:`enter` and :func:`leave`, around each), the memfds it sends are kept and
+    written again: the copy is then one ``memcpy`` into pages that exist already.
+
+    A memfd may be written again only when no process maps it or holds a descriptor
+    of it any more, wherever it was sent on to. The kernel counts that: each sending
+    opens a new read-only file of the memfd (receivers map it privately, as any
+    other), and inotify reports when a file's last reference, descriptor or mapping,
+    in any process, is gone (``IN_CLOSE_NOWRITE``). A lost event (queue overflow)
+    makes the pool forget them all. Pooled memfds are sealed against shrinking and
+    growing, not writing: the pool's is the only writable descriptor of them.
+
+    Memory: idle memfds that the last two sendings of big buffers did not use are
+    freed at the next one; the rest when the pool's users are gone (a worker's at
+    its exit). At most ``_POOL_BYTES`` and ``_POOLED`` memfds, held or idle, are pooled.
+    """
+
+    def __init__(self) -> None:
+        self.users = 0  # the workers of this process, while it has some
+        self.notify = -1  # the inotify descriptor, once there is a pool
+        self.entries: dict[int, list[Any]] = {}  # watch -> [fd, size, view, holders, last]
+        self.sendings = 0  # sendings of big buffers that used the pool
+        self.used = False  # whether the sending being made used it
+
+    def usable(self) -> bool:
+        """Whether this process pools its buffers: if it has workers, or is one."""
+        if not self.users:
+            rpc = sys.modules.get("trio_fork.worker._rpc")
+            if rpc is None or rpc.current() is None:
+                return False
+        if self.notify < 0:
+            if self.notify == -2:
+                return False  # no inotify to be had here
+            self.notify = _inotify()
+            return self.notify >= 0
+        return True
+
+    def enter(self) -> None:
+        """A worker of this process starts: pool while there are some."""
+        self.users += 1
+
+    def leave(self) -> None:
+        """A worker of this process is gone: with the last one, the pool goes."""
+        self.users -= 1
+        if not self.users and self.notify >= 0:
+            self.drop(list(self.entries))
+            _close([self.notify])
+            self.notify = -1
+
+    def copy(self, view: memoryview) -> int | None:
+        """A read-only descriptor of a pooled memfd holding ``view``; None if none."""
+        self.released()
+        length = len(view)
+        found = None
+        for watch, (_, size, _, holders, _) in self.entries.items():
+            if not holders and length <= size <= 2 * length:
+                if found is None or size < self.entries[found][1]:
+                    found = watch
+        if found is not None:
+            entry = self.entries[found]
+            if entry[2] is None:
+                # Mapped once, populated: later copies take no page faults.
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                entry[2] = memoryview(mmap.mmap(entry[0], entry[1], flags, **UNTRACKED))
+            entry[2][:length] = view
+        elif len(self.entries) >= _POOLED or self.size() + length > _POOL_BYTES:
+            return None
+        else:
+            found, entry = self.add(view)
+        reader = os.open(f"/proc/self/fd/{entry[0]}", os.O_RDONLY | os.O_CLOEXEC)
+        entry[3] += 1
+        entry[4] = self.sendings
+        self.used = True
+        return reader
+
+    def size(self) -> int:
+        return sum(entry[1] for entry in self.entries.values())
+
+    def add(self, view: memoryview) -> tuple[int, list[Any]]:
+        fd = os.memfd_create("trio_fork buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            _write(fd, view)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, FIXED)
+            watch = _watch(self.notify, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        entry = self.entries[watch] = [fd, len(view), None, 0, self.sendings]
+        return watch, entry
+
+    def released(self) -> None:
+        """Count the files of pooled memfds closed since last asked."""
+        while True:
+            try:
+                data = os.read(self.notify, 4096)
+            except BlockingIOError:
+                return
+            for watch, mask, _, length in _EVENTS.iter_unpack(data[: len(data) // 16 * 16]):
+                if mask & _IN_Q_OVERFLOW or length:
+                    self.drop(list(self.entries))  # counts lost: nothing can be reused
+                    return
+                entry = self.entries.get(watch)
+                if entry is not None and mask & _IN_CLOSE_NOWRITE:
+                    entry[3] -= 1
+
+    def trim(self) -> None:
+        """After a sending that used the pool: free what has not been used for two."""
+        self.used = False
+        self.sendings += 1
+        stale = self.sendings - 2
+        self.drop([w for w, e in self.entries.items() if not e[3] and e[4] < stale])
+
+    def drop(self, watches: Iterable[int]) -> None:
+        """Forget memfds: freed by the kernel once their readers are gone too."""
+        for watch in watches:
+            fd, _, view, _, _ = self.entries.pop(watch)
+            _unwatch(self.notify, watch)
+            if view is not None:
+                region = view.obj
+                view.release()
+                region.close()
+            os.close(fd)
+
+    def forget(self) -> None:
+        """In a new child: the pool is its parent's. Close its copies of the descriptors."""
+        for fd, _, view, _, _ in self.entries.values():
+            if view is not None:
+                view.release()
+            _close([fd])
+        self.entries.clear()
+        _close([self.notify])
+        self.notify = -1
+        self.users = 0
+
+
+def _inotify() -> int:
+    """A new inotify descriptor; -2 if there can be none (EMFILE: 128 per user)."""
+    try:
+        import ctypes
+
+        fd = ctypes.CDLL(None, use_errno=True).inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, AttributeError):
+        return -2
+    return int(fd) if fd >= 0 else -2
+
+
+def _watch(notify: int, fd: int) -> int:
+    import ctypes
+
+    path = f"/proc/self/fd/{fd}".encode()
+    watch = ctypes.CDLL(None, use_errno=True).inotify_add_watch(notify, path, _IN_CLOSE_NOWRITE)
+    if watch < 0:
+        raise OSError(ctypes.get_errno(), "inotify_add_watch")
+    return int(watch)
+
+
+def _unwatch(notify: int, watch: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None).inotify_rm_watch(notify, watch)
+
+
+_IN_CLOSE_NOWRITE = 0x10
+_IN_Q_OVERFLOW = 0x4000
+_EVENTS = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (of a name)
+_POOLED = 16  # memfds at most in the pool, held or idle
+_POOL_BYTES = 1 << 30  # and bytes at most: bigger buffers are copied into new memfds
+_pool = _Pool()
+os.register_at_fork(after_in_child=_pool.forget)
+enter, leave = _pool.enter, _pool.leave
 
 
 def _map(fd: int, offset: int, length: int, mode: int) -> memoryview:
