@@ -2,8 +2,9 @@
 
 Pickling a big array copies it into the pickle; the socket copies it twice more, and
 unpickling once more. Here each buffer of at least ``threshold`` bytes is instead
-copied once into a memfd, sealed (nobody can write, shrink or grow it any more) and
-sent as a descriptor with its frame; the receiver maps it privately (copy-on-write:
+copied once into a memfd, sealed (nobody can shrink or grow it any more; nor write
+it, unless it is one that :class:`_Pool` reuses) and sent as a descriptor with its
+frame; the receiver maps it privately (copy-on-write:
 its writes stay its own) and unpickles on top of the mapping. A buffer that already
 lives in a memfd goes by its descriptor with no copy at all: a shared buffer
 (``trio_fork.shared_buffer``), or a mapping received and not written to since (the page
