@@ -13,6 +13,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -310,3 +311,19 @@ def test_a_forked_child_lets_go_of_its_parents_pool() -> None:
         assert pool.entries == {} and pool.notify == -1
     """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_threads_sending_at_once_never_share_a_memfd(pooling: None) -> None:
+    seen: dict[int, list[tuple[int, int]]] = {1: [], 2: []}
+
+    def send_many(value: int) -> None:
+        for _ in range(30):
+            received = send(np.full(2 * MIB, value, np.uint8))
+            seen[value].append((int(received[0]), int(received[-1])))
+
+    threads = [threading.Thread(target=send_many, args=(value,)) for value in seen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {value: [(value, value)] * 30 for value in seen}

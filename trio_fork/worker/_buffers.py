@@ -22,6 +22,7 @@ follows. A payload without is a plain pickle, which starts with PROTO (0x80).
 
 from __future__ import annotations
 
+import _thread
 import _weakref
 import fcntl
 import mmap
@@ -73,6 +74,7 @@ def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]
             return pickle.dumps(obj, 5), []
     fds: list[int] = []
     table: list[bytes] = []
+    copied: list[int] = []  # how many buffers were copied (into the pool, maybe)
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
         with buffer.raw() as view:
@@ -80,6 +82,8 @@ def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]
             if length < threshold:
                 return True
             found = _descriptor(view, length)
+            if found is None:
+                copied.append(1)
             fd, offset, mode = found or (_copy(view), 0, PRIVATE)
         fds.append(fd)
         table.append(_ENTRY.pack(offset, length, mode))
@@ -91,7 +95,7 @@ def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]
         _close(fds)
         raise
     finally:
-        if _pool.used:
+        if copied and _pool.entries:
             _pool.trim()
     if not fds:
         return data, fds
@@ -146,7 +150,8 @@ def loads(data: Any, buffers: Iterable[memoryview]) -> Any:
 
 def _copy(view: memoryview) -> int:
     """A memfd holding a copy of ``view``: a reused one of the pool's, or a new sealed one."""
-    fd = _pool.copy(view) if _pool.usable() else None
+    with _pool.lock:
+        fd = _pool.copy(view) if _pool.usable() else None
     if fd is not None:
         return fd
     fd = os.memfd_create("trio_fork buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -193,36 +198,38 @@ class _Pool:
     """
 
     def __init__(self) -> None:
+        self.lock = _thread.allocate_lock()  # calls may be made from several threads
         self.users = 0  # the workers of this process, while it has some
         self.notify = -1  # the inotify descriptor, once there is a pool
         self.entries: dict[int, list[Any]] = {}  # watch -> [fd, size, view, holders, last]
-        self.sendings = 0  # sendings of big buffers that used the pool
-        self.used = False  # whether the sending being made used it
+        self.sendings = 0  # sendings of big buffers
 
     def usable(self) -> bool:
-        """Whether this process pools its buffers: if it has workers, or is one."""
+        """Whether this process pools its buffers: if it has workers, or is one.
+
+        Called with the lock held.
+        """
         if not self.users:
             rpc = sys.modules.get("trio_fork.worker._rpc")
             if rpc is None or rpc.current() is None:
                 return False
-        if self.notify < 0:
-            if self.notify == -2:
-                return False  # no inotify to be had here
+        if self.notify == -1:
             self.notify = _inotify()
-            return self.notify >= 0
-        return True
+        return self.notify >= 0  # -2: no inotify to be had here
 
     def enter(self) -> None:
         """A worker of this process starts: pool while there are some."""
-        self.users += 1
+        with self.lock:
+            self.users += 1
 
     def leave(self) -> None:
         """A worker of this process is gone: with the last one, the pool goes."""
-        self.users -= 1
-        if not self.users and self.notify >= 0:
-            self.drop(list(self.entries))
-            _close([self.notify])
-            self.notify = -1
+        with self.lock:
+            self.users -= 1
+            if not self.users and self.notify >= 0:
+                self.drop(list(self.entries))
+                _close([self.notify])
+                self.notify = -1
 
     def copy(self, view: memoryview) -> int | None:
         """A read-only descriptor of a pooled memfd holding ``view``; None if none."""
@@ -243,23 +250,31 @@ class _Pool:
         elif len(self.entries) >= _POOLED or self.size() + length > _POOL_BYTES:
             return None
         else:
-            found, entry = self.add(view)
+            added = self.add(view)
+            if added is None:
+                return None
+            found, entry = added
         reader = os.open(f"/proc/self/fd/{entry[0]}", os.O_RDONLY | os.O_CLOEXEC)
         entry[3] += 1
         entry[4] = self.sendings
-        self.used = True
         return reader
 
     def size(self) -> int:
         return sum(entry[1] for entry in self.entries.values())
 
-    def add(self, view: memoryview) -> tuple[int, list[Any]]:
+    def add(self, view: memoryview) -> tuple[int, list[Any]] | None:
+        """A new pooled memfd holding ``view``; None if it cannot be watched."""
         fd = os.memfd_create("trio_fork buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            watch = _watch(self.notify, fd)
+        except OSError:  # ENOSPC: fs.inotify.max_user_watches
+            os.close(fd)
+            return None
         try:
             _write(fd, view)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, FIXED)
-            watch = _watch(self.notify, fd)
         except BaseException:
+            _unwatch(self.notify, watch)
             os.close(fd)
             raise
         entry = self.entries[watch] = [fd, len(view), None, 0, self.sendings]
@@ -281,11 +296,11 @@ class _Pool:
                     entry[3] -= 1
 
     def trim(self) -> None:
-        """After a sending that used the pool: free what has not been used for two."""
-        self.used = False
-        self.sendings += 1
-        stale = self.sendings - 2
-        self.drop([w for w, e in self.entries.items() if not e[3] and e[4] < stale])
+        """After a sending of big buffers: free what the last two did not reuse."""
+        with self.lock:
+            self.sendings += 1
+            stale = self.sendings - 2
+            self.drop([w for w, e in self.entries.items() if not e[3] and e[4] < stale])
 
     def drop(self, watches: Iterable[int]) -> None:
         """Forget memfds: freed by the kernel once their readers are gone too."""
@@ -308,6 +323,7 @@ class _Pool:
         _close([self.notify])
         self.notify = -1
         self.users = 0
+        self.lock = _thread.allocate_lock()  # another thread may have held it
 
 
 def _inotify() -> int:
