@@ -167,19 +167,6 @@ def test_requeued_calls_go_first_to_the_next_worker() -> None:
     assert ready(state, gone).send == [(gone.start[0], second)]
 
 
-def test_renew_replaces_workers_once_they_are_idle() -> None:
-    state = PoolState(limits(max=2))
-    ready(state, state.submit(request(), 0.0))
-    busy = state.slots[0]
-    renewed = state.renew(1.0)
-    assert renewed.close == []  # busy: it finishes its call first
-    waiting = request()
-    actions = state.submit(waiting, 1.0)
-    assert len(actions.start) == 1  # the old worker takes no new calls
-    assert state.call_finished(busy, 2.0).close == [busy]
-    assert ready(state, actions).send == [(actions.start[0], waiting)]
-
-
 def test_close_serves_the_queue_then_closes_everything() -> None:
     state = PoolState(limits(max=1))
     ready(state, state.submit(request(), 0.0))

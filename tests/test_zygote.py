@@ -199,6 +199,25 @@ def wait_listening(path: str, seconds: float = 30) -> None:
         time.sleep(0.01)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _signals_as_under_a_terminal() -> Iterator[None]:
+    """Ctrl-C and Ctrl-\\ not ignored here, as in a shell's foreground job.
+
+    A non-interactive shell starts a background job (``make test &``) with SIGINT and
+    SIGQUIT ignored, and the clients would inherit that: each passes it on to its
+    program, as python would ignore them too, and the tests that send them would wait
+    in vain.
+    """
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGQUIT)}
+    if saved[signal.SIGINT] == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if saved[signal.SIGQUIT] == signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 @pytest.fixture(scope="module", params=["trio", "asyncio"])
 def zygote(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -554,7 +573,10 @@ def converse_on_a_terminal(command: list[str], env: dict[str, str], cwd: Path) -
             try:
                 wait_for(b"name? ")
                 os.write(leader, b"bob\n")
-                wait_for(b"hello bob")
+                # The whole line, as the terminal shows it: a Ctrl-C flushes what the
+                # program wrote and we have not read yet (the "\r\n", if the line came
+                # in two pieces), as a terminal discards output on an interrupt.
+                wait_for(b"hello bob\r\n")
                 os.write(leader, b"\x03")
                 wait_for(b"KeyboardInterrupt")
                 status = process.wait(TIMEOUT)

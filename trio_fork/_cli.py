@@ -202,7 +202,8 @@ def _control(preload: list[str], command: str, *, every: bool) -> int:
     import glob
     import os
 
-    from ._zygote_client import control, runtime_directory, socket_path
+    from ._zygote_client import runtime_directory, socket_path
+    from ._zygote_control import control
 
     if every:
         paths = sorted(glob.glob(os.path.join(runtime_directory(), "*.sock")))

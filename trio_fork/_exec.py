@@ -29,11 +29,11 @@ from typing import IO, TYPE_CHECKING, Any, final
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 
 from ._arguments import dup_fd
 from ._channel import remote_error
 from ._construct import NoPublicConstructor
+from ._pipe_streams import PipeReceiveStream, PipeSendStream, aclose_all
 from ._transport import receive_frame, unpack_strings
 from .worker import _wire
 
@@ -49,74 +49,6 @@ StrOrBytesPath = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 _TARGET = "trio_fork.worker._exec:run"
 # Templates that have imported the exec side, so that their children need not.
 _prepared: weakref.WeakSet[Template] = weakref.WeakSet()
-
-
-class _FdStream:
-    """A non-blocking pipe end of this process, waited on by the running event loop."""
-
-    def __init__(self, fd: int) -> None:
-        os.set_blocking(fd, False)
-        self._fd = fd
-        self._busy = False
-
-    def _check(self) -> int:
-        if self._fd < 0:
-            raise anyio.ClosedResourceError
-        if self._busy:
-            raise anyio.BusyResourceError("using this stream")
-        return self._fd
-
-    async def aclose(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            anyio.notify_closing(fd)
-            os.close(fd)
-        await anyio.lowlevel.checkpoint()
-
-
-@final
-class PipeReceiveStream(_FdStream, anyio.abc.ByteReceiveStream):
-    """The read end of a pipe from a program: its stdout or stderr."""
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        await anyio.lowlevel.checkpoint()
-        fd = self._check()
-        self._busy = True
-        try:
-            while True:
-                try:
-                    data = os.read(fd, max_bytes)
-                    break
-                except BlockingIOError:
-                    await anyio.wait_readable(fd)
-                except OSError as exc:
-                    raise anyio.BrokenResourceError from exc
-        finally:
-            self._busy = False
-        if not data:
-            raise anyio.EndOfStream
-        return data
-
-
-@final
-class PipeSendStream(_FdStream, anyio.abc.ByteSendStream):
-    """The write end of a pipe to a program: its stdin."""
-
-    async def send(self, item: bytes) -> None:
-        await anyio.lowlevel.checkpoint()
-        fd = self._check()
-        self._busy = True
-        try:
-            with memoryview(item) as view:
-                while view:
-                    try:
-                        view = view[os.write(fd, view) :]
-                    except BlockingIOError:
-                        await anyio.wait_writable(fd)
-                    except OSError as exc:
-                        raise anyio.BrokenResourceError from exc
-        finally:
-            self._busy = False
 
 
 class _NoPublicConstructorABC(NoPublicConstructor, ABCMeta):
@@ -189,10 +121,7 @@ class TemplateProcess(anyio.abc.Process, metaclass=_NoPublicConstructorABC):
         self._process.send_signal(SIGKILL)
 
     async def aclose(self) -> None:
-        with anyio.CancelScope(shield=True):
-            for stream in (self._stdin, self._stdout, self._stderr):
-                if stream is not None:
-                    await stream.aclose()
+        await aclose_all((self._stdin, self._stdout, self._stderr))
         try:
             await self.wait()
         except BaseException:
@@ -331,20 +260,14 @@ async def open_process(
             _prepared.add(template)
         process, sock = await template._start_process(_TARGET, (spec,), theirs)
     except BaseException:
-        with anyio.CancelScope(shield=True):
-            for stream in ours:
-                if stream is not None:
-                    await stream.aclose()
+        await aclose_all(ours)
         raise
     finally:
         _wire.close_all(theirs)
     try:
         await _check_exec(sock, process, argv[0], cwd)
     except BaseException:
-        with anyio.CancelScope(shield=True):
-            for stream in ours:
-                if stream is not None:
-                    await stream.aclose()
+        await aclose_all(ours)
         raise
     stdin_stream, stdout_stream, stderr_stream = ours
     assert not isinstance(stdin_stream, PipeReceiveStream)
@@ -536,10 +459,7 @@ async def run_process(
         await process._end(deliver_cancel)
         raise
     finally:
-        with anyio.CancelScope(shield=True):
-            for resource in (process.stdin, process.stdout, process.stderr):
-                if resource is not None:
-                    await resource.aclose()
+        await aclose_all((process.stdin, process.stdout, process.stderr))
     code = process.returncode
     assert code is not None
     if check and code != 0:

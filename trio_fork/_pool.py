@@ -154,10 +154,6 @@ class Pool(metaclass=NoPublicConstructor):
     def _withdraw(self, request: Request) -> bool:
         return self._state.withdraw(request)
 
-    def _renew(self) -> None:
-        """Replace every worker, for calls that need what the template gained since."""
-        self._apply(self._state.renew(self._now()))
-
     def _apply(self, actions: Actions) -> None:
         """Do what the policy decided: the only place where its decisions meet I/O."""
         for slot in actions.start:

@@ -47,7 +47,6 @@ class Slot:
     """One worker, as the pool sees it."""
 
     number: int
-    generation: int
     status: Status = STARTING
     connection: Connection | None = None
     assigned: int = 0
@@ -93,7 +92,6 @@ class PoolState:
     slots: list[Slot] = attrs.field(factory=list)
     queue: deque[Request] = attrs.field(factory=deque)
     closing: bool = False
-    generation: int = 0
     last_start: float = -math.inf
     start_failed: bool = False
     """The last start failed: no more starts until a new call asks for one."""
@@ -187,10 +185,7 @@ class PoolState:
         self.slots.remove(slot)
         self.start_failed = True
         actions = Actions()
-        if not any(
-            other.status in (STARTING, READY) and other.generation == self.generation
-            for other in self.slots
-        ):
+        if not any(other.status in (STARTING, READY) for other in self.slots):
             while self.queue:
                 actions.fail.append((self.queue.popleft(), error))
         return self._schedule(now, actions)
@@ -200,12 +195,7 @@ class PoolState:
         if slot.assigned == 0:
             slot.idle_since = now
         retire = self.limits.retire
-        if (
-            self.queue
-            or self.closing
-            or slot.generation != self.generation
-            or (retire is not None and slot.given >= retire)
-        ):
+        if self.queue or self.closing or (retire is not None and slot.given >= retire):
             return self._schedule(now)
         # The common case, kept short: nobody waits and this worker carries on.
         # (Stopping idle workers is the timer's job.)
@@ -223,11 +213,6 @@ class PoolState:
         return self._schedule(now)
 
     def tick(self, now: float) -> Actions:
-        return self._schedule(now)
-
-    def renew(self, now: float) -> Actions:
-        """Replace every worker: current ones get no new calls and close when idle."""
-        self.generation += 1
         return self._schedule(now)
 
     def close(self, now: float) -> Actions:
@@ -303,7 +288,6 @@ class PoolState:
         retire = self.limits.retire
         return (
             slot.status == READY
-            and slot.generation == self.generation
             and slot.assigned < self.limits.load
             and (retire is None or slot.given < retire)
         )
@@ -314,10 +298,8 @@ class PoolState:
         for slot in self.slots:
             if slot.status != READY or slot.assigned:
                 continue
-            if (
-                (self.closing and not self.queue)
-                or slot.generation != self.generation
-                or (limits.retire is not None and slot.given >= limits.retire)
+            if (self.closing and not self.queue) or (
+                limits.retire is not None and slot.given >= limits.retire
             ):
                 self._close(slot, actions)
             else:
@@ -353,23 +335,14 @@ class PoolState:
         wanted = self._wanted_for_queue()
         # A closing pool still serves the calls it took, but keeps no spare workers.
         if not self.closing:
-            available = sum(
-                1
-                for slot in self.slots
-                if slot.generation == self.generation
-                and (slot.status == STARTING or self._idle(slot))
-            )
+            available = sum(1 for slot in self.slots if slot.status == STARTING or self._idle(slot))
             wanted = max(wanted, self.limits.idle - available)
         return self._room(wanted)
 
     def _wanted_for_queue(self) -> int:
         """Workers to start so that every queued call has a place."""
         load = self.limits.load
-        coming = sum(
-            load
-            for slot in self.slots
-            if slot.status == STARTING and slot.generation == self.generation
-        )
+        coming = sum(load for slot in self.slots if slot.status == STARTING)
         missing = len(self.queue) - coming
         return -(-missing // load) if missing > 0 else 0
 
@@ -385,7 +358,7 @@ class PoolState:
 
     def _start(self, actions: Actions, now: float) -> None:
         self._numbers += 1
-        slot = Slot(self._numbers, self.generation)
+        slot = Slot(self._numbers)
         self.slots.append(slot)
         self.last_start = now
         actions.start.append(slot)

@@ -7,9 +7,10 @@ spare children of its template, hands them the listening socket, and the first t
 take a connection checks the client's uid and the template's freshness, reads the
 request and becomes the program (:mod:`trio_fork.worker._program`); a run costs no
 wake-up of the server. The spare tells the server which connection it took; the
-server then passes on the client's signals, sends the program's exit status once
-the template has reaped it, and kills the program (and its process group) if the
-client goes away first, even killed by SIGKILL: a program never outlives its client.
+server then passes on the client's signals (:mod:`._zygote_run`), sends the
+program's exit status once the template has reaped it, and kills the program (and
+its process group) if the client goes away first, even killed by SIGKILL: a program
+never outlives its client.
 What a spare does not run (``status`` and ``stop``, a run that its template is too
 old for) it leaves to the server, which also takes connections itself whenever no
 spare is armed.
@@ -28,7 +29,6 @@ command that runs it is :mod:`._zygote_serve`.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
 import time
@@ -38,16 +38,10 @@ import attrs
 from anyio.abc import TaskGroup
 
 from ._errors import BrokenTemplateError, RemoteError
-from ._process import readable
 from ._transport import _receive_into
-from ._zygote_client import (
-    HEADER_SIZE,
-    MAGIC,
-    SIGNALS,
-    TERMINAL_SIGNALS,
-    peer_credentials,
-)
+from ._zygote_client import HEADER_SIZE, MAGIC, peer_credentials
 from ._zygote_generation import Generation, Spare, keep_generation
+from ._zygote_run import until_exit
 from .worker import _wire
 
 # Arguments and environment: the kernel passes a few MiB of them to a program at most.
@@ -313,7 +307,7 @@ class Server:
         self.running += 1
         self.last_active = time.monotonic()
         try:
-            status = await _until_exit(conn, spare)
+            status = await until_exit(conn, spare)
         except BrokenTemplateError as exc:
             raise RunError(f"the program was lost: {exc}") from None
         except anyio.get_cancelled_exc_class():
@@ -424,61 +418,6 @@ async def _read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
         _wire.close_all(fds)
         raise
     return bytes(data[HEADER_SIZE:]), fds
-
-
-async def _until_exit(conn: socket.socket, spare: Spare) -> int:
-    """The program's exit status; meanwhile, pass on the client's signals.
-
-    The client sends a byte for each signal it gets, and a 0 when it leaves because
-    the program said it ends: an end of file before that means that the client is
-    gone (killed, even by SIGKILL), and the program is killed.
-    """
-    child = spare.child
-    async with anyio.create_task_group() as group:
-
-        async def serve_client() -> None:
-            while True:
-                await anyio.wait_readable(conn)
-                try:
-                    data = conn.recv(64)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if readable(spare.pidfd):
-                    return  # it has exited already
-                for sig in data or [signal.SIGKILL]:
-                    if sig == 0:
-                        # The client heard the program's last word and leaves: what
-                        # the program started and left running lives on, as after python.
-                        return
-                    if sig in SIGNALS or sig == signal.SIGKILL:
-                        _deliver(spare, sig)
-                if not data:
-                    return
-
-        group.start_soon(serve_client)
-        status = await child.wait()
-        group.cancel_scope.cancel()
-    return status
-
-
-def _deliver(spare: Spare, sig: int) -> None:
-    """Signal the program as its client was signalled, as a terminal would have."""
-    try:
-        if sig in TERMINAL_SIGNALS or sig == signal.SIGKILL:
-            # Its process group, as a terminal signals a job's: the pid names the group
-            # until the program is reaped, which it is not while its pidfd is not
-            # readable.
-            try:
-                os.killpg(spare.child.pid, sig)
-                if sig != signal.SIGKILL:
-                    return
-            except ProcessLookupError:
-                pass  # it left the group
-        signal.pidfd_send_signal(spare.pidfd, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _text(kind: bytes, text: str) -> bytes:
