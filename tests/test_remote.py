@@ -178,6 +178,48 @@ async def test_rpc_and_pools_take_a_remote_template(ssh_target: SshTarget) -> No
                     task_group.start_soon(pool.call)
 
 
+async def test_a_remote_worker_serves_as_a_local_one(ssh_target: SshTarget) -> None:
+    """An RPC worker's frames go between its connection and the mux with no local socket
+    in between (see _mux_stream): calls from many tasks, larger than a stream's window,
+    events, cancellations, deaths and broken frames all work as with a local worker."""
+    window = 1024 * 1024
+    async with remote(ssh_target) as template:
+        async with trio_fork.open_rpc(template, "tests.rpc_functions:add") as rpc:
+            sizes = [10, 3 * window, 100, 2 * window + 1]
+            results: dict[int, bytes] = {}
+
+            async def call(index: int) -> None:
+                data = bytes([index]) * sizes[index % len(sizes)]
+                results[index] = await rpc.call(data, b"!")
+
+            async with anyio.create_task_group() as task_group:
+                for index in range(40):
+                    task_group.start_soon(call, index)
+            for index in range(40):
+                assert results[index] == bytes([index]) * sizes[index % len(sizes)] + b"!"
+        async with trio_fork.open_rpc(template, "tests.rpc_functions:progress", events=True) as rpc:
+            async with rpc.open_call(3) as progress:
+                assert [event async for event in progress] == [{"step": n} for n in range(3)]
+                assert await progress.result() == "done"
+        async with trio_fork.open_rpc(template, "tests.rpc_functions:sleep_then_return") as rpc:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(rpc.call, 1, "first")
+                await anyio.wait_all_tasks_blocked()
+                with anyio.move_on_after(0.2) as scope:
+                    await rpc.call(0, "second")  # queued behind the first: withdrawn
+            assert scope.cancelled_caught
+            assert await rpc.call(0, "third") == "third"
+        async with trio_fork.open_rpc(template, "tests.rpc_functions:exit_now") as rpc:
+            with pytest.raises(trio_fork.BrokenWorkerError, match="exited with status 3"):
+                await rpc.call(3)
+        async with trio_fork.open_rpc(template, "tests.rpc_functions:misbehave") as rpc:
+            with pytest.raises(trio_fork.BrokenWorkerError, match="broke the protocol"):
+                await rpc.call("unknown frame")
+        # The template serves on, and nothing is left of the workers.
+        async with trio_fork.open_rpc(template, "tests.rpc_functions:add") as rpc:
+            assert await rpc.call(2, 3) == 5
+
+
 async def test_import_forwarding_serves_this_process_modules_and_can_be_off(
     ssh_target: SshTarget,
 ) -> None:

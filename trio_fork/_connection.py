@@ -10,9 +10,9 @@ waiting caller at a time reads the socket and hands out every frame it finds, an
 when its own reply has come it passes the job to another waiting caller. A caller
 that waits alone thus reads its reply itself, without a hand-off between tasks,
 which roughly triples the rate of back-to-back calls. (On asyncio a reader callback
-that stays registered does the reading instead.) Writes go into the transport's
-queue of whole frames, flushed at once when the socket has room (nearly always) or
-by a writer task when it has not, so a cancelled caller never leaves half a frame.
+that stays registered does the reading instead; for a worker on another host, the
+mux hands out what comes on the worker's stream as it reads the ssh connection.)
+Writes go through a :class:`~trio_fork._frame_writer.FrameWriter`.
 
 The connection owns the worker's socket; a worker that breaks the protocol is
 killed, and its calls fail with :exc:`BrokenWorkerError`.
@@ -34,6 +34,8 @@ import sniffio
 from ._call import LOST, Request, sleep_until_woken, wait_until
 from ._child import Process, describe_exit
 from ._errors import BrokenTemplateError, BrokenWorkerError, RemoteError
+from ._frame_writer import FrameWriter
+from ._mux_stream import Stream, take_over
 from ._outofband import open_frame
 from ._transport import ProtocolError, Transport, unpack_strings
 from .worker import _wire
@@ -52,9 +54,6 @@ from .worker._wire import (
 
 # Frames handed out in a row before the reading caller lets other tasks run.
 _FAIRNESS = 256
-# Frames held back for a batch before they are sent anyway, so that the other side
-# starts on the first ones while this side is still producing the rest.
-_BATCH = 32
 # How long a worker that closed its socket may take to exit before it is killed.
 _EXIT_GRACE = 5.0
 # What a worker may send: opcode -> payload size (None: any).
@@ -107,21 +106,25 @@ class Connection:
     _nothing_since_send: bool = False
     _followers: dict[Request, None] = attrs.field(factory=dict)
     _end_of_file: anyio.Event = attrs.field(factory=anyio.Event)
-    _writer_busy: bool = False
-    _eof_sent: bool = False
-    _wake_writer: anyio.Event = attrs.field(factory=anyio.Event)
-    _write_closed: bool = False
     _idle: anyio.Event | None = None
     _wait_readable: Callable[[socket.socket], Awaitable[None]] = attrs.field(init=False)
     _closed_error: type[Exception] = attrs.field(init=False)
     _loop: Any = None
     _sock: socket.socket = attrs.field(init=False)
+    _direct: Stream | None = None
+    _writer: FrameWriter = attrs.field(init=False)
     _broke_protocol: str | None = None
 
     def __attrs_post_init__(self) -> None:
         assert self._transport.sock is not None
         self._sock = self._transport.sock
         self._ready_waiter.connection = self
+        # A worker on another host: its frames come and go in the mux's, and what
+        # comes is handed out by the mux as it reads (see read_for).
+        self._direct = take_over(self._sock, self._on_readable)
+        self._writer = FrameWriter(self._transport.outbox, self._sock, self._direct)
+        if self._direct is not None:
+            self._on_readable()  # what came before (the worker's READY, say)
         # The backend's own wait, looked up once: anyio's looks the backend up on
         # every call, and every call of ours waits.
         if sniffio.current_async_library() == "trio":
@@ -165,14 +168,16 @@ class Connection:
         request.connection = self
         self._requests[request.id] = request
         self._nothing_since_send = True
-        self._write(encode(CALL, request.id, request.payload, fds), now=len(self._requests) == 1)
+        self._writer.write(
+            encode(CALL, request.id, request.payload, fds), now=len(self._requests) == 1
+        )
         request.wake()
 
     def cancel(self, request: Request) -> None:
         """Ask the worker to cancel a call; its answer arrives as usual."""
         if not request.cancel_sent and not request.done and self.lost is None:
             request.cancel_sent = True
-            self._write(encode(CANCEL, request.id))
+            self._writer.write(encode(CANCEL, request.id))
 
     def is_running(self, request: Request) -> bool:
         """Whether the worker may be running ``request`` right now.
@@ -189,16 +194,7 @@ class Connection:
 
     def close_write(self) -> None:
         """End of file to the worker (after what is queued): it exits when idle."""
-        self._write_closed = True
-        if not self._writer_busy:
-            self._send_eof()
-
-    def _send_eof(self) -> None:
-        self._eof_sent = True
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        self._writer.close_write()
 
     async def wait_idle(self) -> None:
         """Wait until every request sent has been answered (or the worker died)."""
@@ -213,8 +209,8 @@ class Connection:
         Returns early when another task is reading (after being woken), when the
         request moves elsewhere, or when the socket can no longer be read.
         """
-        if self._loop is not None:
-            # On asyncio the reader callback reads; callers only wait to be woken.
+        if self._loop is not None or self._direct is not None:
+            # The reader callback reads; callers only wait to be woken.
             await sleep_until_woken(request)
             return
         if self._reading:
@@ -246,18 +242,18 @@ class Connection:
         Also flushes writes the socket had no room for.
         """
         what = "was stopped"
-        if self._loop is not None:
+        if self._loop is not None and self._direct is None:
             self._loop.add_reader(self._sock, self._on_readable)
         try:
             async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._write_later)
+                task_group.start_soon(self._writer.run)
                 task_group.start_soon(self._end_if_socket_closes)
                 status = await self._wait_exit()
                 task_group.cancel_scope.cancel()
             self._drain()
             what = self._broke_protocol or _describe_status(status)
         finally:
-            if self._loop is not None:
+            if self._loop is not None and self._direct is None:
                 self._loop.remove_reader(self._sock)
             self.readable = False
             # Descriptors of frames that will never be sent, or never complete.
@@ -279,56 +275,7 @@ class Connection:
         await anyio.sleep(_EXIT_GRACE)
         self.kill()
 
-    def _write(self, segments: list[_wire.Segment], *, now: bool = True) -> None:
-        """Queue a frame; send it at once if ``now``, else with the others of this batch.
-
-        A lone call goes out at once; calls made while others are in flight (many
-        tasks calling together) go out in one ``sendmsg`` from the writer task,
-        which runs after them: one system call and one wake-up of the worker per
-        batch instead of per call.
-        """
-        outbox = self._transport.outbox
-        if now and not outbox and len(segments[0][0]) == 1 and not segments[0][1]:
-            # The common case, kept short: one buffer, and the socket has room.
-            data = segments[0][0][0]
-            try:
-                sent = self._sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                return  # the worker is gone: its exit fails the requests
-            if sent == len(data):
-                return
-            segments = [([data[sent:]], [])]
-        outbox.put(segments)
-        if self._writer_busy:
-            if len(outbox) >= _BATCH and self._flush():
-                self._writer_busy = False
-            return
-        if now and self._flush():
-            return
-        self._writer_busy = True
-        self._wake_writer.set()
-
-    def _flush(self) -> bool:
-        """Send what the socket takes; whether the queue is now empty."""
-        try:
-            return self._transport.flush()
-        except OSError:
-            return True  # the worker is gone: its exit fails the requests
-
-    async def _write_later(self) -> None:
-        while True:
-            await self._wake_writer.wait()
-            self._wake_writer = anyio.Event()
-            while not self._flush():
-                await anyio.wait_writable(self._sock)
-            self._writer_busy = False
-            if self._write_closed and not self._eof_sent:
-                self._send_eof()
-
     async def _read(self, request: Request, condition: Callable[[], bool]) -> None:
-        transport = self._transport
         sock = self._sock
         handled = 0
         # A lone call just sent has no reply yet: do not ask the socket for one.
@@ -338,7 +285,7 @@ class Connection:
                 if skip_receive:
                     skip_receive = False
                     raise BlockingIOError
-                received = transport.receive(fds=self.buffers)
+                received = self._receive()
             except BlockingIOError:
                 handled = 0
                 try:
@@ -357,21 +304,33 @@ class Connection:
                 handled = 0
                 await anyio.lowlevel.checkpoint()
 
+    def _receive(self) -> int:
+        """Receive what has come (see FrameReader.receive)."""
+        if self._direct is not None:
+            # A stream taken over offers recv_into, all that a receive without
+            # descriptors asks of a socket.
+            return self._transport.reader.receive(self._direct, fds=False)  # type: ignore[arg-type]
+        return self._transport.receive(fds=self.buffers)
+
     def _on_readable(self) -> None:
-        """asyncio's reader callback: hand out what has come."""
-        try:
-            received = self._transport.receive(fds=self.buffers)
-        except BlockingIOError:
-            return
-        except OSError:
-            received = 0
-        if not received:
-            self._at_end_of_file()
-            return
-        self._hand_out()
+        """The reader callback (asyncio's, or the mux's): hand out what has come."""
+        direct = self._direct
+        while self.readable and (direct is None or direct.pending or direct.got_end):
+            try:
+                received = self._receive()
+            except BlockingIOError:
+                return
+            except OSError:
+                received = 0
+            if not received:
+                self._at_end_of_file()
+                return
+            self._hand_out()
+            if self._direct is None:
+                return  # asyncio calls again if there is more
 
     def _at_end_of_file(self) -> None:
-        if self._loop is not None:
+        if self._loop is not None and self._direct is None:
             self._loop.remove_reader(self._sock)
         if self.readable and self._transport.reader.in_frame and self._broke_protocol is None:
             self._break_protocol(ProtocolError("end of file in the middle of a frame"))
@@ -382,7 +341,7 @@ class Connection:
         """Hand out whatever a dead worker left in the socket."""
         while self.readable:
             try:
-                if not self._transport.receive(fds=self.buffers):
+                if not self._receive():
                     break
             except OSError:
                 break
@@ -432,7 +391,7 @@ class Connection:
         """
         if self._broke_protocol is None:
             self._broke_protocol = f"broke the protocol ({exc}) and was killed"
-        if self._loop is not None and self.readable:
+        if self._loop is not None and self._direct is None and self.readable:
             self._loop.remove_reader(self._sock)
         self.readable = False
         self._end_of_file.set()

@@ -2,12 +2,13 @@
 
 The transport (``ssh``) gives one byte stream each way. The relay at the far end
 (:mod:`trio_fork.worker._relay`) and this mux cut it into numbered streams, each
-bridged here to a local socket: the parent's code (a template's
-:class:`~trio_fork._channel.Channel`, a child's stream, an RPC worker's
-:class:`~trio_fork._connection.Connection`) holds the other end of a socketpair and
-uses it as it would a local template's, unaware of the transport. Each stream has a
-window each way (credits), so one child that floods, or one stream nobody reads,
-never stalls the others, and never holds more than a window in memory. Keepalive
+bridged here to a local socket (:mod:`._mux_stream`): the parent's code (a
+template's :class:`~trio_fork._channel.Channel`, a child's stream) holds the other
+end of a socketpair and uses it as it would a local template's, unaware of the
+transport; an RPC worker's :class:`~trio_fork._connection.Connection` takes its
+stream over and reads and writes the frames here directly. Each stream has a window
+each way (credits), so one child that floods, or one stream nobody reads, never
+stalls the others, and never holds more than a window in memory. Keepalive
 frames both ways notice a link that went silent, which TCP may take minutes to. The
 mux also answers the relay's questions for modules (:mod:`._forwarding`).
 """
@@ -20,41 +21,27 @@ import socket
 import struct
 import subprocess
 import time
-from collections import deque
 from collections.abc import Callable
 
 import anyio
 import anyio.lowlevel
 import attrs
+import sniffio
 
 from ._errors import BrokenTemplateError
+from ._mux_stream import Stream, bridge
 from ._transport import Transport
 from .worker import _relay, _wire
-from .worker._relay import CHUNK, COUNT, MAX_FRAME, WINDOW
+from .worker._relay import CHUNK, COUNT
 
 # Bytes queued for the transport before the streams stop reading their sockets.
 _QUEUE = 4 * CHUNK
 # Frames dispatched in a row before the reader lets other tasks run.
 _FAIRNESS = 16
+# Frames up to this size are sent as one buffer, made at once.
+_JOINED = 64 * 1024
 # The tail of the transport's stderr kept to explain a failure.
 _STDERR_KEPT = 16 * 1024
-
-
-@attrs.define(eq=False)
-class Stream:
-    """One stream of the mux, bridged to ``sock``, our end of a local socketpair."""
-
-    id: int
-    sock: socket.socket
-    credit: int = WINDOW  # what we may still send the relay
-    owed: int = 0  # what the relay sent and we have not credited yet
-    taken: int = 0  # of that, what is in the socket already
-    pending: deque[memoryview] = attrs.field(factory=deque)  # from the relay, for the socket
-    sent_end: bool = False  # we sent EOF or CLOSE: the local end is read to the end
-    got_end: bool = False  # the relay sent EOF or CLOSE: nothing more for the socket
-    credited: anyio.Event = attrs.field(factory=anyio.Event)
-    arrived: anyio.Event = attrs.field(factory=anyio.Event)
-    scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
 
 
 @attrs.define(eq=False)
@@ -72,11 +59,13 @@ class Mux:
     answer: Callable[[str], bytes] | None = None
     stderr: bytearray = attrs.field(factory=bytearray)
     broken: BrokenTemplateError | None = None
+    drained: anyio.Event = attrs.field(factory=anyio.Event)
+    """Set (and replaced) each time the queue for the transport has been sent."""
     _stderr_fd: int = -1
+    _output: int = attrs.field(init=False)
     _streams: dict[int, Stream] = attrs.field(factory=dict)
     _next_id: int = 1
     _task_group: anyio.abc.TaskGroup | None = None
-    _drained: anyio.Event = attrs.field(factory=anyio.Event)
     _writer_busy: bool = False
     _wake_writer: anyio.Event = attrs.field(factory=anyio.Event)
     _heard: float = attrs.field(factory=time.monotonic)
@@ -85,6 +74,10 @@ class Mux:
     _closing: bool = False
     _scope: anyio.CancelScope | None = None
     _ran: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        assert self.transport.pipes is not None
+        self._output = self.transport.pipes[1]
 
     @classmethod
     def launch(
@@ -203,9 +196,19 @@ class Mux:
         ours.setblocking(False)
         id = self._next_id
         self._next_id += 1
-        stream = self._streams[id] = Stream(id, ours)
-        self._task_group.start_soon(self._serve_stream, stream)
+        stream = self._streams[id] = Stream(id, self, ours)
+        bridge(stream, theirs)
+        self._task_group.start_soon(stream.serve)
         return id, theirs
+
+    def forget(self, stream: Stream) -> None:
+        """``stream`` has ended: frames for it are dropped from now on."""
+        self._streams.pop(stream.id, None)
+
+    @property
+    def queue_full(self) -> bool:
+        """Whether streams should wait (for :attr:`drained`) before sending more."""
+        return self.transport.outbox.size >= _QUEUE
 
     def expect(self, channel: int, stream: int) -> None:
         """The next SPAWN or FORK on ``channel`` gets ``stream`` (sent before it)."""
@@ -222,8 +225,25 @@ class Mux:
     def send(self, op: int, id: int, payload: bytes = b"") -> None:
         if self.broken is not None:
             return
-        self.transport.put(_wire.encode(op, id, payload))
-        self._flush()
+        transport = self.transport
+        if self._writer_busy or transport.outbox or len(payload) > _JOINED:
+            transport.put(_wire.encode(op, id, payload))
+            self._flush()
+            return
+        # Nothing queued: straight to the transport, as most calls and replies go.
+        data = _wire.HEADER.pack(op, 0, id, len(payload)) + payload
+        self._said = time.monotonic()
+        try:
+            sent = os.write(self._output, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._break(f"the transport to {self.name} broke", exc)
+            return
+        if sent < len(data):
+            transport.put([([data[sent:]], [])])
+            self._writer_busy = True
+            self._wake_writer.set()
 
     def _flush(self) -> None:
         if self._writer_busy or self.broken is not None:
@@ -237,94 +257,6 @@ class Mux:
             return
         self._writer_busy = True
         self._wake_writer.set()
-
-    async def _serve_stream(self, stream: Stream) -> None:
-        with stream.scope:
-            try:
-                async with anyio.create_task_group() as task_group:
-                    task_group.start_soon(self._deliver, stream)
-                    await self._pump(stream)
-                    # Read to the end: the other way may still carry data.
-                    await anyio.sleep_forever()
-            finally:
-                self._streams.pop(stream.id, None)
-                stream.sock.close()
-
-    async def _pump(self, stream: Stream) -> None:
-        """Our end's data to the relay, within the credit it gave."""
-        sock = stream.sock
-        while True:
-            while stream.credit <= 0 or self.transport.outbox.size >= _QUEUE:
-                if stream.credit <= 0:
-                    stream.credited = anyio.Event()
-                    await stream.credited.wait()
-                else:
-                    await self._drained.wait()
-            try:
-                data = sock.recv(min(stream.credit, CHUNK))
-            except BlockingIOError:
-                await anyio.wait_readable(sock)
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                stream.sent_end = True
-                self.send(_relay.EOF, stream.id)
-                self._maybe_done(stream)
-                return
-            stream.credit -= len(data)
-            self.send(_relay.DATA, stream.id, data)
-
-    async def _deliver(self, stream: Stream) -> None:
-        """What the relay sent, into our end, when the socket would not take it at once."""
-        while True:
-            while not stream.pending:
-                if stream.got_end:
-                    return
-                stream.arrived = anyio.Event()
-                await stream.arrived.wait()
-            try:
-                await anyio.wait_writable(stream.sock)
-            except anyio.ClosedResourceError:
-                return
-            self._push(stream)
-
-    def _push(self, stream: Stream) -> None:
-        """Move pending data into the socket, as far as it takes it now."""
-        pending = stream.pending
-        try:
-            while pending:
-                sent = stream.sock.send(pending[0])
-                stream.taken += sent
-                if sent < len(pending[0]):
-                    pending[0] = pending[0][sent:]
-                    break
-                pending.popleft()
-        except BlockingIOError:
-            pass
-        except OSError:  # nobody reads our end any more: the relay must stop sending
-            pending.clear()
-            if not stream.got_end:
-                stream.got_end = True
-                self.send(_relay.CLOSE, stream.id)
-            self._maybe_done(stream)
-            return
-        # Not for every write (see the relay): a sender out of credit has sent a
-        # whole window, so a quarter of it is always taken in the end.
-        if stream.taken >= WINDOW // 4:
-            stream.owed -= stream.taken
-            self.send(_relay.CREDIT, stream.id, COUNT.pack(stream.taken))
-            stream.taken = 0
-        if not pending and stream.got_end:
-            try:
-                stream.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            self._maybe_done(stream)
-
-    def _maybe_done(self, stream: Stream) -> None:
-        if stream.sent_end and stream.got_end and not stream.pending:
-            stream.scope.cancel()
 
     # The connection ------------------------------------------------------------------
 
@@ -366,71 +298,105 @@ class Mux:
             os.close(self._stderr_fd)
 
     async def _read(self) -> None:
+        if sniffio.current_async_library() == "asyncio":
+            await self._read_by_callback()
+            return
+        streak = 0
+        drained = False
+        while True:
+            try:
+                if drained:
+                    raise BlockingIOError
+                count = self._receive()
+            except BlockingIOError:
+                streak = 0
+                try:
+                    await self.transport.wait_readable()
+                except anyio.ClosedResourceError:
+                    return
+                drained = False
+                continue
+            if count is None:
+                return
+            # A read shorter than the room it had emptied the pipe: asking again
+            # would only fail (a system call, and an exception, per message).
+            drained = count < _wire.RECEIVE_SIZE
+            streak += 1
+            if streak == _FAIRNESS:
+                streak = 0
+                await anyio.lowlevel.checkpoint()
+
+    async def _read_by_callback(self) -> None:
+        """asyncio's way: a reader callback that stays registered.
+
+        Waiting for the pipe with a task would register it and unregister it again
+        for every message: two system calls, and a wake-up of the task.
+        """
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        fd = self.transport.fileno()
+        ended = anyio.Event()
+
+        def on_readable() -> None:
+            try:
+                if self._receive() is not None:
+                    return
+            except BlockingIOError:
+                return
+            except Exception as exc:  # a bug of ours: the connection cannot go on
+                self._break(f"the connection to {self.name} failed: {exc!r}", exc)
+            loop.remove_reader(fd)
+            ended.set()
+
+        loop.add_reader(fd, on_readable)
+        try:
+            await ended.wait()
+        finally:
+            loop.remove_reader(fd)
+
+    def _receive(self) -> int | None:
+        """Receive once and dispatch what came: how many bytes; None at the end.
+
+        Raises:
+            BlockingIOError: Nothing has come.
+        """
         transport = self.transport
         try:
-            streak = 0
-            while True:
-                try:
-                    count = transport.receive()
-                except BlockingIOError:
-                    streak = 0
-                    await transport.wait_readable()
-                    continue
-                if not count:
-                    if transport.reader.in_frame:
-                        self._break(f"{self.name} sent a frame cut short")
-                    elif not self._closing:
-                        self._break(f"the connection to {self.name} ended")
-                    return
-                self._heard = time.monotonic()
-                while (frame := transport.next_frame()) is not None:
-                    self._dispatch(frame)
-                if _relay.oversized(transport.reader):
-                    raise ValueError("a frame too large")
-                streak += 1
-                if streak == _FAIRNESS:
-                    streak = 0
-                    await anyio.lowlevel.checkpoint()
-        except anyio.ClosedResourceError:
-            return
+            count = transport.receive()
+            if not count:
+                if transport.reader.in_frame:
+                    self._break(f"{self.name} sent a frame cut short")
+                elif not self._closing:
+                    self._break(f"the connection to {self.name} ended")
+                return None
+            self._heard = time.monotonic()
+            while (frame := transport.next_frame()) is not None:
+                self._dispatch(frame)
+            if _relay.oversized(transport.reader):
+                raise ValueError("a frame too large")
+            return count
+        except BlockingIOError:
+            raise
         except (ValueError, struct.error) as exc:
             self._break(f"{self.name} broke the protocol: {exc}", exc)
         except OSError as exc:
             self._break(f"the transport to {self.name} broke", exc)
+        return None
 
     def _dispatch(self, frame: _wire.Frame) -> None:
         op, id, payload = frame.op, frame.id, frame.payload
         stream = self._streams.get(id)
         if op == _relay.DATA:
-            if stream is None or stream.got_end:
-                return  # for a stream we closed: it was on its way
-            stream.owed += len(payload)
-            if stream.owed > WINDOW or len(payload) > MAX_FRAME:
-                raise ValueError(f"stream {id} overran its window")
-            stream.pending.append(memoryview(payload))
-            if len(stream.pending) == 1:
-                self._push(stream)
-            if stream.pending:
-                stream.arrived.set()
+            if stream is not None:
+                stream.on_data(payload)
         elif op == _relay.CREDIT:
             (count,) = COUNT.unpack(payload)
             if stream is not None:
-                stream.credit += count
-                stream.credited.set()
+                stream.on_credit(count)
         elif op in (_relay.EOF, _relay.CLOSE):
-            if stream is None or stream.got_end:
-                return
-            stream.got_end = True
-            if op == _relay.CLOSE:
-                # Its reader is gone: writes to our end now fail, as to a local child's.
-                stream.pending.clear()
-                try:
-                    stream.sock.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
-            stream.arrived.set()
-            if not stream.pending:
-                self._push(stream)
+            if stream is not None:
+                stream.on_end(op == _relay.CLOSE)
         elif op == _relay.IMPORT:
             name = payload.decode(errors="replace")
             self.send(_relay.MODULE, id, self.answer(name) if self.answer else marshal.dumps(None))
@@ -453,8 +419,8 @@ class Mux:
                     self._break(f"the transport to {self.name} broke", exc)
                     return
             self._writer_busy = False
-            self._drained.set()
-            self._drained = anyio.Event()
+            self.drained.set()
+            self.drained = anyio.Event()
 
     async def _keepalive(self) -> None:
         interval = self.timeout / 3
@@ -500,7 +466,7 @@ class Mux:
             stream.scope.cancel()
         if self.process.poll() is None:
             self.process.kill()
-        self._drained.set()
+        self.drained.set()
 
     async def aclose(self, grace: float) -> None:
         """End the connection: end of file to the relay, which ends everything there.
@@ -512,7 +478,7 @@ class Mux:
             self._closing = True
             with anyio.move_on_after(grace / 2):
                 while self.transport.outbox.size and self.broken is None:
-                    await self._drained.wait()
+                    await self.drained.wait()
             for stream in list(self._streams.values()):
                 stream.scope.cancel()
             if self.broken is None:

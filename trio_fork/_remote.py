@@ -17,8 +17,16 @@ import pickle
 import shlex
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import final
 
 import anyio
@@ -27,14 +35,16 @@ import sniffio
 from anyio.abc import UNIXSocketStream
 
 from . import _forwarding
-from ._arguments import FileDescriptorLike, module_names, pickle_arguments, target_name
-from ._channel import Channel, ExitSlot, remote_error
+from ._arguments import FileDescriptorLike, module_names, pickle_arguments
+from ._channel import Channel, ExitSlot
 from ._child import Child, Process
 from ._construct import NoPublicConstructor
 from ._errors import BrokenTemplateError
 from ._mux import Mux
 from ._process import BOOTSTRAP, CLOSE_TIMEOUT, worker_sources
-from ._transport import Transport, receive_frame
+from ._remote_child import NO_FDS, RemoteChildStream, RemoteProcess
+from ._spawn import Spawner, Spawning, current_event_loop
+from ._transport import Transport
 from .worker import _relay, _wire
 
 MINIMUM_PYTHON = (3, 11)
@@ -59,10 +69,6 @@ _STAGE1 = (
     .replace("MARKER", _MARKER.decode())
     .replace("MINIMUM", repr(MINIMUM_PYTHON))
 )
-_NO_FDS = (
-    "file descriptors cannot cross hosts: a remote template's channel and its children's "
-    "streams carry bytes only"
-)
 
 
 def transport_command(destination: str | Sequence[str]) -> tuple[list[str], str]:
@@ -84,33 +90,9 @@ def transport_command(destination: str | Sequence[str]) -> tuple[list[str], str]
     return [*command, "sh"], shlex.join(command)
 
 
-@attrs.define(eq=False)
-class RemoteProcess(Process):
-    """A process on the other host: signalled through the relay, which holds its pidfd."""
-
-    _mux: Mux | None = None
-    _stream: int = 0
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None and self._mux is not None:
-            self._mux.signal(self._stream, sig)
-
-    async def wait(self) -> int:
-        try:
-            return await super().wait()
-        except BrokenTemplateError:
-            if self._mux is not None:
-                self._mux.check()  # the connection's own reason, if it broke
-            raise
-
-    async def _wait_dead(self) -> None:
-        # Only the template there knows: its report, or the end of the connection.
-        await self._exit.event.wait()
-
-
 @final
 @attrs.define(eq=False)
-class RemoteTemplate(metaclass=NoPublicConstructor):
+class RemoteTemplate(Spawner, metaclass=NoPublicConstructor):
     """A template process on another host, reached over a byte stream (ssh).
 
     Made by :func:`open_remote_template` or :meth:`RemoteTemplate.fork`, never
@@ -133,6 +115,9 @@ class RemoteTemplate(metaclass=NoPublicConstructor):
     _exit: ExitSlot | None = None
     shares_main: bool = False
     _blocks: int = 0
+    _loop: object = attrs.field(init=False, factory=lambda: current_event_loop())
+    _thread: str = attrs.field(init=False, factory=lambda: threading.current_thread().name)
+    _main_owner = "a remote template"
 
     def __attrs_post_init__(self) -> None:
         self._channel.name = f"remote template {self._pid} on {self.host}"
@@ -151,17 +136,20 @@ class RemoteTemplate(metaclass=NoPublicConstructor):
         A module the other host lacks is imported from this process's source, if
         import forwarding is on (see :func:`open_remote_template`).
         """
+        self._check_loop()
         names = module_names(modules, "require")
         await self._request(_wire.REQUIRE, pickle.dumps(names))
 
     async def eval(self, code: str, *args: object) -> None:
         """Run ``code`` in the template's ``__main__``; see :meth:`Template.eval`."""
+        self._check_loop()
         if not isinstance(code, str):
             raise TypeError(f"eval: code must be a str, not {type(code).__name__}")
         await self._request(_wire.EVAL, pickle_arguments((code, list(args)), "eval", args))
 
     async def send_args(self, *args: object) -> None:
         """Queue ``args`` for every process later forked; see :meth:`Template.send_args`."""
+        self._check_loop()
         await self._request(_wire.ARGS, pickle_arguments(list(args), "send_args", args))
 
     async def send_fds(self, *fds: FileDescriptorLike) -> None:
@@ -170,11 +158,12 @@ class RemoteTemplate(metaclass=NoPublicConstructor):
         Raises:
             TypeError: Always.
         """
-        raise TypeError(_NO_FDS)
+        raise TypeError(NO_FDS)
 
     @asynccontextmanager
     async def fork(self) -> AsyncIterator[RemoteTemplate]:
         """Fork this template into a new one on its host; see :meth:`Template.fork`."""
+        self._check_loop()
         self._check()
         stream, sock = self._mux.open_stream()
         self._mux.expect(self._stream, stream)
@@ -202,81 +191,39 @@ class RemoteTemplate(metaclass=NoPublicConstructor):
         finally:
             self._blocks -= 1
 
-    @asynccontextmanager
-    async def spawn(
+    def spawn(
         self,
         target: str | Callable[..., object],
         *args: object,
         fds: Iterable[FileDescriptorLike] = (),
         deliver_cancel: Callable[[Child], Awaitable[object]] | None = None,
-    ) -> AsyncIterator[Child]:
+    ) -> AbstractAsyncContextManager[Child]:
         """Fork the template and run ``target`` there; see :meth:`Template.spawn`.
 
-        The child's :attr:`~Child.stream` is a local socket bridged to the child's
-        over the connection; descriptors sent on it are lost. Its :attr:`~Child.pid`
-        is the pid on the other host, and signals reach it through the relay there.
+        The same code as a local template's, with the same guarantees under
+        cancellation and errors. The child's :attr:`~Child.stream` is a local socket
+        bridged to the child's over the connection, which carries bytes only: its
+        ``send_fds`` and ``receive_fds`` raise :exc:`TypeError` (no descriptor is
+        dropped silently).
+        Its :attr:`~Child.pid` is the pid on the other host, and signals reach it
+        through the relay there, which holds its pidfd. Leaving the block by an
+        exception or cancellation kills the child there and waits for its
+        template's report, bounded: a template too busy (or stopped) to report is
+        trusted with the kill after 5 seconds.
 
         Raises:
             TypeError: ``fds`` is not empty: descriptors cannot cross hosts.
         """
-        process, sock = await self._start_process(target, args, fds)
-        try:
-            stream = await UNIXSocketStream.from_socket(sock)
-        except BaseException:
-            sock.close()
-            await process.end(None)
-            raise
-        child = Child._create(process.pid, stream, process)
-        hook = None if deliver_cancel is None else lambda: deliver_cancel(child)
-        self._blocks += 1
-        try:
-            yield child
-            await stream.aclose()
-            await process.wait()
-        except BaseException:
-            try:
-                await process.end(hook)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
-            raise
-        finally:
-            self._blocks -= 1
+        return self._spawn(target, args, fds, deliver_cancel)
 
-    @asynccontextmanager
-    async def _spawn_worker(self, *args: object) -> AsyncIterator[tuple[Process, socket.socket]]:
-        """A spawn whose socket is the caller's alone: for RPC workers."""
-        from .worker._rpc import serve
+    async def _stream_of(self, sock: socket.socket) -> UNIXSocketStream:
+        return RemoteChildStream(await UNIXSocketStream.from_socket(sock))
 
-        process, sock = await self._start_process(serve, args, ())
-        self._blocks += 1
-        try:
-            yield process, sock
-            sock.close()  # end of file: the worker exits
-            await process.wait()
-        except BaseException:
-            await process.end(None)
-            raise
-        finally:
-            sock.close()
-            self._blocks -= 1
-
-    async def _start_process(
-        self,
-        target: str | Callable[..., object],
-        args: tuple[object, ...],
-        fds: Iterable[FileDescriptorLike],
-    ) -> tuple[Process, socket.socket]:
-        """Send SPAWN and wait for STARTED: the process, and our end of its stream."""
+    def _send_spawn(
+        self, name: str, args: tuple[object, ...], fds: Iterable[FileDescriptorLike]
+    ) -> Spawning:
         if isinstance(fds, (str, bytes)) or list(fds):
-            raise TypeError(_NO_FDS)
-        name = target_name(target)
-        if not isinstance(target, str) and name.startswith("__main__:"):
-            raise TypeError(
-                f"target {target!r} is defined in this program's __main__, which a remote "
-                f"template does not have: move it to a module, or define it there with "
-                f"eval() and pass the string {name!r}"
-            )
+            raise TypeError(NO_FDS)
         payload = pickle_arguments(
             (name, sniffio.current_async_library(), list(args)), "spawn", args
         )
@@ -288,39 +235,15 @@ class RemoteTemplate(metaclass=NoPublicConstructor):
         except BaseException:
             sock.close()
             raise
-        try:
-            sock.setblocking(False)
-            try:
-                started = await receive_frame(sock)
-            except OSError:
-                started = None  # the slot says what became of the child
-        except BaseException:
-            sock.close()
-            self._channel.kill(id)
-            with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                await slot.event.wait()
-            raise
-        if (
-            started is not None
-            and started.op == _wire.STARTED
-            and len(started.payload) == _wire.PID.size
-        ):
+
+        def process_of(started: _wire.Frame) -> Process | None:
+            # Its pidfd stays with the relay there, which signals through it.
+            if started.op != _wire.STARTED or len(started.payload) != _wire.PID.size:
+                return None
             (pid,) = _wire.PID.unpack(started.payload)
-            return RemoteProcess(pid, None, slot, mux=self._mux, stream=stream), sock
-        sock.close()
-        self._channel.kill(id)
-        with anyio.CancelScope(shield=True):
-            await slot.event.wait()
-        if slot.error is not None:
-            raise slot.error
-        if started is not None and started.op == _wire.ERROR:
-            raise remote_error(started)
-        if slot.code is None:
-            self._check()
-        raise BrokenTemplateError(
-            f"a process forked from {self._channel.name} ended with status {slot.code} "
-            f"before it could run {name}"
-        )
+            return RemoteProcess(pid, None, slot, mux=self._mux, stream=stream)
+
+        return Spawning(id, slot, sock, process_of)
 
     def _check(self) -> None:
         try:

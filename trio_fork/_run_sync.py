@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sniffio
 
@@ -30,7 +30,13 @@ from ._context_settings import (
 from ._event_loop_run import this_run
 from ._shared import DEFAULT_BUFFER_THRESHOLD
 from ._task_tree import TaskTreeValue
+from ._template_workers import open_template_workers
 from ._worker_context import WorkerContext, WorkerContextStatistics
+
+if TYPE_CHECKING:
+    from ._pool import PoolTemplate
+    from ._remote import RemoteTemplate
+    from ._template import Template
 
 __all__ = [
     "WorkerContext",
@@ -137,6 +143,7 @@ async def open_worker_context(
     *,
     preload: Iterable[str] = (),
     buffer_threshold: int | None = DEFAULT_BUFFER_THRESHOLD,
+    template: Template | RemoteTemplate | Sequence[PoolTemplate] | None = None,
 ) -> AsyncIterator[WorkerContext]:
     """A context of workers of its own, isolated from the default one.
 
@@ -168,15 +175,27 @@ async def open_worker_context(
             buffers) of at least this many bytes in arguments and results travel in
             shared memory, copied once or not at all (see :doc:`large-data`); None:
             every byte goes in the pickle.
+        template: Fork the workers from templates of yours instead: a template,
+            local or remote (:func:`open_remote_template`), or a sequence of
+            templates and ``(template, max)`` pairs to spread them over, as
+            :func:`open_pool` takes. Each imports ``preload`` first, and stays open
+            after the block. Functions travel by reference, as always: a remote host
+            that lacks their module gets it by import forwarding, but this
+            program's ``__main__`` is not there (:exc:`TypeError` at the call).
+            Such a context belongs to the event loop that opened it, as its
+            templates do; buffers go out of band only if every template takes
+            descriptors (no remote one does).
 
     Raises:
-        TypeError, ValueError: A bad argument, as trio_parallel raises them.
+        TypeError, ValueError: A bad argument, as trio_parallel raises them; a
+            ``template`` that is not a template nor a sequence of them; ``init`` or
+            ``retire`` defined in this program's ``__main__`` with ``template``.
         RemoteError: A preloaded module failed to import.
     """
     settings = make_settings(
         idle_timeout, init, retire, grace_period, worker_type, preload, buffer_threshold
     )
-    async with _context(settings) as context:
+    async with _context(settings, template) as context:
         yield context
 
 
@@ -190,6 +209,7 @@ async def cache_scope(
     *,
     preload: Iterable[str] = (),
     buffer_threshold: int | None = DEFAULT_BUFFER_THRESHOLD,
+    template: Template | RemoteTemplate | Sequence[PoolTemplate] | None = None,
 ) -> AsyncIterator[None]:
     """Make :func:`run_sync` use a new context of its own in this block's task tree.
 
@@ -201,13 +221,15 @@ async def cache_scope(
     those started from inside into a nursery opened outside it. On asyncio, which
     has no task tree, it is the tasks started from inside the block (they copy its
     context). Explicit contexts are not affected; leaving the block closes its
-    context as leaving :func:`open_worker_context` does.
+    context as leaving :func:`open_worker_context` does. With ``template``, the
+    calls of the block go to workers forked from those templates, remote ones
+    included.
     """
     settings = make_settings(
         idle_timeout, init, retire, grace_period, worker_type, preload, buffer_threshold
     )
     backend = sniffio.current_async_library()
-    async with _context(settings) as context:
+    async with _context(settings, template) as context:
         with _scoped.being(backend, context):
             yield
 
@@ -299,7 +321,18 @@ def end_default_context() -> None:
 
 
 @asynccontextmanager
-async def _context(settings: Settings) -> AsyncIterator[WorkerContext]:
+async def _context(
+    settings: Settings, template: Template | RemoteTemplate | Sequence[PoolTemplate] | None
+) -> AsyncIterator[WorkerContext]:
+    if template is not None:
+        async with open_template_workers(template, settings) as workers:
+            context = WorkerContext._create(settings, over=workers)
+            try:
+                yield context
+            finally:
+                context._closed = True
+                await shielded(workers.drain)
+        return
     context = WorkerContext._create(settings)
     try:
         # Started now, so that a preload that fails to import fails here.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pickle
 import signal
@@ -11,28 +10,28 @@ import subprocess
 import threading
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import final
 
 import anyio
 import attrs
 import sniffio
-from anyio.abc import UNIXSocketStream
 
 from . import _exec
-from ._arguments import FileDescriptorLike, dup_fds, module_names, pickle_arguments, target_name
-from ._channel import Channel, ExitSlot, Reply, remote_error
+from ._arguments import FileDescriptorLike, dup_fds, module_names, pickle_arguments
+from ._channel import Channel, ExitSlot, Reply
 from ._child import Child, Process
 from ._construct import NoPublicConstructor
 from ._errors import BrokenTemplateError
 from ._process import CLOSE_TIMEOUT, check_ready, readable, signal_pidfd
-from ._transport import FirstFrame, Transport
+from ._spawn import Spawner, Spawning, current_event_loop
+from ._transport import Transport
 from .worker import _buffers, _wire
 
 
 @final
 @attrs.define(eq=False)
-class Template(metaclass=NoPublicConstructor):
+class Template(Spawner, metaclass=NoPublicConstructor):
     """A template process: a pre-initialised Python to fork new processes from.
 
     Made by :func:`open_template` or :meth:`Template.fork`, never directly, and
@@ -72,16 +71,6 @@ class Template(metaclass=NoPublicConstructor):
 
     def __attrs_post_init__(self) -> None:
         self._channel.name = f"template {self._pid}"
-
-    def _check_loop(self) -> None:
-        """Refuse a call from another event loop: its waits would wake up the wrong one."""
-        if current_event_loop() is not self._loop:
-            raise RuntimeError(
-                f"{self!r} belongs to the event loop that opened it, in thread "
-                f"{self._thread!r}: it cannot be used from another event loop or thread "
-                "(from a worker thread of that event loop, call it through "
-                "anyio.from_thread.run)"
-            )
 
     def __repr__(self) -> str:
         return f"<trio_fork.Template {self._pid}>"
@@ -232,14 +221,13 @@ class Template(metaclass=NoPublicConstructor):
         finally:
             self._blocks -= 1
 
-    @asynccontextmanager
-    async def spawn(
+    def spawn(
         self,
         target: str | Callable[..., object],
         *args: object,
         fds: Iterable[FileDescriptorLike] = (),
         deliver_cancel: Callable[[Child], Awaitable[object]] | None = None,
-    ) -> AsyncIterator[Child]:
+    ) -> AbstractAsyncContextManager[Child]:
         """Fork the template and run ``target`` in the new process.
 
         Use as ``async with template.spawn(target, ...) as child:``. Many tasks may
@@ -299,60 +287,11 @@ class Template(metaclass=NoPublicConstructor):
                 be unpickled in the child; no process is left.
             BrokenTemplateError: The template died.
         """
-        process, sock = await self._start_process(target, args, fds)
-        self._blocks += 1
-        try:
-            try:
-                stream = await UNIXSocketStream.from_socket(sock)
-            except BaseException:
-                try:
-                    await process.end(None)
-                finally:
-                    sock.close()
-                raise
-            child = Child._create(process.pid, stream, process)
-            hook = None if deliver_cancel is None else lambda: deliver_cancel(child)
-            try:
-                yield child
-                await stream.aclose()
-                await process.wait()
-            except BaseException:
-                # Killed before its stream closes: it never sees end of file.
-                try:
-                    await process.end(hook)
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await stream.aclose()
-                raise
-        finally:
-            self._blocks -= 1
-            process.close()
+        return self._spawn(target, args, fds, deliver_cancel)
 
     # AnyEvent::Fork's "faster fork+exec": a program run from the template (see ._exec).
     open_process = _exec.open_process
     run_process = _exec.run_process
-
-    @asynccontextmanager
-    async def _spawn_worker(self, *args: object) -> AsyncIterator[tuple[Process, socket.socket]]:
-        """A spawn whose socket is the caller's alone: for RPC workers."""
-        from .worker import _buffers
-        from .worker._rpc import serve
-
-        process, sock = await self._start_process(serve, args, ())
-        self._blocks += 1
-        _buffers.enter()  # while it lives, the memfds of big arguments are reused
-        try:
-            yield process, sock
-            sock.close()  # end of file: the worker exits
-            await process.wait()
-        except BaseException:
-            await process.end(None)
-            raise
-        finally:
-            sock.close()
-            self._blocks -= 1
-            process.close()
-            _buffers.leave()
 
     async def export(self) -> socket.socket:
         """Hand this template's control channel over, to adopt it in another process.
@@ -411,39 +350,12 @@ class Template(metaclass=NoPublicConstructor):
         if reply.payload:  # the command left the template with threads (see Server.handle)
             warnings.warn(reply.payload.decode(), RuntimeWarning, stacklevel=3)
 
-    async def _start_process(
-        self,
-        target: str | Callable[..., object],
-        args: tuple[object, ...],
-        fds: Iterable[FileDescriptorLike],
-    ) -> tuple[Process, socket.socket]:
-        """Send SPAWN and wait for STARTED: the process, and our end of its socket.
+    def _check(self) -> None:
+        self._channel.check()
 
-        Cancelled before STARTED, it has the process killed, by its template and
-        through the pidfd if STARTED comes, and waits (shielded, bounded) until it
-        is gone before closing our end of its socket. While it runs, the template
-        counts a block open (export() refuses); the caller counts its own after.
-        """
-        self._check_loop()
-        self._blocks += 1
-        try:
-            return await self._start(target, args, fds)
-        finally:
-            self._blocks -= 1
-
-    async def _start(
-        self,
-        target: str | Callable[..., object],
-        args: tuple[object, ...],
-        fds: Iterable[FileDescriptorLike],
-    ) -> tuple[Process, socket.socket]:
-        name = target_name(target)
-        if not isinstance(target, str) and name.startswith("__main__:") and not self.shares_main:
-            raise TypeError(
-                f"target {target!r} is defined in this program's __main__, which the "
-                f"template does not have: move it to a module, or define it in the template "
-                f"with eval() and pass the string {name!r}"
-            )
+    def _send_spawn(
+        self, name: str, args: tuple[object, ...], fds: Iterable[FileDescriptorLike]
+    ) -> Spawning:
         self._channel.check()
         self._channel_fds_check([0])
         payload, buffers = self._serialize(
@@ -459,48 +371,17 @@ class Template(metaclass=NoPublicConstructor):
         except BaseException:
             _wire.close_all([*owned, *buffers])
             raise
-        # One command does it all: the template forks and the child runs at once. The
-        # child confirms on its own socket, with its pid and a pidfd of itself. The
-        # descriptors of the arguments' buffers come last (see _buffers.take).
+        # The child confirms with its pid and a pidfd of itself. The descriptors of
+        # the arguments' buffers come last (see _buffers.take).
         id, slot = self._channel.spawn(payload, [theirs.detach(), *owned, *buffers])
-        first = FirstFrame(ours)
-        try:
-            ours.setblocking(False)
-            started = await _receive_started(first)
-        except BaseException:
-            # Killed before our end closes: it never sees end of file (see spawn).
-            self._channel.kill(id)
-            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
-                await _abandon(first, slot)
-            first.close()
-            ours.close()
-            raise
-        if started is not None and started.op == _wire.STARTED and len(started.fds) == 1:
+
+        def process_of(started: _wire.Frame) -> Process | None:
+            if started.op != _wire.STARTED or len(started.fds) != 1:
+                return None
             (pid,) = _wire.PID.unpack(started.payload)
-            return Process(pid, started.fds[0], slot), ours
-        ours.close()
-        if started is not None:
-            _wire.close_all(started.fds)
-        # It will not run, or must not without a pidfd: wait until it is gone (or was
-        # never made) before saying why.
-        self._channel.kill(id)
-        with anyio.CancelScope(shield=True):
-            await slot.event.wait()
-        if slot.error is not None:
-            raise slot.error
-        if started is not None and started.op == _wire.ERROR:
-            raise remote_error(started)
-        if started is not None and started.fds_lost:
-            raise OSError(
-                "the pidfd of a new child was lost in transit: the kernel truncated the "
-                "control message (is RLIMIT_NOFILE too low?); the child was killed"
-            )
-        if slot.code is None:
-            self._channel.check()
-        raise BrokenTemplateError(
-            f"a process forked from {self._channel.name} ended with status {slot.code} "
-            f"before it could run {name}"
-        )
+            return Process(pid, started.fds[0], slot)
+
+        return Spawning(id, slot, ours, process_of)
 
     @asynccontextmanager
     async def _serving(self) -> AsyncIterator[None]:
@@ -565,47 +446,3 @@ class Template(metaclass=NoPublicConstructor):
             check_ready(frame, f"template ({python})", self._process.returncode)
         except BrokenTemplateError as exc:
             raise BrokenTemplateError(str(exc)) from None
-
-
-async def _receive_started(first: FirstFrame) -> _wire.Frame | None:
-    """A new child's first frame; None if it ended first (its exit slot says how)."""
-    try:
-        return await first.receive()
-    except OSError:
-        return None
-
-
-async def _abandon(first: FirstFrame, slot: ExitSlot) -> None:
-    """Wait until a child nobody wants (its template was told to kill it) is gone.
-
-    If it started, its STARTED brings a pidfd: it is killed through that as well, and
-    its death is known from it even while its template is too busy to report.
-    """
-    started = await _receive_started(first)
-    if started is not None and started.op == _wire.STARTED and len(started.fds) == 1:
-        (pid,) = _wire.PID.unpack(started.payload)
-        process = Process(pid, started.fds[0], slot)
-        try:
-            await process.end(None)
-        finally:
-            process.close()
-        return
-    if started is not None:
-        _wire.close_all(started.fds)
-    await slot.event.wait()
-
-
-def current_event_loop() -> object:
-    """The event loop running in this thread (trio's token, or the asyncio loop); or None."""
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return None
-    if library == "trio":
-        import trio
-
-        return trio.lowlevel.current_trio_token()
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

@@ -34,6 +34,7 @@ from ._handle import TemplateHandle, _setup_now, start_template
 from ._main_module import load_main, main_location, refers_to_main
 from ._outofband import Descriptors
 from ._run_sync_payload import request_payload
+from ._template_workers import TemplateWorkers
 from ._transport import ProtocolError, unpack_strings
 from ._workers import Worker, WorkerDied, invoke_frame, start_worker, wait_reaped
 from .worker import _buffers, _wire
@@ -78,6 +79,8 @@ class WorkerContext(metaclass=NoPublicConstructor):
     # Set when the last running call is done, for a close that waits for them.
     _drained: anyio.Event | None = None
     _owner: int = attrs.field(factory=os.getpid)
+    # The workers of a context over templates of the caller's, instead of the above.
+    _over: TemplateWorkers | None = None
 
     def __attrs_post_init__(self) -> None:
         _contexts.add(self)
@@ -130,6 +133,8 @@ class WorkerContext(metaclass=NoPublicConstructor):
 
     def statistics(self) -> WorkerContextStatistics:
         """How many workers are idle and how many are running calls."""
+        if self._over is not None:
+            return WorkerContextStatistics(*self._over.statistics())
         self._prune()
         return WorkerContextStatistics(len(self._idle), len(self._running))
 
@@ -141,10 +146,16 @@ class WorkerContext(metaclass=NoPublicConstructor):
         kill_on_cancel: bool,
         limiter: AbstractAsyncContextManager[Any] | None,
     ) -> T:
-        payload, fds = request_payload(fn, args, self._settings.buffers)
+        over = self._over
+        threshold = self._settings.buffers
+        if over is not None and not over.buffers:
+            threshold = None
+        payload, fds = request_payload(fn, args, threshold)
         # Closed with it, if the call ends before they are sent.
         buffers = Descriptors(fds) if fds else None
-        if b"__main__" in payload and (
+        if over is not None:
+            over.check_call(fn, args, payload)
+        elif b"__main__" in payload and (
             self._main_loaded_in is None or self._main_loaded_in is not self._handle
         ):
             await self._load_main_for(fn, args)
@@ -159,22 +170,16 @@ class WorkerContext(metaclass=NoPublicConstructor):
             except run.would_block:
                 await capacity.acquire()
             try:
-                frame = await self._call(run, payload, buffers, kill_on_cancel)
+                return await self._call(run, payload, buffers, kill_on_cancel)  # type: ignore[no-any-return]
             finally:
                 capacity.release()
-        else:
-            async with limiter:
-                frame = await self._call(run, payload, buffers, kill_on_cancel)
-        if frame.op == RESULT:
-            if frame.fds:
-                return _buffers.loads(*_buffers.receive(frame.payload, frame.fds))  # type: ignore[no-any-return]
-            return pickle.loads(frame.payload)  # type: ignore[no-any-return]
-        raise unwrap_error(unpack_strings(frame.payload, 3), originals=True)
+        async with limiter:
+            return await self._call(run, payload, buffers, kill_on_cancel)  # type: ignore[no-any-return]
 
     async def _call(
         self, run: Run, payload: bytes, buffers: Descriptors | None, kill_on_cancel: bool
-    ) -> Frame:
-        """One call, in a worker taken from the idle ones or started for it."""
+    ) -> Any:
+        """One call, in a worker taken from the idle ones or started for it; its result."""
         if self._closed:
             raise closed_error(run.backend, "this worker context is closed")
         if loading.main:
@@ -185,6 +190,8 @@ class WorkerContext(metaclass=NoPublicConstructor):
                 "this program's main module: put the code that runs the program under "
                 "'if __name__ == \"__main__\":'"
             )
+        if self._over is not None:
+            return await self._over.call(payload, buffers, kill_on_cancel)
         worker = self._take(_main_key())
         if worker is None:
             if kill_on_cancel:
@@ -199,7 +206,7 @@ class WorkerContext(metaclass=NoPublicConstructor):
         self._running.add(worker)
         worker.reusable = False
         try:
-            return await self._exchange(run, worker, payload, buffers, kill_on_cancel)
+            frame = await self._exchange(run, worker, payload, buffers, kill_on_cancel)
         finally:
             self._running.discard(worker)
             if worker.reusable:
@@ -208,6 +215,11 @@ class WorkerContext(metaclass=NoPublicConstructor):
                 worker.close()
             if not self._running and self._drained is not None:
                 self._drained.set()
+        if frame.op == RESULT:
+            if frame.fds:
+                return _buffers.loads(*_buffers.receive(frame.payload, frame.fds))
+            return pickle.loads(frame.payload)
+        raise unwrap_error(unpack_strings(frame.payload, 3), originals=True)
 
     async def _exchange(
         self,

@@ -4,7 +4,8 @@ Four figures, each side by side with its peer in the same run, over the same ssh
 a new remote worker ready (trio_fork's remote spawn of an RPC worker and its first
 call, against ``execnet.makegateway`` and a first call); sequential call round trips
 to one remote worker (trio_fork's RPC against an execnet channel's send and
-receive); a child streaming 1 GiB (against raw ``ssh host head -c 1G /dev/zero``);
+receive, and against two floors: a bare echo over the same ssh, and one through a
+second process there); a child streaming 1 GiB (against raw ``ssh host head -c 1G /dev/zero``);
 and the spawn rate of a remote template against a local one's. Each figure is the
 median of its samples, peers and trio_fork sampled in turn.
 """
@@ -90,41 +91,7 @@ async def measure(
         peer = await _median(samples, lambda: anyio.to_thread.run_sync(execnet_gateway))
         rows.append(("new remote worker ready", ours * 1e3, "execnet", peer * 1e3, "ms"))
 
-        async with open_rpc(template, "math:factorial") as rpc:
-
-            async def rpc_rate() -> float:
-                count, started = 0, time.perf_counter()
-                while time.perf_counter() - started < calls_seconds:
-                    await rpc.call(1)
-                    count += 1
-                return count / (time.perf_counter() - started)
-
-            ours = await _median(samples, rpc_rate)
-        gateway = execnet.makegateway(spec)
-        try:
-            channel = gateway.remote_exec("while 1:\n    channel.send(channel.receive())")
-
-            def channel_rate() -> float:
-                count, started = 0, time.perf_counter()
-                while time.perf_counter() - started < calls_seconds:
-                    channel.send(1)
-                    channel.receive()
-                    count += 1
-                return count / (time.perf_counter() - started)
-
-            peer = statistics.median(
-                [await anyio.to_thread.run_sync(channel_rate) for _ in range(samples)]
-            )
-        finally:
-            gateway.exit()
-        rows.append(("sequential call round trips", ours, "execnet channel", peer, "/s"))
-        floor = statistics.median(
-            [
-                await anyio.to_thread.run_sync(_echo_rate, [*command, python], calls_seconds)
-                for _ in range(samples)
-            ]
-        )
-        rows.append(("sequential call round trips", ours, "raw ssh echo (floor)", floor, "/s"))
+        rows += await _round_trips(template, command, python, samples, calls_seconds)
 
         await template.eval(_STREAM_CODE)
         size = f"{stream_size >> 20}M"
@@ -154,11 +121,82 @@ async def measure(
     return rows
 
 
-def _echo_rate(command: list[str], seconds: float) -> float:
+# What a remote Python runs for the floors: echo what comes, at once; with a hop,
+# through a second process over a socketpair, as the relay passes a call to a worker.
+_ECHO = "import os\nwhile d := os.read(0, 100):\n    os.write(1, d)"
+_ECHO_HOP = (
+    "import os, socket\n"
+    "a, b = socket.socketpair()\n"
+    "if os.fork() == 0:\n"
+    "    a.close()\n"
+    "    while d := b.recv(100):\n"
+    "        b.send(d)\n"
+    "    os._exit(0)\n"
+    "b.close()\n"
+    "while d := os.read(0, 100):\n"
+    "    a.send(d)\n"
+    "    os.write(1, a.recv(100))\n"
+)
+
+
+async def _round_trips(
+    template: RemoteTemplate, command: Sequence[str], python: str, samples: int, seconds: float
+) -> list[tuple[str, float, str, float, str]]:
+    """Sequential round trips to one remote worker, against execnet's and two floors.
+
+    The samples of each are taken in turn (ours, execnet's, each floor's), so that a
+    change in the machine's load hits them alike. The floors are what any design
+    over ssh pays: an echo by the Python at the other end, and one through a second
+    process there (as a relay passes a call to a worker, and the answer back).
+    """
+    import execnet
+
+    gateway = execnet.makegateway(_execnet_spec(command, python))
+    channel = gateway.remote_exec("while 1:\n    channel.send(channel.receive())")
+
+    def channel_rate() -> float:
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            channel.send(1)
+            channel.receive()
+            count += 1
+        return count / (time.perf_counter() - started)
+
+    peers: dict[str, list[float]] = {
+        "execnet channel": [],
+        "raw ssh echo (floor)": [],
+        "ssh echo via 2nd process": [],
+    }
+    ours = []
+    try:
+        async with open_rpc(template, "math:factorial") as rpc:
+            for _ in range(samples):
+                count, started = 0, time.perf_counter()
+                while time.perf_counter() - started < seconds:
+                    await rpc.call(1)
+                    count += 1
+                ours.append(count / (time.perf_counter() - started))
+                peers["execnet channel"].append(await anyio.to_thread.run_sync(channel_rate))
+                for name, hop in (
+                    ("raw ssh echo (floor)", False),
+                    ("ssh echo via 2nd process", True),
+                ):
+                    peers[name].append(
+                        await anyio.to_thread.run_sync(_echo_rate, [*command, python], seconds, hop)
+                    )
+    finally:
+        gateway.exit()
+    rate = statistics.median(ours)
+    return [
+        ("sequential call round trips", rate, name, statistics.median(values), "/s")
+        for name, values in peers.items()
+    ]
+
+
+def _echo_rate(command: list[str], seconds: float, hop: bool = False) -> float:
     """Round trips of a few bytes through ssh to a Python that echoes them: a floor."""
-    echo = "import os\nwhile d := os.read(0, 100):\n    os.write(1, d)"
     with subprocess.Popen(
-        [*command[:-1], shlex.join([command[-1], "-c", echo])],
+        [*command[:-1], shlex.join([command[-1], "-c", _ECHO_HOP if hop else _ECHO])],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         bufsize=0,

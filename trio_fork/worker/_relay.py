@@ -9,9 +9,9 @@ channel, a child's socket) is a numbered stream of DATA frames, with credits so 
 one stream that floods or is not read never stalls the others nor fills memory. It
 reads the channels' frames to give each SPAWN and FORK the socket of the stream the
 parent announced (EXPECT), keeps each child's pidfd (SIGNAL), and serves imports of
-modules this host lacks from the parent (IMPORT, MODULE). The end of its stdin, a
-link silent for longer than the timeout, or a broken frame ends everything it
-started. Standard library only, like all of the worker side.
+modules this host lacks from the parent (IMPORT, MODULE; see :mod:`._imports`). The
+end of its stdin, a link silent for longer than the timeout, or a broken frame ends
+everything it started. Standard library only, like all of the worker side.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import time
 from collections import deque
 
 from . import _template, _wire
+from ._imports import Imports, Questions
 from ._wire import HEADER, close_all
 
 TYPE_CHECKING = False
@@ -110,11 +111,8 @@ class Relay:
         self.writing = False
         self.timeout = timeout
         self.heard = self.said = time.monotonic()
-        self.imports = imports
-        self.asked: dict[int, tuple[bytes, int]] = {}  # request -> (name, reply socket)
-        self.known: dict[bytes, bytes] = {}
+        self.imports = None if imports is None else Questions(imports, self.ask)
         if imports is not None:
-            imports.setblocking(False)
             self.poller.register(imports, select.POLLIN)
 
     def send(self, op: int, id: int, payload: bytes = b"") -> None:
@@ -152,7 +150,9 @@ class Relay:
                 elif fd == self.output:
                     pass  # flushed above
                 elif self.imports is not None and fd == self.imports.fileno():
-                    self.ask()
+                    if not self.imports.take():  # every process that could ask is gone
+                        self.poller.unregister(fd)
+                        self.imports.close()
                 elif fd in self.fds:
                     self.serve(self.fds[fd], events)
             if time.monotonic() - self.heard > self.timeout:
@@ -210,8 +210,8 @@ class Relay:
                 stream.shut = CLOSE
                 self.send(CLOSE, stream.id)
         stream.taken += before - stream.inbox.size
-        # Not for every write: a credit per message would double the frames (and
-        # with ssh, whose TCP has Nagle's algorithm on, delay every other one).
+        # Not for every write: a credit per message would double the frames, and
+        # the wake-ups of the parent.
         if stream.taken >= WINDOW // 4:
             stream.owed -= stream.taken
             self.send(CREDIT, stream.id, COUNT.pack(stream.taken))
@@ -312,10 +312,8 @@ class Relay:
             if stream is not None:
                 self.drop(stream)  # its child sees the end, or a broken pipe
         elif op == MODULE:
-            name, reply = self.asked.pop(id, (b"", -1))
-            if reply >= 0:
-                self.known[name] = payload
-                answer(reply, payload)
+            if self.imports is not None:
+                self.imports.answered(id, payload)
         elif op != PING:
             raise Broken(f"unknown frame {op}")
 
@@ -347,28 +345,9 @@ class Relay:
             stream.inbox.put([([HEADER.pack(op, len(fds), id, length)], fds)])
             stream.need = length
 
-    def ask(self) -> None:
-        """A process of ours wants a module (see Imports): from the cache, or the parent."""
-        assert self.imports is not None
-        try:
-            name, ancdata, _, _ = self.imports.recvmsg(1024, _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
-        except BlockingIOError:
-            return
-        fds = _wire.parse_ancillary(ancdata)
-        if not name and not fds:  # every process that could ask is gone
-            self.poller.unregister(self.imports)
-            self.imports.close()
-            self.imports = None
-        elif len(fds) != 1:
-            close_all(fds)
-        elif name in self.known:
-            answer(fds[0], self.known[name])
-        else:
-            request = len(self.asked) + 1
-            while request in self.asked:
-                request += 1
-            self.asked[request] = (name, fds[0])
-            self.send(IMPORT, request, name)
+    def ask(self, request: int, name: bytes) -> None:
+        """A process of ours wants a module the relay does not know (see _imports)."""
+        self.send(IMPORT, request, name)
 
     def shutdown(self, pid: int, pidfd: int) -> None:
         """End everything: the template kills and reaps what it made, then exits."""
@@ -378,7 +357,9 @@ class Relay:
                 _signal.pidfd_send_signal(child, _signal.SIGKILL)
             except OSError:
                 pass
-        close_all([*self.pidfds.values(), *(reply for _, reply in self.asked.values())])
+        close_all(list(self.pidfds.values()))
+        if self.imports is not None:
+            self.imports.close(replies=True)
         for stream in list(self.streams.values()):
             self.drop(stream)
         _signal.pidfd_send_signal(pidfd, _signal.SIGTERM)
@@ -402,54 +383,6 @@ def grow_pipe(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except OSError:
         pass
-
-
-def answer(reply: int, payload: bytes) -> None:
-    with socket.socket(fileno=reply) as sock:
-        sock.settimeout(5)  # the asker waits for it; a stopped one is not waited for long
-        try:
-            sock.sendall(payload)
-        except OSError:
-            pass
-
-
-class Imports:
-    """Modules this host lacks, served by the parent: last on ``sys.meta_path``.
-
-    Each question carries a socket of its own for the answer, so that any process
-    forked from the template may ask at any time.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.found: dict[str, tuple[bool, str, str]] = {}
-
-    def find_spec(self, name: str, path: object = None, target: object = None) -> object:
-        ours, theirs = socket.socketpair()
-        with ours:
-            try:
-                with theirs:
-                    self.sock.sendmsg([name.encode()], _wire.ancillary([theirs.fileno()]))
-                data = b"".join(iter(lambda: ours.recv(1 << 16), b""))
-            except OSError:
-                return None
-        found = marshal.loads(data) if data else None
-        if not found:
-            return None
-        self.found[name] = found
-        spec = type(sys.__spec__)(name, self, origin=found[2])  # type: ignore[arg-type]
-        spec.submodule_search_locations = [] if found[0] else None
-        return spec
-
-    def create_module(self, spec: object) -> None:
-        return None
-
-    def exec_module(self, module: Any) -> None:
-        _, source, filename = self.found[module.__name__]
-        exec(compile(source, filename, "exec"), vars(module))
-
-    def get_source(self, name: str) -> str:
-        return self.found[name][1]
 
 
 def read_frame(fd: int, reader: _wire.FrameReader) -> _wire.Frame:
