@@ -55,6 +55,7 @@ _WRITTEN = bytes(int(bool(b & 0x40) or b & 0xA0 == 0x80) for b in range(256))
 # Mappings whose descriptor is known: start address -> (end, memfd offset of start,
 # descriptor, mode to send it with, whether ours is private, weak reference).
 _regions: dict[int, tuple[int, int, int, int, bool, Any]] = {}
+_alive: dict[int, Any] = {}  # their weak references, by id, until each one's callback
 
 
 def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]]:
@@ -388,14 +389,21 @@ def _map(fd: int, offset: int, length: int, mode: int) -> memoryview:
 def register(region: mmap.mmap, offset: int, fd: int, mode: int, private: bool) -> None:
     """Know ``region``'s descriptor from now until it is collected (which closes it)."""
     address = _address(region)
-    ref = _weakref.ref(region, lambda _: _forget(address))
+    ref = _weakref.ref(region, lambda dead: _forget(address, fd, dead))
+    _alive[id(ref)] = ref
     _regions[address] = (address + len(region), offset, fd, mode, private, ref)
 
 
-def _forget(address: int) -> None:
-    entry = _regions.pop(address, None)
-    if entry is not None:
-        _close([entry[2]])
+def _forget(address: int, fd: int, ref: Any) -> None:
+    # mmap unmaps before its weak references die, without the GIL: another thread
+    # may have mapped the same address and registered it meanwhile. Its entry stays
+    # (and this weak reference lives on in _alive, or its callback would never run);
+    # this one's descriptor is closed all the same.
+    _alive.pop(id(ref), None)
+    entry = _regions.get(address)
+    if entry is not None and entry[5] is ref:
+        del _regions[address]
+    _close([fd])
 
 
 def _address(buffer: Any) -> int:
