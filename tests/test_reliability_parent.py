@@ -246,6 +246,40 @@ def test_leaving_a_cancelled_spawn_block_takes_bounded_time(
     assert outcome.result is False, "the child was still alive when its block was left"
 
 
+async def scenario_leaving_a_spawn_block_when_the_template_ignores_sigchld(
+    marker: str,
+) -> dict[str, Any]:
+    async with trio_fork.open_template() as template:
+        # The template's code asks the kernel to reap its children, and starts one.
+        code = (
+            "import signal, subprocess\n"
+            "signal.signal(signal.SIGCHLD, signal.SIG_IGN)\n"
+            f"open({marker!r}, 'w').write(str(subprocess.Popen(['true']).pid))"
+        )
+        await template.eval(code)
+        async with template.spawn(targets.exit_with, 3) as child:
+            pass
+        async with template.spawn(targets.nothing) as second:
+            pass
+        theirs = int(Path(marker).read_text())
+        await until(lambda: not os.path.exists(f"/proc/{theirs}"))  # reaped: no zombie
+    return {"first": child.returncode, "second": second.returncode}
+
+
+def test_leaving_a_spawn_block_when_the_template_ignores_sigchld(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    # Ignored, SIGCHLD would have the kernel reap the template's children, whose exit
+    # statuses would then never come: the template takes SIGCHLD back after each
+    # command, and reaps the processes of the code that ignored it, as asked.
+    outcome = run_isolated(
+        scenario_leaving_a_spawn_block_when_the_template_ignores_sigchld,
+        anyio_backend,
+        str(tmp_path / "theirs"),
+    )
+    assert outcome.result == {"first": 3, "second": 0}
+
+
 # 10. Arguments over 4 GiB ----------------------------------------------------------------
 
 

@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import sys
 
-from ._template import current as _current
+from ._template import Server as _Server
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from ._rpc import _Worker
+    from ._rpc import Worker
 
 __all__ = ["emit", "in_template", "retire", "take_queue"]
 
 
 def in_template() -> bool:
     """Whether this process is a template (code run by ``Template.eval`` is)."""
-    return _current() is not None
+    return _Server.current is not None
 
 
 def take_queue() -> list[Any]:
@@ -44,7 +44,7 @@ def take_queue() -> list[Any]:
     Raises:
         RuntimeError: This process is not a template.
     """
-    server = _current()
+    server = _Server.current
     if server is None:
         raise RuntimeError("take_queue() can only be called in a template (from eval code)")
     queue = list(server.queue)
@@ -83,10 +83,10 @@ def retire() -> None:
     _worker("retire").retire()
 
 
-def _worker(what: str) -> _Worker:
+def _worker(what: str) -> Worker:
     # Loaded only in RPC workers: templates never import the RPC loop for this.
     rpc = sys.modules.get(f"{__name__}._rpc")
-    worker = None if rpc is None else rpc.current()
+    worker = None if rpc is None else rpc.Worker.current
     if worker is None:
         raise RuntimeError(f"{what}() can only be called in an RPC worker")
     return worker  # type: ignore[no-any-return]

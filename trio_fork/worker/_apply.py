@@ -1,17 +1,12 @@
 """What ``run_sync`` workers run, and how they take on the parent's ``__main__``.
 
-A run_sync worker belongs to no event loop of the parent (its default context serves
-every ``trio.run`` of the program), so it is not a child spawned over a template's
-channel, whose exit the template reports on that channel. It is a template forked on
-request from a ``TemplateHandle``, which reaps it and reports its exit status on a pipe
-of its own, and which then becomes an RPC worker: :func:`become_worker`, INVOKEd as
-the fork's first command, serves the fork's own channel as the worker's socket.
-
-Each call comes with its function, pickled once by the parent and unpickled once per
-worker (:func:`apply`), and its result goes back pickled by :func:`apply` itself, so
-that a result that cannot be pickled fails the call with a
-:exc:`pickle.PicklingError`, raised as itself in the parent, as trio-parallel and
-anyio raise the pickling error.
+A run_sync worker belongs to no event loop of the parent, so it is not a child
+spawned over a template's channel (whose exit that channel reports): it is a template
+forked on request from a ``TemplateHandle`` (which reports its exit on a pipe), turned
+into an RPC worker by :func:`become_worker`. Each call comes with its function,
+pickled once by the parent and unpickled once per worker; :func:`apply` pickles the
+result itself, so that one that cannot be pickled fails the call with a
+:exc:`pickle.PicklingError`, as trio-parallel and anyio raise it.
 """
 
 from __future__ import annotations
@@ -20,31 +15,19 @@ import _signal  # type: ignore[import-not-found]
 import os
 import pickle
 import sys
+from types import CoroutineType, ModuleType, SimpleNamespace  # pickle imports types
 
 from . import _buffers, _child, _rpc, _template
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import ModuleType as _Module
     from typing import Any, NoReturn
-else:
-    _Module = type(sys)
 
 # Functions that came pickled with calls, by their pickle: a worker called with the
 # same function again and again unpickles it once.
 _functions: dict[bytes, Callable[..., Any]] = {}
 _MAX_FUNCTIONS = 256
-
-
-async def _probe() -> None:
-    pass
-
-
-_coroutine = _probe()
-_COROUTINE = type(_coroutine)
-_coroutine.close()
-del _coroutine
 
 
 def apply(function: bytes, *args: Any) -> bytes | _buffers.Dumped:
@@ -69,13 +52,13 @@ def apply(function: bytes, *args: Any) -> bytes | _buffers.Dumped:
             _functions.clear()
         _functions[function] = found
     result = found(*args)
-    if type(result) is _COROUTINE:
+    if type(result) is CoroutineType:
         result.close()
         raise TypeError(
             f"run_sync runs sync functions, but {found!r} returned a coroutine (it is "
             "asynchronous): call it with an event loop of its own, or use open_rpc"
         )
-    worker = _rpc.current()
+    worker = _rpc.Worker.current
     try:
         payload, fds = _buffers.dumps(result, None if worker is None else worker.buffers)
     except Exception as exc:
@@ -109,18 +92,14 @@ def become_worker(
 ) -> NoReturn:
     """Turn this template, forked for one worker, into that worker; exit when it is done.
 
-    INVOKEd as the fork's first command: the channel it came on becomes the worker's
-    socket (the parent sends nothing else until the worker is ready), and what
-    follows is the RPC protocol. ``setup`` is what :func:`~._template.align` makes
-    of a fork when the parent's ``sys.path``, directory or environment changed since
-    the template started; ``authkey`` is the parent's :mod:`multiprocessing` key, so
-    that manager proxies passed to calls work here; ``main`` locates the parent's
-    main module (see :func:`expect_main`).
-
-    An error before the worker serves is the INVOKE's error; the parent then closes
-    the channel, and this template shuts down as any template does.
+    INVOKEd as the fork's first command: its channel becomes the worker's socket.
+    ``setup``: for :func:`~._template.align`, if the parent's ``sys.path``, directory
+    or environment changed since the template started; ``authkey``: the parent's
+    :mod:`multiprocessing` key (for manager proxies); ``main``: the parent's main
+    module (see :func:`expect_main`). An error before the worker serves is the
+    INVOKE's error: the parent then closes the channel, and this template shuts down.
     """
-    server = _template.current()
+    server = _template.Server.current
     assert server is not None
     sock = server.channel.sock
     assert sock is not None
@@ -134,7 +113,7 @@ def become_worker(
         process.current_process().authkey = authkey
     expect_main(*main)
     server.state.restore()
-    _template._current[0] = None  # a worker, no longer a template
+    _template.Server.current = None  # a worker, no longer a template
     code = 0
     try:
         _rpc.serve(sock, spec)
@@ -144,11 +123,8 @@ def become_worker(
     _child.exit(code)
 
 
-class _Loading:
-    main = False  # this process is loading the parent's main module (see adopt_main)
-
-
-loading = _Loading()
+# main: this process is loading the parent's main module (see adopt_main).
+loading = SimpleNamespace(main=False)
 
 
 def adopt_main(spec_name: str | None, path: str | None) -> None:
@@ -158,7 +134,7 @@ def adopt_main(spec_name: str | None, path: str | None) -> None:
     to ``__main__`` resolves here and in every worker forked from here, and the
     module's ``if __name__ == "__main__":`` block does not run.
     """
-    module = _Module("__mp_main__")
+    module = ModuleType("__mp_main__")
     previous = sys.modules["__main__"]
     # Registered before running, so that the module can refer to itself while it
     # loads (dataclasses look their module up in sys.modules, for instance).
@@ -174,13 +150,11 @@ def adopt_main(spec_name: str | None, path: str | None) -> None:
 def expect_main(spec_name: str | None, path: str | None) -> None:
     """Make the parent's main module this worker's ``__main__``, run when first used.
 
-    Both peers run the parent's main module in every worker, as ``__mp_main__``;
-    trio_fork does it only when something needs it: unpickling a reference to one of
-    its functions or classes, or reading one of its names through ``sys.modules``.
-    A main module whose top-level code has side effects (or is slow to import) then
-    costs nothing in workers that never use it. Nothing to do if the template has
-    loaded it already (:func:`adopt_main`), or if it cannot be loaded here (a
-    program run as ``python -c``, or a file that does not exist).
+    Both peers run it in every worker, as ``__mp_main__``; trio_fork only when
+    something needs it (unpickling a reference to it, reading one of its names), so
+    that a main module with side effects costs nothing in workers that never use it.
+    Nothing to do if the template loaded it already (:func:`adopt_main`), or if it
+    cannot be loaded here (``python -c``, or a file that does not exist).
     """
     location = (spec_name, path)
     if getattr(sys.modules.get("__main__"), "__trio_fork_main__", None) == location:
@@ -194,7 +168,7 @@ def expect_main(spec_name: str | None, path: str | None) -> None:
     sys.modules["__main__"] = sys.modules["__mp_main__"] = module
 
 
-class _LazyMain(_Module):
+class _LazyMain(ModuleType):
     """A main module that runs its code the first time one of its names is looked up."""
 
     def __getattr__(self, name: str) -> Any:
@@ -202,7 +176,7 @@ class _LazyMain(_Module):
         # by inspect...) must not run the program's code.
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(f"module '__main__' has no attribute {name!r}")
-        self.__class__ = _Module  # type: ignore[assignment]
+        self.__class__ = ModuleType  # type: ignore[assignment]
         spec_name, path = self.__dict__["__trio_fork_main__"]
         try:
             _run_main(self, spec_name, path)

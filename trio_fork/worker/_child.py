@@ -70,6 +70,7 @@ class ProcessState:
         self.restore_handlers: list[tuple[int, Any]] = []
         self.restore_mask = False
         self.shutting_down = False
+        self.reap_theirs = False  # see settle
         self.evals = 0
         self.sources: dict[str, str] = {}  # of eval'd code, for tracebacks
         if sigint_blocked:
@@ -80,9 +81,7 @@ class ProcessState:
         _signal.signal(_signal.SIGTERM, self.on_sigterm)
         # What the kernel sends, with SIGCONT, to a stopped process group it orphans.
         _signal.signal(_signal.SIGHUP, self.on_sigterm)
-        _signal.signal(_signal.SIGCONT, self.on_sigcont)
-        _signal.signal(_signal.SIGCHLD, self.on_sigchld)
-        _signal.siginterrupt(_signal.SIGCHLD, False)
+        _signal.signal(_signal.SIGCONT, self.on_sigcont)  # and SIGCHLD: see settle
         self.parent = os.getppid()  # a template's owner (see on_sigcont)
 
     def on_sigterm(self, signum: int, frame: object) -> None:
@@ -100,6 +99,13 @@ class ProcessState:
 
     def settle(self) -> None:
         """After the template's state changed: keep what children must do small."""
+        if (sigchld := _signal.getsignal(_signal.SIGCHLD)) in (_signal.SIG_IGN, _signal.SIG_DFL):
+            # Our handler wakes the serve loop to reap. Ignored (by code run here), the
+            # kernel would reap our children itself and their exits would never be
+            # reported: take it back, and reap that code's processes as it asked.
+            self.reap_theirs |= sigchld == _signal.SIG_IGN
+            _signal.signal(_signal.SIGCHLD, self.on_sigchld)
+            _signal.siginterrupt(_signal.SIGCHLD, False)
         self.restore_handlers = [
             (sig, handler)
             for sig, handler in self.fresh_handlers.items()
@@ -201,10 +207,7 @@ def run(
         state.restore()
     except BaseException as exc:
         state.show_sources()
-        try:
-            _wire.send_blocking(sock, _wire.encode(_wire.ERROR, 0, _wire.error_payload(exc)))
-        except OSError:
-            pass  # nobody waits for this child any more
+        _wire.report(sock, _wire.ERROR, exc)
         return 1
     # The child opens its own pidfd: it is alive now, so the pidfd cannot name a
     # recycled pid, and the template has nothing to do for it.
@@ -259,10 +262,7 @@ def call(
 
 def print_exception(exc: BaseException, state: ProcessState | None) -> None:
     """Print ``exc`` as the interpreter would for a program's main code."""
-    tb = exc.__traceback__
-    while tb is not None and str(tb.tb_frame.f_globals.get("__name__")).startswith(__package__):
-        tb = tb.tb_next
-    exc = exc.with_traceback(tb)
+    exc = exc.with_traceback(_wire.user_traceback(exc))
     if state is not None:
         state.show_sources()
     if sys.excepthook is sys.__excepthook__:

@@ -1,19 +1,14 @@
 """A template: the small synchronous command server that processes are forked from.
 
 A template never runs an event loop or a thread, so forking it is safe and cheap. It
-serves its owner's commands on one channel, one at a time and in order, answering
-each with the command's id. ``FORK`` makes a new template that serves its own
-channel; ``SPAWN`` makes a child that runs a target at once (see :mod:`._child`). A
-template reaps what it forks and reports their exit statuses, and is a child
-subreaper, so that nothing forked below it is orphaned to an init that may never
-reap it; it leads a process group that the kernel kills when it ends, however it
-ends. It ends when its owner closes the channel, sends SIGTERM or dies: it kills and
-reaps everything below it, then exits.
-
-It can also serve fork requests (``SERVE_FORKS``): single messages on a
-``SOCK_SEQPACKET`` socket that any thread or process holding the other end may send,
-each carrying the channel of a new template. That is how a template outlives one
-event loop (see ``trio_fork._handle``).
+serves its owner's commands on one channel, in order, answering each with its id.
+``FORK`` makes a new template, ``SPAWN`` a child that runs a target (see
+:mod:`._child`). A template is a child subreaper: it reaps what it forks (or
+adopts) and reports their exit statuses, and leads a process group that the kernel
+kills however it ends. It ends when its owner closes the channel, sends SIGTERM or
+dies: it kills and reaps everything below it, then exits. ``SERVE_FORKS`` makes it
+also fork a new template per message on a ``SOCK_SEQPACKET`` socket, from any thread
+or process: how a template outlives one event loop (see ``trio_fork._handle``).
 """
 
 from __future__ import annotations
@@ -37,7 +32,7 @@ from ._wire import close_all
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from typing import Any, ClassVar, NoReturn
 
 _REQUEST_ANCILLARY_SIZE = socket.CMSG_SPACE(4 * 4)
 
@@ -80,6 +75,8 @@ class Link:
 
 class Server:
     """One template: its channel, its queue, and the processes it made."""
+
+    current: ClassVar[Server | None] = None  # this process's: the child-side API's way in
 
     def __init__(self, channel: Link, queue: list[Any], state: _child.ProcessState) -> None:
         self.channel = channel
@@ -148,13 +145,14 @@ class Server:
                     "file descriptors were lost in transit: the kernel truncated the "
                     "control message (is RLIMIT_NOFILE too low?)"
                 )
-            if op in (_wire.FORK, _wire.SPAWN, _wire.KILL, _wire.HELLO):
-                # Answered otherwise: by FORKED, by the child itself, or not at all.
-                return (
-                    self.fork(frame)
-                    if op in (_wire.FORK, _wire.SPAWN)
-                    else self.hello_or_kill(frame)
-                )
+            if op in (_wire.FORK, _wire.SPAWN):
+                return self.fork(frame)  # answered by FORKED, or by the child itself
+            if op == _wire.HELLO:
+                return self.hello(id)
+            if op == _wire.KILL:  # not answered
+                for pid in [pid for pid, made_by in self.children.items() if made_by == id]:
+                    os.kill(pid, _signal.SIGKILL)  # not reaped yet: the pid is not recycled
+                return
             # The processes that the owner's code starts here are that code's to wait
             # for (reap() leaves them); of the threads it leaves, the owner is told.
             children, threads = list_children(), count_threads()
@@ -194,16 +192,6 @@ class Server:
                     "single-threaded"
                 )
             self.reply(_wire.OK, id, warning.encode())
-
-    def hello_or_kill(self, frame: _wire.Frame) -> None:
-        if frame.op == _wire.HELLO:
-            self.hello(frame.id)
-            return
-        for pid, made_by in self.children.items():
-            if made_by == frame.id:
-                # Not reaped yet, so the pid cannot have been recycled.
-                os.kill(pid, _signal.SIGKILL)
-                return
 
     def hello(self, id: int, pidfd: bool = True) -> None:
         """READY with our pid (and a pidfd): asked by HELLO, or unasked (id 0)."""
@@ -262,14 +250,9 @@ class Server:
             pid = fork()
         except OSError as exc:
             # The requester waits on the new channel: tell it there.
-            try:
-                with socket.socket(fileno=os.dup(channel)) as sock:
-                    _wire.send_blocking(
-                        sock, _wire.encode(_wire.ERROR, 0, _wire.error_payload(exc))
-                    )
-            except OSError:
-                pass
-            close_all(fds)
+            with socket.socket(fileno=channel) as sock:
+                _wire.report(sock, _wire.ERROR, exc)
+            os.close(reaped)
             return
         if pid == 0:
             os.close(reaped)
@@ -302,7 +285,7 @@ class Server:
                 code = _child.run(sock, self.queue, payload, fds[1:], self.state)
             else:
                 _child.set_title(f"tmpl of {self.pid}")
-                server = _current[0] = Server(Link(sock), list(self.queue), self.state)
+                server = Server.current = Server(Link(sock), list(self.queue), self.state)
                 server.become_template()
                 if announce:
                     server.hello(0)
@@ -323,6 +306,8 @@ class Server:
                 pass
         except BlockingIOError:
             pass
+        if self.state.reap_theirs:
+            self.theirs.clear()  # that code asked the kernel to reap its processes
         while not self.theirs:
             # No process of our code's to leave alone: whatever ended is ours to reap,
             # without listing /proc (a third of a spawn's cost in the template).
@@ -423,15 +408,6 @@ def align(path: list[str], cwd: str, environ: dict[str, str]) -> None:
     os.environ.update(environ)
 
 
-# The server of this process, while it is a template: the child-side API's way in.
-_current: list[Server | None] = [None]
-
-
-def current() -> Server | None:
-    """The template this process is, or None."""
-    return _current[0]
-
-
 def start(channel: str, owner: int, sigint_blocked: bool) -> None:
     """Serve the channel ``"socket:FD"`` or ``"pipes:READ:WRITE"`` (see ``_boot``)."""
     kind, _, where = channel.partition(":")
@@ -451,7 +427,7 @@ def start(channel: str, owner: int, sigint_blocked: bool) -> None:
 def main(channel: Link, owner: int, sigint_blocked: bool) -> None:
     """Serve ``channel`` as a template, for ``owner`` (0: any parent; see ProcessState)."""
     state = _child.ProcessState(sigint_blocked)
-    server = _current[0] = Server(channel, [], state)
+    server = Server.current = Server(channel, [], state)
     try:
         try:
             # If the owner dies, even while this template runs a long command or is

@@ -22,6 +22,7 @@ from collections import deque
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from types import TracebackType
 
 HEADER = struct.Struct("<BIIQ")  # opcode, number of descriptors, id, payload length
 MAX_FDS_PER_MESSAGE = 253  # the kernel's SCM_MAX_FD: descriptors in one sendmsg
@@ -245,16 +246,18 @@ class Outbox:
     """
 
     def __init__(self) -> None:
-        self._pieces: deque[list[object]] = deque()  # [memoryview, fds]
+        self._views: deque[memoryview] = deque()
+        self._fds: deque[list[int]] = deque()  # the descriptors riding on each view
         self.size = 0
 
     def __len__(self) -> int:
-        return len(self._pieces)
+        return len(self._views)
 
     def put(self, segments: list[Segment]) -> None:
         for buffers, fds in segments:
             for index, buffer in enumerate(buffers):
-                self._pieces.append([memoryview(buffer), fds if index == 0 else []])
+                self._views.append(memoryview(buffer))
+                self._fds.append(fds if index == 0 else [])
                 self.size += len(buffer)
 
     def flush(self, sock: socket.socket) -> bool:
@@ -262,39 +265,39 @@ class Outbox:
 
         Raises :exc:`OSError` (never :exc:`BlockingIOError`) if the socket broke.
         """
-        pieces = self._pieces
-        while pieces:
-            head, fds = pieces[0]
+        views, fds = self._views, self._fds
+        while views:
             try:
-                if fds:
-                    sent = sock.sendmsg([head], ancillary(fds))  # type: ignore[list-item,arg-type]
-                    close_all(fds)  # type: ignore[arg-type]
-                    pieces[0][1] = []
-                elif len(pieces) == 1:
-                    sent = sock.send(head)  # type: ignore[arg-type]
+                if fds[0]:
+                    sent = sock.sendmsg([views[0]], ancillary(fds[0]))
+                    close_all(fds[0])
+                    fds[0] = []
+                elif len(views) == 1:
+                    sent = sock.send(views[0])
                 else:
-                    batch: list[object] = []
-                    for view, more in pieces:
+                    batch: list[memoryview] = []
+                    for view, more in zip(views, fds, strict=True):
                         if more or len(batch) == _MAX_BUFFERS:
                             break
                         batch.append(view)
-                    sent = sock.sendmsg(batch)  # type: ignore[arg-type]
+                    sent = sock.sendmsg(batch)
             except BlockingIOError:
                 return False
             self.size -= sent
             while sent:
-                view = pieces[0][0]
-                if sent >= len(view):  # type: ignore[arg-type]
-                    sent -= len(view)  # type: ignore[arg-type]
-                    pieces.popleft()
+                if sent >= len(views[0]):
+                    sent -= len(views.popleft())
+                    fds.popleft()
                 else:
-                    pieces[0][0] = view[sent:]  # type: ignore[index]
+                    views[0] = views[0][sent:]
                     sent = 0
         return True
 
     def clear(self) -> None:
-        while self._pieces:
-            close_all(self._pieces.popleft()[1])  # type: ignore[arg-type]
+        for fds in self._fds:
+            close_all(fds)
+        self._views.clear()
+        self._fds.clear()
         self.size = 0
 
 
@@ -306,6 +309,15 @@ def send_blocking(sock: socket.socket, segments: list[Segment]) -> None:
         outbox.flush(sock)
     finally:
         outbox.clear()
+
+
+def report(sock: socket.socket, op: int, exc: BaseException) -> None:
+    """Send ``exc`` described in an ERROR or FAILED frame, the last one, if anyone reads."""
+    try:
+        sock.setblocking(True)
+        send_blocking(sock, encode(op, 0, error_payload(exc)))
+    except OSError:
+        pass
 
 
 def pack_strings(*fields: str | bytes) -> bytes:
@@ -322,9 +334,7 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     """Type name, message and traceback of ``exc`` (from the user's code); never raises."""
     import traceback  # only when something failed: templates stay small
 
-    tb = exc.__traceback__
-    while tb is not None and str(tb.tb_frame.f_globals.get("__name__")).startswith(__package__):
-        tb = tb.tb_next
+    tb = user_traceback(exc)
     cls = type(exc)
     name = cls.__qualname__
     if cls.__module__ not in ("builtins", "__main__", "__mp_main__"):
@@ -338,6 +348,14 @@ def describe(exc: BaseException) -> tuple[str, str, str]:
     except BaseException:
         text = f"{name}: {message}\n(the traceback could not be formatted)\n"
     return name, message, text
+
+
+def user_traceback(exc: BaseException) -> TracebackType | None:
+    """The traceback of ``exc`` from its first frame outside the worker side."""
+    tb = exc.__traceback__
+    while tb is not None and str(tb.tb_frame.f_globals.get("__name__")).startswith(__package__):
+        tb = tb.tb_next
+    return tb
 
 
 # The longest message or traceback described: the fields' lengths are 32-bit.
