@@ -212,7 +212,7 @@ class _Pool:
         """
         if not self.users:
             rpc = sys.modules.get("trio_fork.worker._rpc")
-            if rpc is None or rpc.current() is None:
+            if rpc is None or rpc.Worker.current is None:
                 return False
         if self.notify == -1:
             self.notify = _inotify()
