@@ -111,3 +111,19 @@ def count_mapped(arrays: list[Any]) -> tuple[int, int]:
 
 def many(count: int, size: int) -> list[Any]:
     return [np.full(size, index % 256, dtype=np.uint8) for index in range(count)]
+
+
+_kept: list[Any] = []
+
+
+def keep(array: Any) -> Any:
+    """Keep the argument, mapped, after the call; where it lives."""
+    _kept.append(array)
+    return where(array)
+
+
+def kept() -> list[tuple[int, int]]:
+    """The first and last byte of each array kept; and let go of them."""
+    values = [(int(array[0]), int(array[-1])) for array in _kept]
+    _kept.clear()
+    return values

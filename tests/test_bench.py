@@ -76,6 +76,8 @@ EXPECTED_ROWS = {
     "large_roundtrip_joblib",
     "large_memcpy",
     "large_memcpy_4k",
+    "large_memcpy_memfd",
+    "large_memcpy_reused",
     "large_shared_big",
     "large_shared_small",
     "large_rss_trio_fork",

@@ -13,6 +13,8 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -219,3 +221,109 @@ def test_the_worker_side_module_imports_only_the_standard_library() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def pooling() -> Iterator[None]:
+    """This process pools its buffers, as it does while it has workers."""
+    _buffers.enter()
+    try:
+        yield
+    finally:
+        _buffers.leave()
+
+
+def test_memfds_are_reused_once_nobody_holds_them(pooling: None) -> None:
+    payload, fds = _buffers.dumps(np.full(2 * MIB, 1, np.uint8))
+    first = inode(fds[0])
+    # Sent read-only, sealed against shrinking and growing (not writing: it is reused).
+    assert fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    assert fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & _buffers.FIXED == _buffers.FIXED
+    held = _buffers.loads(*_buffers.receive(payload, fds))
+    payload, fds = _buffers.dumps(np.full(2 * MIB, 2, np.uint8))
+    assert inode(fds[0]) != first  # the first is held: a new one
+    other = _buffers.loads(*_buffers.receive(payload, fds))
+    assert int(held[0]) == 1
+    assert int(other[0]) == 2
+    del held
+    payload, fds = _buffers.dumps(np.full(2 * MIB, 3, np.uint8))
+    assert inode(fds[0]) == first  # let go of: written again
+    again = _buffers.loads(*_buffers.receive(payload, fds))
+    assert int(again[0]) == int(again[-1]) == 3
+    assert int(other[0]) == int(other[-1]) == 2  # never written under its holder
+
+
+def test_a_buffer_sent_on_keeps_its_memfd_held(pooling: None) -> None:
+    payload, fds = _buffers.dumps(np.full(2 * MIB, 1, np.uint8))
+    first = inode(fds[0])
+    received = _buffers.loads(*_buffers.receive(payload, fds))
+    _, sent_on = _buffers.dumps(received)  # by its descriptor: the same file
+    del received
+    for value in (2, 3):
+        _, fds = _buffers.dumps(np.full(2 * MIB, value, np.uint8))
+        assert inode(fds[0]) != first  # the descriptor sent on still holds it
+        os.close(fds[0])
+    assert np.frombuffer(os.pread(sent_on[0], 8, 0), np.uint8).tolist() == [1] * 8
+    os.close(sent_on[0])
+    _, fds = _buffers.dumps(np.full(2 * MIB, 4, np.uint8))
+    assert inode(fds[0]) == first
+    os.close(fds[0])
+
+
+def test_what_the_pool_does_not_reuse_is_freed(pooling: None) -> None:
+    pool = _buffers._pool
+    os.close(_buffers.dumps(np.ones(2 * MIB, np.uint8))[1][0])
+    assert len(pool.entries) == 1
+    os.close(_buffers.dumps(np.ones(8 * MIB, np.uint8))[1][0])
+    assert len(pool.entries) == 2  # the 2 MiB one was used one sending ago
+    os.close(_buffers.dumps(np.ones(8 * MIB, np.uint8))[1][0])
+    assert [entry[1] for entry in pool.entries.values()] == [8 * MIB]  # two ago: freed
+    _buffers.leave()
+    assert pool.entries == {}
+    assert mappings() == 0
+    _buffers.enter()  # for the fixture, which leaves once more
+
+
+def test_without_workers_nothing_is_pooled() -> None:
+    fds = _buffers.dumps(np.ones(2 * MIB, np.uint8))[1]
+    assert fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+    assert _buffers._pool.entries == {}
+    os.close(fds[0])
+
+
+def test_a_forked_child_lets_go_of_its_parents_pool() -> None:
+    # In a process of its own: this one has threads, and forks warn then.
+    code = """if True:
+        import os, numpy
+        from trio_fork.worker import _buffers
+        _buffers.enter()
+        fd = _buffers.dumps(numpy.ones(2 << 20, numpy.uint8))[1][0]
+        pool = _buffers._pool
+        assert len(pool.entries) == 1 and pool.notify >= 0
+        pid = os.fork()
+        if pid == 0:
+            ok = pool.entries == {} and pool.notify == -1 and pool.users == 0
+            os._exit(0 if ok else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert len(pool.entries) == 1
+        os.close(fd)
+        _buffers.leave()
+        assert pool.entries == {} and pool.notify == -1
+    """
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_threads_sending_at_once_never_share_a_memfd(pooling: None) -> None:
+    seen: dict[int, list[tuple[int, int]]] = {1: [], 2: []}
+
+    def send_many(value: int) -> None:
+        for _ in range(30):
+            received = send(np.full(2 * MIB, value, np.uint8))
+            seen[value].append((int(received[0]), int(received[-1])))
+
+    threads = [threading.Thread(target=send_many, args=(value,)) for value in seen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {value: [(value, value)] * 30 for value in seen}

@@ -276,6 +276,44 @@ async def test_bad_thresholds_fail_at_the_call(template: trio_fork.Template) -> 
             pass
 
 
+async def test_reused_memfds_never_change_what_a_process_holds(baseline: None) -> None:
+    """Memfds of big arguments and results are written again only once let go of."""
+    async with trio_fork.open_worker_context(preload=PRELOAD) as context:
+        places = [await context.run_sync(f.keep, np.full(4 * MIB, v, np.uint8)) for v in range(4)]
+        assert len(set(places)) == 4  # each held by the worker: a memfd each
+        assert await context.run_sync(f.kept) == [(v, v) for v in range(4)]
+        place = await context.run_sync(f.keep, np.full(4 * MIB, 9, np.uint8))
+        assert place in places  # let go of: written again
+        assert await context.run_sync(f.kept) == [(9, 9)]
+        results = [await context.run_sync(f.make, 4 * MIB, value) for value in range(4)]
+        assert len({f.where(result) for result in results}) == 4
+        first = f.where(results.pop(0))
+        again = await context.run_sync(f.make, 4 * MIB, 5)
+        assert f.where(again) == first
+        assert [(int(r[0]), int(r[-1])) for r in [*results, again]] == [
+            (1, 1),
+            (2, 2),
+            (3, 3),
+            (5, 5),
+        ]
+        del results, again
+
+
+async def test_rpc_workers_reuse_memfds_too(template: trio_fork.Template, baseline: None) -> None:
+    async with trio_fork.open_rpc(template, f.keep) as rpc:
+        held = await rpc.call(np.full(4 * MIB, 1, np.uint8))
+        assert await rpc.call(np.full(4 * MIB, 2, np.uint8)) != held
+    async with trio_fork.open_pool(template, f.inspect, max=1) as pool:
+        await pool.call(np.ones(8, np.uint8))  # a worker: made on demand, after the call
+        _, first, _ = await pool.call(np.full(4 * MIB, 1, np.uint8))
+        total, second, _ = await pool.call(np.full(4 * MIB, 2, np.uint8))
+        assert total == 2 * 4 * MIB
+        # Answered, the first call's argument was let go of: the third goes in its memfd.
+        total, third, _ = await pool.call(np.full(4 * MIB, 3, np.uint8))
+        assert total == 3 * 4 * MIB
+        assert first in (second, third)
+
+
 async def test_cancelled_calls_leak_nothing(template: trio_fork.Template, baseline: None) -> None:
     async with trio_fork.open_pool(template, f.inspect, max=1, load=4) as pool:
         for kill in (False, True):

@@ -140,10 +140,12 @@ class Spawner:
     @asynccontextmanager
     async def _spawn_worker(self, *args: object) -> AsyncIterator[tuple[Process, socket.socket]]:
         """A spawn whose socket is the caller's alone: for RPC workers."""
+        from .worker import _buffers
         from .worker._rpc import serve
 
         process, sock = await self._start_process(serve, args, ())
         self._blocks += 1
+        _buffers.enter()  # while it lives, the memfds of big arguments are reused
         try:
             yield process, sock
             sock.close()  # end of file: the worker exits
@@ -155,6 +157,7 @@ class Spawner:
             sock.close()
             self._blocks -= 1
             process.close()
+            _buffers.leave()
 
     async def _start_process(
         self,

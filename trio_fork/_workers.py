@@ -28,7 +28,7 @@ from ._errors import BrokenWorkerError, RemoteError
 from ._handle import _send_request
 from ._process import readable, signal_pidfd
 from ._transport import ProtocolError, receive_frame, unpack_strings
-from .worker import _wire
+from .worker import _buffers, _wire
 from .worker._wire import CALL, ERROR, EVENT, FAILED, RESULT, RETIRING, WORKER_READY, encode
 
 if TYPE_CHECKING:
@@ -69,6 +69,9 @@ class Worker:
     _outbox: _wire.Outbox = attrs.field(factory=_wire.Outbox)
     _reply_due: bool = False
     _closed: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        _buffers.enter()  # while it lives, the memfds of big arguments are reused
 
     def exited(self) -> bool:
         """Whether the process has exited (its pidfd turned readable)."""
@@ -188,6 +191,7 @@ class Worker:
         if self._closed:
             return
         self._closed = True
+        _buffers.leave()
         self._sock.close()
         self._reader.close()
         self._outbox.clear()

@@ -5,7 +5,11 @@ is already running (warmed up by a first call): ``numpy.max`` for an argument (t
 worker reads all of it and returns one number), ``numpy.ones`` for a result (the
 worker makes the array), ``numpy.negative`` for a round trip (an array in, a new one
 of the same size out). Beside them: one copy of the array in this process, the
-physical floor of sending it anywhere, and a shared array sent at two sizes.
+physical floor of sending it anywhere, into new memory (``a.copy()``, which numpy
+puts in huge pages; ``bytearray``, in 4 KiB pages), into a new memfd (what the first
+sending of a buffer costs, with the memfd's freeing), and into memory that exists
+already (what a sending into a reused memfd costs); and a shared array sent at two
+sizes.
 
 These rows allocate arrays of hundreds of MiB, so they run after the rounds of the
 other rows, which fork this process and must not find it grown (see the runner).
@@ -144,7 +148,8 @@ def row_keys() -> list[str]:
     keys = [f"large_arg_{peer}" for peer in ("trio_fork", "anyio", "trio_parallel", "ppe")]
     keys += [f"large_result_{peer}" for peer in ("trio_fork", "anyio", "trio_parallel", "ppe")]
     keys += ["large_roundtrip_trio_fork", "large_roundtrip_joblib"]
-    keys += ["large_memcpy", "large_memcpy_4k", "large_shared_big", "large_shared_small"]
+    keys += ["large_memcpy", "large_memcpy_4k", "large_memcpy_memfd", "large_memcpy_reused"]
+    keys += ["large_shared_big", "large_shared_small"]
     keys += ["large_rss_trio_fork", "large_rss_ppe"]
     return keys
 
@@ -212,6 +217,9 @@ async def _samplers(
         samplers[f"large_roundtrip_{name}"] = timed(peers[name], numpy.negative, array)
     samplers["large_memcpy"] = _copy(settings, array.copy)
     samplers["large_memcpy_4k"] = _copy(settings, lambda: bytearray(memoryview(array)))
+    samplers["large_memcpy_memfd"] = _copy(settings, functools.partial(_into_memfd, array))
+    reused = numpy.ones_like(array)  # its pages exist: no page fault, as in a reused memfd
+    samplers["large_memcpy_reused"] = _copy(settings, lambda: numpy.copyto(reused, array))
     big, small = shared_array(SIZE, numpy.uint8), shared_array(SMALL_SIZE, numpy.uint8)
     # len: the time to send it, which must not grow with its size, not to read it all.
     samplers["large_shared_big"] = timed(peers["trio_fork"], len, big)
@@ -228,6 +236,18 @@ def _copy(settings: Settings, copy: Callable[[], object]) -> Sampler:
         return time.perf_counter() - start
 
     return functools.partial(median_latency, once, settings.sample_seconds)
+
+
+def _into_memfd(array: Any) -> None:
+    """One copy into a new memfd, as a buffer's first sending makes it; then freed."""
+    fd = os.memfd_create("trio_fork bench", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(array).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+    finally:
+        os.close(fd)
 
 
 def _rss(call: Call | Unavailable, function: Any, array: Any) -> Sampler | Unavailable:

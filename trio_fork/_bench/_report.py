@@ -254,6 +254,16 @@ SECTIONS += (
                 Kind.LATENCY,
             ),
             Row(
+                "large_memcpy_memfd",
+                "one copy into a new memfd here (os.write), and its freeing",
+                Kind.LATENCY,
+            ),
+            Row(
+                "large_memcpy_reused",
+                "one copy into memory that exists here (numpy.copyto), as into a reused memfd",
+                Kind.LATENCY,
+            ),
+            Row(
                 "large_shared_big", "shared_array argument, 256 MiB: run_sync(len, a)", Kind.LATENCY
             ),
             Row(
