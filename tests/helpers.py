@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import signal
 import struct
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import anyio
+import pytest
 from anyio.abc import ByteReceiveStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -185,3 +190,63 @@ async def cancelled_when(condition: Callable[[], bool]) -> AsyncIterator[anyio.C
         with scope:
             yield scope
         group.cancel_scope.cancel()
+
+
+# Scenarios in an interpreter of their own ----------------------------------------------
+
+_ROOT = Path(__file__).resolve().parent.parent
+# Far beyond what any scenario takes when nothing hangs.
+HARD_LIMIT = 60.0
+_RUNNER = """
+import importlib, json, sys
+import anyio
+import pytest
+scenario = getattr(importlib.import_module(sys.argv[1]), sys.argv[2])
+print(json.dumps(anyio.run(scenario, *json.loads(sys.argv[4]), backend=sys.argv[3])))
+"""
+
+
+class Outcome(NamedTuple):
+    result: Any
+    stderr: str
+
+
+def run_isolated(
+    scenario: Callable[..., Awaitable[Any]], backend: str, *args: Any, limit: float = HARD_LIMIT
+) -> Outcome:
+    """Run ``scenario(*args)`` on ``backend`` in a new interpreter: what it returned.
+
+    For what may hang or leave processes behind: killed with its whole session after
+    ``limit`` seconds, failing the test. ``scenario`` is a module-level coroutine
+    function of a module under ``tests``; its arguments and result travel as JSON.
+    """
+    command = [
+        sys.executable,
+        "-c",
+        _RUNNER,
+        scenario.__module__,
+        scenario.__name__,
+        backend,
+        json.dumps(args),
+    ]
+    with subprocess.Popen(
+        command,
+        cwd=_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # so that a hung one goes with everything below it
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{scenario.__name__} hung: killed after {limit:g} s\n{stderr[-4000:]}")
+    assert process.returncode == 0, f"{scenario.__name__} failed:\n{stderr[-4000:]}"
+    return Outcome(json.loads(stdout.splitlines()[-1]), stderr)
+
+
+def alive_below(pid: int) -> list[int]:
+    """The processes below ``pid`` that still run (zombies are dead)."""
+    return [below for below in descendants(pid) if process_alive(below)]

@@ -10,19 +10,17 @@ back too, for the guarantees about what is printed.
 from __future__ import annotations
 
 import contextlib
-import json
 import mmap
 import os
 import pickle
 import random
 import signal
 import socket
-import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -31,55 +29,15 @@ import pytest
 
 import trio_fork
 from tests import rpc_functions, targets
-from tests.helpers import descendants, process_alive, receive, until
+from tests.helpers import (
+    alive_below,
+    process_alive,
+    receive,
+    run_isolated,
+    until,
+)
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parent.parent
-
-# Far beyond what any scenario takes when nothing hangs.
-HARD_LIMIT = 60.0
-
-_RUNNER = """
-import json, sys
-import anyio
-from tests import test_reliability_parent as module
-scenario = getattr(module, sys.argv[1])
-print(json.dumps(anyio.run(scenario, *json.loads(sys.argv[3]), backend=sys.argv[2])))
-"""
-
-
-class Outcome(NamedTuple):
-    result: Any
-    stderr: str
-
-
-def run_isolated(
-    scenario: Callable[..., Awaitable[Any]], backend: str, *args: Any, limit: float = HARD_LIMIT
-) -> Outcome:
-    """Run ``scenario(*args)`` on ``backend`` in a new interpreter: what it returned."""
-    command = [sys.executable, "-c", _RUNNER, scenario.__name__, backend, json.dumps(args)]
-    with subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # so that a hung one goes with everything below it
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=limit)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            pytest.fail(f"{scenario.__name__} hung: killed after {limit:g} s\n{stderr[-4000:]}")
-    assert process.returncode == 0, f"{scenario.__name__} failed:\n{stderr[-4000:]}"
-    return Outcome(json.loads(stdout.splitlines()[-1]), stderr)
-
-
-def alive_below(pid: int) -> list[int]:
-    """The processes below ``pid`` that still run (zombies are dead)."""
-    return [below for below in descendants(pid) if process_alive(below)]
 
 
 # 1. Child.wait() from many tasks ---------------------------------------------------------

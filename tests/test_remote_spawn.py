@@ -10,11 +10,8 @@ time limit.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,52 +20,13 @@ import pytest
 
 import trio_fork
 from tests import rpc_functions, targets
-from tests.helpers import descendants, process_alive, receive, until
+from tests.helpers import alive_below, process_alive, receive, run_isolated, until
 from tests.sshd import SshTarget
 from tests.test_reliability import _CancelAtYield
 from tests.test_remote import REMOTE_PYTHON, remote
 from trio_fork._remote import open_remote_template
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parent.parent
-HARD_LIMIT = 60.0
-
-_RUNNER = """
-import json, sys
-import anyio
-from tests import test_remote_spawn as module
-scenario = getattr(module, sys.argv[1])
-print(json.dumps(anyio.run(scenario, *json.loads(sys.argv[3]), backend=sys.argv[2])))
-"""
-
-
-def run_isolated(scenario: Any, backend: str, *args: Any) -> tuple[Any, str]:
-    """Run ``scenario(*args)`` on ``backend`` in a new interpreter: its result, its stderr."""
-    command = [sys.executable, "-c", _RUNNER, scenario.__name__, backend, json.dumps(args)]
-    with subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # so that a hung one goes with everything below it
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=HARD_LIMIT)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            pytest.fail(
-                f"{scenario.__name__} hung: killed after {HARD_LIMIT:g} s\n{stderr[-4000:]}"
-            )
-    assert process.returncode == 0, f"{scenario.__name__} failed:\n{stderr[-4000:]}"
-    return json.loads(stdout.splitlines()[-1]), stderr
-
-
-def alive_below(pid: int) -> list[int]:
-    """The processes below ``pid`` that still run (zombies are dead)."""
-    return [below for below in descendants(pid) if process_alive(below)]
 
 
 # A cancelled spawn ----------------------------------------------------------------------
