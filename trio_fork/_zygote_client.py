@@ -14,12 +14,13 @@ library's C modules and nothing else: not trio, anyio or attrs, not even
 :mod:`socket` or :mod:`signal`, whose enums cost more than the rest of a run. The
 rarely taken paths (starting a server, ``--status``) import what they need.
 
-The wire, over a Unix stream socket: the request is ``b"TFZ1"``, an 8-byte length
+The wire, over a Unix stream socket: the request is ``b"TFZ2"``, an 8-byte length
 and NUL-separated fields (see :func:`request`), with the working directory, stdin,
 stdout and stderr riding as ``SCM_RIGHTS``; after it, a byte for each signal to pass
-on. Answers are ``x`` + the exit status (from the program itself as it exits),
-``X`` + the same (from the server once the program is reaped, subprocess-style: -N
-for death by signal N), or ``T``/``E`` + 4-byte length + text.
+on, and a 0 byte when the client leaves. Answers are ``x`` + the exit status (from
+the program itself as it exits), ``X`` + the same (from the server once the program
+is reaped, subprocess-style: -N for death by signal N), ``S`` + 4 zero bytes (the
+program was sent SIGTSTP: stop), or ``T``/``E`` + 4-byte length + text.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import NoReturn
 
-MAGIC = b"TFZ1"
+MAGIC = b"TFZ2"
 """Starts every request; a new wire format gets a new one, and so new socket names."""
+_FOREVER = 86400.0  # a socket timeout (seconds) that only makes the socket non-blocking
 HEADER_SIZE = len(MAGIC) + 8
 SIGNALS = (
     _signal.SIGINT,
@@ -385,15 +387,17 @@ def _run(path: str, preload: Sequence[str], verbose: bool, payload: bytes, fds: 
 
         sock = start_server(path, preload, verbose)
     try:
-        # Signals that come from now on are the program's: held until it is asked for.
         stand_in = StandIn(sock)
+        held = stand_in.hold_signals()
         try:
             send_request(sock, payload, fds)
         except (BrokenPipeError, ConnectionResetError):
             pass  # what we read next says why (a program that ran and ended already?)
-        stand_in.forward_from_now()
+        finally:
+            stand_in.pass_signals(held)
         return stand_in.wait()
     finally:
+        _signal.set_wakeup_fd(-1)
         sock.close()
 
 
@@ -401,28 +405,43 @@ class StandIn:
     """Pass the signals we get on to the program, and learn how it ended.
 
     Signals go to the server as one byte each, on the connection; the server, which
-    holds the program's pidfd, delivers them. So the client sleeps from its request
-    until the program ends, and is woken only by the signals it gets.
+    holds the program's pidfd, delivers them. They are written by the interpreter's
+    C-level handler itself, as the signal's *wakeup fd* is the connection: a signal
+    is passed on the moment it comes, wherever the client is. (A Python handler
+    runs later, between two bytecodes: one that came just before a blocking
+    ``recv`` would wait for the program's end, and the program for it.) Python's
+    handlers do nothing, except that the server answers SIGTSTP with ``S``: stop
+    ourselves too, as the shell expects of its job.
     """
 
     def __init__(self, sock: _socket.socket) -> None:
         self.answers = Answers(sock)
         self.sock = sock
-        self.pending: list[int] | None = []
-        for sig in SIGNALS:
-            if not _ignored(sig):
-                _signal.signal(sig, self.on_signal)
+        self.signals = [sig for sig in SIGNALS if not _ignored(sig)]
+        for sig in self.signals:
+            _signal.signal(sig, _pass)
 
-    def forward_from_now(self) -> None:
-        pending, self.pending = self.pending or [], None
-        for sig in pending:
-            self.on_signal(sig, None)
+    def hold_signals(self) -> object:
+        """Hold signals while the request is on its way: they wait in the kernel."""
+        return _signal.pthread_sigmask(_signal.SIG_BLOCK, self.signals)
+
+    def pass_signals(self, held: object) -> None:
+        """Let the held signals through, each as a byte after the request, never inside it."""
+        try:
+            # A timeout makes the socket non-blocking, as a wakeup fd must be, while
+            # our own reads still wait (in the interpreter's own poll).
+            self.sock.settimeout(_FOREVER)
+            _signal.set_wakeup_fd(self.sock.fileno(), warn_on_full_buffer=False)
+        finally:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, held)
 
     def wait(self) -> int:
         """The program's exit status, subprocess-style."""
         while True:
             try:
                 message = self.answers.next()
+            except TimeoutError:
+                continue
             except OSError as exc:
                 raise ZygoteError(f"lost the server: {exc.strerror}") from None
             if message is None:
@@ -431,30 +450,23 @@ class StandIn:
             if kind in (b"x", b"X"):
                 # x: the program's own word, once it has closed its descriptors and
                 # is about to exit; X: the server's, once the template reaped it. The
-                # server hears that we leave of our own accord.
-                self.pending = []
+                # server hears that we leave of our own accord, and no more signals.
+                _signal.set_wakeup_fd(-1)
                 try:
                     self.sock.send(b"\0")
                 except OSError:
                     pass
                 return int.from_bytes(body, "little", signed=True)
-            if kind == b"E":
+            if kind == b"S":  # the program was sent our SIGTSTP: SIGCONT wakes us both
+                _signal.signal(_signal.SIGTSTP, _signal.SIG_DFL)
+                os.kill(os.getpid(), _signal.SIGTSTP)
+                _signal.signal(_signal.SIGTSTP, _pass)
+            elif kind == b"E":
                 raise ZygoteError(body.decode("utf-8", "replace").rstrip("\n"))
 
-    def on_signal(self, sig: int, frame: object) -> None:
-        if self.pending is not None:
-            self.pending.append(sig)  # the request is still on its way
-            return
-        try:
-            self.sock.send(sig.to_bytes(1, "little"))
-        except OSError:
-            pass  # the server is gone, and so is the program
-        if sig == _signal.SIGTSTP:
-            # Stop ourselves too, as the shell expects of its job; SIGCONT wakes us
-            # (and is passed on in turn).
-            _signal.signal(sig, _signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
-            _signal.signal(sig, self.on_signal)
+
+def _pass(sig: int, frame: object) -> None:
+    """The Python-level handler of a forwarded signal: the wakeup fd did the work."""
 
 
 def die_by(sig: int) -> NoReturn:

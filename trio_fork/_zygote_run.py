@@ -51,6 +51,13 @@ async def until_exit(conn: socket.socket, spare: Spare) -> int:
                         return
                     if sig in SIGNALS or sig == signal.SIGKILL:
                         _deliver(spare, sig)
+                    if sig == signal.SIGTSTP:
+                        # The client stops itself once its program is stopped, as the
+                        # shell expects of its job (and SIGCONT wakes them both).
+                        try:
+                            conn.send(b"S\0\0\0\0")
+                        except OSError:
+                            pass  # gone: the end of file comes next
                 if not data:
                     return
 

@@ -142,6 +142,9 @@ def _unignore_signals() -> None:
             signal.signal(sig, _ignore)
 
 
+_RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _own_session(ready_fd: int | None) -> int | None:
     """Run in a session of our own, without a controlling terminal; None in the server.
 
@@ -154,23 +157,25 @@ def _own_session(ready_fd: int | None) -> int | None:
     if os.getsid(0) == os.getpid():
         return None
     _wire.flush_stdio()
+    # Held from before the fork, and taken one at a time: a handler would run only
+    # between two bytecodes, and one that came just before waitpid would wait for
+    # the server's own end.
+    relayed = {sig for sig in _RELAYED if signal.getsignal(sig) != signal.SIG_IGN}
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, relayed | {signal.SIGCHLD})
     pid = os.fork()
     if pid == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         os.setsid()
         return None
     if ready_fd is not None:
         os.close(ready_fd)  # the server's to write and close: its end of file is news
-
-    def relay(signum: int, frame: object) -> None:
-        try:
-            os.kill(pid, signum)  # not reaped yet: it is still ours
-        except ProcessLookupError:
-            pass
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) != signal.SIG_IGN:
-            signal.signal(sig, relay)
-    _, status = os.waitpid(pid, 0)
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        sig = signal.sigwaitinfo(relayed | {signal.SIGCHLD}).si_signo
+        if sig != signal.SIGCHLD:
+            os.kill(pid, sig)  # not reaped yet: it is still ours
     return os.waitstatus_to_exitcode(status)
 
 

@@ -85,7 +85,7 @@ def _take(
         # The client sends its request whole: its start is here, or nothing is. A run
         # of a sane size (the server's limit) is ours.
         head = conn.recv(16, socket.MSG_PEEK)
-        ours = head[:4] == b"TFZ1" and head[12:] == b"run\0"
+        ours = head[:4] == b"TFZ2" and head[12:] == b"run\0"
         if not (ours and int.from_bytes(head[4:12], "little") <= 64 << 20 and _fresh(fingerprint)):
             sock.send(b"N")
             return None
