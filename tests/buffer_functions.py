@@ -127,3 +127,12 @@ def kept() -> list[tuple[int, int]]:
     values = [(int(array[0]), int(array[-1])) for array in _kept]
     _kept.clear()
     return values
+
+
+def faults_reading(array: Any) -> tuple[int, int]:
+    """The page faults taken to read all of ``array``, and its first byte."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    array.max()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, int(array[0])

@@ -20,7 +20,7 @@ import pytest
 
 import trio_fork
 from trio_fork._shared import check_threshold
-from trio_fork.worker import _buffers
+from trio_fork.worker import _buffers, _mappings
 
 np = pytest.importorskip("numpy")
 
@@ -270,6 +270,53 @@ def test_a_buffer_sent_on_keeps_its_memfd_held(pooling: None) -> None:
     os.close(fds[0])
 
 
+def test_a_clean_mapping_of_a_reused_memfd_is_kept_for_its_next_sending(pooling: None) -> None:
+    payload, fds = _buffers.dumps(np.full(2 * MIB, 1, np.uint8))
+    first = inode(fds[0])
+    received = _buffers.loads(*_buffers.receive(payload, fds))
+    address = received.__array_interface__["data"][0]
+    assert _mappings.kept.idle == {}
+    del received  # clean: kept, and the memfd let go of all the same
+    assert list(_mappings.kept.idle) == [first]
+    payload, fds = _buffers.dumps(np.full(2 * MIB, 2, np.uint8))
+    assert inode(fds[0]) == first
+    again = _buffers.loads(*_buffers.receive(payload, fds))
+    assert _mappings.kept.idle == {}  # in use again
+    assert again.__array_interface__["data"][0] == address
+    assert int(again[0]) == int(again[-1]) == 2  # the new contents, through the old mapping
+    # While it is used, the memfd is held: another sending goes elsewhere.
+    _, fds = _buffers.dumps(np.full(2 * MIB, 3, np.uint8))
+    assert inode(fds[0]) != first
+    os.close(fds[0])
+    assert int(again[0]) == 2
+    del again
+    _buffers.leave()  # the process stops pooling: what was kept goes
+    assert _mappings.kept.idle == {}
+    assert mappings() == 0
+    _buffers.enter()
+
+
+def test_a_mapping_written_to_is_never_kept(pooling: None) -> None:
+    payload, fds = _buffers.dumps(np.full(2 * MIB, 1, np.uint8))
+    received = _buffers.loads(*_buffers.receive(payload, fds))
+    received[MIB] = 99  # a private copy of that page, which the memfd has not
+    del received
+    assert _mappings.kept.idle == {}
+    again = send(np.full(2 * MIB, 2, np.uint8))
+    assert set(again.tolist()) == {2}
+
+
+def test_kept_mappings_go_when_unused_or_too_many(pooling: None) -> None:
+    held = [send(np.full((index + 1) * MIB, index, np.uint8)) for index in range(3)]
+    del held
+    assert len(_mappings.kept.idle) == 3
+    for _ in range(3):  # receipts that use none of them
+        send(np.full(8 * MIB, 1, np.uint8))
+    assert len(_mappings.kept.idle) == 1  # only the last 8 MiB one: the others went
+    assert len(_buffers._pool.entries) == 1
+    assert mappings() == 2  # of that one memfd: the pool's, and the one kept
+
+
 def test_what_the_pool_does_not_reuse_is_freed(pooling: None) -> None:
     pool = _buffers._pool
     os.close(_buffers.dumps(np.ones(2 * MIB, np.uint8))[1][0])
@@ -297,15 +344,19 @@ def test_a_forked_child_lets_go_of_its_parents_pool() -> None:
         import os, numpy
         from trio_fork.worker import _buffers
         _buffers.enter()
-        fd = _buffers.dumps(numpy.ones(2 << 20, numpy.uint8))[1][0]
+        from trio_fork.worker import _mappings
+        _buffers.loads(*_buffers.receive(*_buffers.dumps(numpy.ones(2 << 20, numpy.uint8))))
+        assert len(_mappings.kept.idle) == 1
+        fd = _buffers.dumps(numpy.ones(4 << 20, numpy.uint8))[1][0]
         pool = _buffers._pool
-        assert len(pool.entries) == 1 and pool.notify >= 0
+        assert len(pool.entries) == 2 and pool.notify >= 0
         pid = os.fork()
         if pid == 0:
             ok = pool.entries == {} and pool.notify == -1 and pool.users == 0
+            ok = ok and _mappings.kept.idle == {}
             os._exit(0 if ok else 1)
         assert os.waitpid(pid, 0)[1] == 0
-        assert len(pool.entries) == 1
+        assert len(pool.entries) == 2
         os.close(fd)
         _buffers.leave()
         assert pool.entries == {} and pool.notify == -1

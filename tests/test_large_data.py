@@ -299,6 +299,27 @@ async def test_reused_memfds_never_change_what_a_process_holds(baseline: None) -
         del results, again
 
 
+async def test_a_worker_reads_a_reused_memfd_on_the_mapping_it_kept(baseline: None) -> None:
+    """No page fault for the same memfd sent again: the worker's page table still maps it."""
+    size = 16 * MIB
+    async with trio_fork.open_worker_context(preload=PRELOAD) as context:
+        # The first call's argument was sent before there was a worker (and so a pool).
+        await context.run_sync(f.faults_reading, np.full(size, 0, np.uint8))
+        cold, first = await context.run_sync(f.faults_reading, np.full(size, 1, np.uint8))
+        warm, second = await context.run_sync(f.faults_reading, np.full(size, 2, np.uint8))
+        assert (first, second) == (1, 2)
+        assert cold > size // (256 * 1024)  # one per 64 KiB at most (the kernel's fault-around)
+        assert warm < cold // 10
+        # Written to by the worker, the mapping is not kept: the next argument is whole.
+        total, _, _ = await context.run_sync(f.inspect, np.full(size, 3, np.uint8), True)
+        assert total == 3 * size
+        total, _, _ = await context.run_sync(f.inspect, np.full(size, 4, np.uint8))
+        assert total == 4 * size
+        again, fourth = await context.run_sync(f.faults_reading, np.full(size, 5, np.uint8))
+        assert fourth == 5
+        assert again < cold // 10
+
+
 async def test_rpc_workers_reuse_memfds_too(template: trio_fork.Template, baseline: None) -> None:
     async with trio_fork.open_rpc(template, f.keep) as rpc:
         held = await rpc.call(np.full(4 * MIB, 1, np.uint8))

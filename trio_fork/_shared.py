@@ -21,7 +21,7 @@ import operator
 import os
 import pickle
 
-from .worker import _buffers
+from .worker import _buffers, _mappings
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def shared_buffer(size: int, *, shared_writes: bool = False) -> pickle.PickleBuf
         os.ftruncate(fd, size)
         # Never shrunk under a mapping (which would crash its reader), nor grown.
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _buffers.FIXED)
-        region = mmap.mmap(fd, size, **_buffers.UNTRACKED)
+        region = mmap.mmap(fd, size, **_mappings.UNTRACKED)
         if not shared_writes:
             # Receivers get a read-only descriptor: they can only map it privately.
             read_only = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -71,8 +71,8 @@ def shared_buffer(size: int, *, shared_writes: bool = False) -> pickle.PickleBuf
     except BaseException:
         os.close(fd)
         raise
-    mode = _buffers.SHARED if shared_writes else _buffers.PRIVATE
-    _buffers.register(region, 0, fd, mode, False)
+    mode = _mappings.SHARED if shared_writes else _mappings.PRIVATE
+    _mappings.register(region, 0, fd, mode, False)
     return pickle.PickleBuffer(memoryview(region))
 
 

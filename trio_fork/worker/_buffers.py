@@ -23,13 +23,14 @@ follows. A payload without is a plain pickle, which starts with PROTO (0x80).
 from __future__ import annotations
 
 import _thread
-import _weakref
 import fcntl
 import mmap
 import os
 import pickle
 import struct
 import sys
+
+from ._mappings import PRIVATE, UNTRACKED, descriptor, kept, map_received
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,24 +39,11 @@ if TYPE_CHECKING:
 
 THRESHOLD = 1 << 20
 """Buffers of at least this many bytes go out of band, by default."""
-PRIVATE, SHARED = 0, 1  # how the receiver maps a buffer: copy-on-write, or shared
 _HEAD = struct.Struct("<BI")  # 0, number of buffers
 _ENTRY = struct.Struct("<QQB")  # offset in the memfd, length, mode
-_PAGE = mmap.PAGESIZE
 _PLAIN = frozenset((int, float, complex, str, bytes, bool, type(None)))
 FIXED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _FROZEN = FIXED | fcntl.F_SEAL_WRITE
-# mmap keeps a duplicate of the descriptor unless told not to (Python 3.13+).
-UNTRACKED: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
-# The last byte of a pagemap entry: bit 63 present, 62 swapped, 61 a file's page. A
-# page of a private mapping that is swapped, or present and no longer the file's, was
-# written to.
-_WRITTEN = bytes(int(bool(b & 0x40) or b & 0xA0 == 0x80) for b in range(256))
-
-# Mappings whose descriptor is known: start address -> (end, memfd offset of start,
-# descriptor, mode to send it with, whether ours is private, weak reference).
-_regions: dict[int, tuple[int, int, int, int, bool, Any]] = {}
-_alive: dict[int, Any] = {}  # their weak references, by id, until each one's callback
 
 
 def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]]:
@@ -82,7 +70,7 @@ def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]
             length = view.nbytes
             if length < threshold:
                 return True
-            found = _descriptor(view, length)
+            found = descriptor(view, length)
             if found is None:
                 copied.append(1)
             fd, offset, mode = found or (_copy(view), 0, PRIVATE)
@@ -125,9 +113,11 @@ def receive(payload: bytes, fds: list[int]) -> tuple[Any, list[memoryview]]:
         zero, count = _HEAD.unpack_from(payload)
         if zero or count != len(fds):
             raise ValueError(f"{len(fds)} descriptors came with a table of {count} buffers")
+        reuse = _pool.active()
         for index in range(count):
             fd, fds[index] = fds[index], -1
-            buffers.append(_map(fd, *_ENTRY.unpack_from(payload, _HEAD.size + index * _ENTRY.size)))
+            offset, length, mode = _ENTRY.unpack_from(payload, _HEAD.size + index * _ENTRY.size)
+            buffers.append(map_received(fd, offset, length, mode, reuse))
     except (struct.error, OSError) as exc:
         raise ValueError(f"the buffers of a payload cannot be mapped: {exc}") from None
     finally:
@@ -205,15 +195,17 @@ class _Pool:
         self.entries: dict[int, list[Any]] = {}  # watch -> [fd, size, view, holders, last]
         self.sendings = 0  # sendings of big buffers
 
-    def usable(self) -> bool:
-        """Whether this process pools its buffers: if it has workers, or is one.
+    def active(self) -> bool:
+        """Whether this process pools its buffers: if it has workers, or is one."""
+        if self.users:
+            return True
+        rpc = sys.modules.get("trio_fork.worker._rpc")
+        return rpc is not None and rpc.Worker.current is not None
 
-        Called with the lock held.
-        """
-        if not self.users:
-            rpc = sys.modules.get("trio_fork.worker._rpc")
-            if rpc is None or rpc.Worker.current is None:
-                return False
+    def usable(self) -> bool:
+        """Whether this process pools its buffers, and can (called with the lock held)."""
+        if not self.active():
+            return False
         if self.notify == -1:
             self.notify = _inotify()
         return self.notify >= 0  # -2: no inotify to be had here
@@ -227,6 +219,8 @@ class _Pool:
         """A worker of this process is gone: with the last one, the pool goes."""
         with self.lock:
             self.users -= 1
+            if not self.users:
+                kept.drop()  # the mappings kept of what workers sent us
             if not self.users and self.notify >= 0:
                 self.drop(list(self.entries))
                 _close([self.notify])
@@ -321,6 +315,7 @@ class _Pool:
                 view.release()
             _close([fd])
         self.entries.clear()
+        kept.drop()
         _close([self.notify])
         self.notify = -1
         self.users = 0
@@ -362,89 +357,6 @@ _POOL_BYTES = 1 << 30  # and bytes at most: bigger buffers are copied into new m
 _pool = _Pool()
 os.register_at_fork(after_in_child=_pool.forget)
 enter, leave = _pool.enter, _pool.leave
-
-
-def _map(fd: int, offset: int, length: int, mode: int) -> memoryview:
-    """Map ``length`` bytes at ``offset`` of a received memfd; ``fd`` is taken."""
-    try:
-        if not (
-            length
-            and mode in (PRIVATE, SHARED)
-            and fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
-            and os.fstat(fd).st_size >= offset + length
-        ):
-            # Unsealed, its owner could shrink it under the mapping: SIGBUS here.
-            raise ValueError("a buffer's descriptor is not a sealed memfd of its size")
-        start = offset - offset % _PAGE
-        flags = mmap.MAP_SHARED if mode == SHARED else mmap.MAP_PRIVATE
-        prot = mmap.PROT_READ | mmap.PROT_WRITE
-        region = mmap.mmap(fd, offset + length - start, flags, prot, offset=start, **UNTRACKED)
-    except BaseException:
-        os.close(fd)
-        raise
-    register(region, start, fd, mode, mode == PRIVATE)
-    return memoryview(region)[offset - start :]
-
-
-def register(region: mmap.mmap, offset: int, fd: int, mode: int, private: bool) -> None:
-    """Know ``region``'s descriptor from now until it is collected (which closes it)."""
-    address = _address(region)
-    ref = _weakref.ref(region, lambda dead: _forget(address, fd, dead))
-    _alive[id(ref)] = ref
-    _regions[address] = (address + len(region), offset, fd, mode, private, ref)
-
-
-def _forget(address: int, fd: int, ref: Any) -> None:
-    # mmap unmaps before its weak references die, without the GIL: another thread
-    # may have mapped the same address and registered it meanwhile. Its entry stays
-    # (and this weak reference lives on in _alive, or its callback would never run);
-    # this one's descriptor is closed all the same.
-    _alive.pop(id(ref), None)
-    entry = _regions.get(address)
-    if entry is not None and entry[5] is ref:
-        del _regions[address]
-    _close([fd])
-
-
-def _address(buffer: Any) -> int:
-    import ctypes  # only once there are mappings: templates load it anyway (prctl)
-
-    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-
-
-def _descriptor(view: memoryview, length: int) -> tuple[int, int, int] | None:
-    """A descriptor, offset and mode that send ``view`` with no copy; None if none do."""
-    if not _regions:
-        return None
-    interface = getattr(view.obj, "__array_interface__", None)
-    if interface is not None:
-        address = interface["data"][0]
-    elif view.readonly:
-        return None  # no address to be had without a C helper: it is copied
-    else:
-        address = _address(view)
-    # A copy: collecting a mapping (a weak reference's callback) changes the dict.
-    for start, (end, offset, fd, mode, private, _) in list(_regions.items()):
-        if start <= address and address + length <= end:
-            if private and _written(address, length):
-                return None
-            return os.dup(fd), offset + address - start, mode
-    return None
-
-
-def _written(address: int, length: int) -> bool:
-    """Whether a page of a private mapping in this range was written to (or unknown)."""
-    first = address // _PAGE
-    count = (address + length - 1) // _PAGE - first + 1
-    try:
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            entries = os.pread(fd, count * 8, first * 8)
-        finally:
-            os.close(fd)
-    except OSError:
-        return True
-    return len(entries) != count * 8 or b"\1" in entries[7::8].translate(_WRITTEN)
 
 
 def _close(fds: list[int]) -> None:
