@@ -6,12 +6,16 @@ and the leak check sees that each session ended its own.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import process_exists
+from trio_fork import _isolated
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "testing"
 
@@ -170,6 +174,16 @@ def test_a_process_that_outlives_its_block_fails_the_test(
     orphans = [int(pid) for pid in (pytester.path / "orphans.txt").read_text().split()]
     assert orphans
     assert not any(process_exists(pid) for pid in orphans)
+
+
+def test_a_leftover_without_a_command_line_is_described_as_such() -> None:
+    with subprocess.Popen(["true"]) as process:
+        deadline = time.monotonic() + 30
+        while _isolated._command_line(process.pid) != "":  # a zombie: it has none
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        described = _isolated._describe(process.pid, os.getpid())
+    assert described == f"pid {process.pid} (no command line: exiting, or starting a program)"
 
 
 CRASH = """

@@ -47,6 +47,8 @@ def _describe(pid: int, template: int) -> str:
     command = _command_line(pid)
     if command is None:
         return f"pid {pid} (already gone)"
+    if not command:  # a zombie's, or a process's between its exec and its new program
+        return f"pid {pid} (no command line: exiting, or starting a program)"
     if command == _command_line(template):
         # Forked, never exec'd: its command line is the template's, and says nothing.
         return f"pid {pid} (a Python process forked below the template)"
