@@ -73,9 +73,14 @@ helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 print("ready", os.getpid(), helper.pid, flush=True)
 time.sleep(60)
 """
+# The programs that tests interrupt wait in short waits: CPython runs a signal's handler
+# between two bytecodes, and a Ctrl-C that came after the last check before a long
+# blocking call (a read, a 60 s sleep) would wait for its end, as under python itself.
 READER = """\
-import os, sys
+import os, select, sys
 print("ready", os.getpid(), flush=True)
+while not select.select([sys.stdin], [], [], 0.05)[0]:
+    pass
 print("got", sys.stdin.readline().strip(), flush=True)
 """
 TERMINAL = """\
@@ -83,7 +88,8 @@ import sys, time
 print("tty", sys.stdin.isatty(), sys.stdout.isatty(), sys.stdout.line_buffering)
 name = input("name? ")
 print("hello", name)
-time.sleep(60)
+for _ in range(1200):
+    time.sleep(0.05)
 """
 CONCURRENT = """\
 import json, os, sys
