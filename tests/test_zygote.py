@@ -499,6 +499,40 @@ def test_a_signal_that_ends_the_program_ends_the_client_alike(
             assert process.stderr.read().splitlines()[-1] == "KeyboardInterrupt"
 
 
+# A client whose main thread is in a long C call (a sum in C: no bytecode, so no
+# Python-level signal handler can run until it ends), as it may be, in effect, when a
+# signal lands just before it blocks in recv.
+BUSY_CLIENT = """\
+import socket, sys
+from trio_fork._zygote_client import StandIn
+stand_in = StandIn(socket.socket(fileno=int(sys.argv[1])))
+stand_in.pass_signals(stand_in.hold_signals())
+print("busy", flush=True)
+sum(range(10**12))
+"""
+
+
+def test_a_signal_reaches_the_server_while_the_client_runs_no_python() -> None:
+    ours, theirs = socket.socketpair()
+    with (
+        ours,
+        subprocess.Popen(
+            [sys.executable, "-c", BUSY_CLIENT, str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdout=subprocess.PIPE,
+        ) as process,
+    ):
+        theirs.close()
+        try:
+            assert read_line(process.stdout) == "busy\n"
+            process.send_signal(signal.SIGUSR1)
+            assert select.select([ours], [], [], TIMEOUT)[0], "the signal never came"
+            assert ours.recv(8) == bytes([signal.SIGUSR1])
+            assert process.poll() is None  # still in its sum: it came from no Python code
+        finally:
+            process.kill()
+
+
 def test_stop_and_continue_reach_the_program(zygote: Zygote) -> None:
     # A group of its own, as a shell's job: the stop signals work in it.
     with zygote.popen("reader.py", stdin=subprocess.PIPE, process_group=0) as process:
