@@ -320,6 +320,27 @@ async def test_a_worker_reads_a_reused_memfd_on_the_mapping_it_kept(baseline: No
         assert again < cold // 10
 
 
+async def test_a_worker_lets_go_of_the_arguments_before_it_answers(
+    template: trio_fork.Template, baseline: None
+) -> None:
+    """When the answer comes the argument's memfd is free again: the next one goes in it.
+
+    Letting go of it takes half a second here: answered first, the next argument
+    would find it held and go in a new memfd.
+    """
+    async with trio_fork.open_worker_context(preload=PRELOAD) as context:
+        await context.run_sync(f.identity, 0)  # a worker, and so a pool
+        first = await context.run_sync(f.let_go_slowly, np.full(4 * MIB, 1, np.uint8))
+        _, second, _ = await context.run_sync(f.inspect, np.full(4 * MIB, 2, np.uint8))
+        assert first is not None
+        assert second == first
+    # An asynchronous worker, whose calls run in tasks of their own.
+    async with trio_fork.open_rpc(template, f.let_go_slowly_async) as rpc:
+        first = await rpc.call(np.full(4 * MIB, 1, np.uint8))
+        assert first is not None
+        assert await rpc.call(np.full(4 * MIB, 2, np.uint8)) == first
+
+
 async def test_rpc_workers_reuse_memfds_too(template: trio_fork.Template, baseline: None) -> None:
     async with trio_fork.open_rpc(template, f.keep) as rpc:
         held = await rpc.call(np.full(4 * MIB, 1, np.uint8))

@@ -252,8 +252,11 @@ class _SyncWorker(Worker):
     async def serve_calls(self) -> None:
         while self.receive():
             if self.queue:
-                call = self.queue.popleft()  # its buffers stay mapped until it is answered
+                call = self.queue.popleft()
                 reply = await self.outcome(*call)
+                # Its buffers let go of before the answer: a sender that reuses its
+                # memfds finds this call's free when the answer comes (_buffers._Pool).
+                del call
                 if self.retiring or self.should_retire():
                     # Said before the reply, so that the parent sends nothing more.
                     # Calls queued behind this one never started; the parent sees
@@ -261,7 +264,7 @@ class _SyncWorker(Worker):
                     self.send([*encode(RETIRING), *reply])
                     return
                 self.send(reply)
-                del call, reply
+                del reply
                 self.kept.clear()
 
     def receive(self) -> bool:
@@ -401,7 +404,7 @@ class _AsyncWorker(Worker):
         with scope:
             if not scope.cancel_called:  # cancelled before it started: never called
                 frame = await self.outcome(call_id, payload, buffers)
-        del self.running[call_id]
+        del self.running[call_id], payload, buffers  # let go of before the answer, as above
         self.send(frame or encode(CANCELLED, call_id), now=not self.running)
 
     def retire(self) -> None:
