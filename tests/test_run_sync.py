@@ -359,3 +359,43 @@ def test_a_main_module_that_runs_the_program_when_loaded(tmp_path: Path) -> None
     assert result.returncode == 1
     assert 'if __name__ == "__main__":' in result.stderr
     assert "RemoteError" in result.stderr
+
+
+_IMPORTED = """
+import anyio
+import trio_fork
+
+
+def negate(value):
+    return -value
+
+
+class Value(int):
+    pass
+
+
+async def main():
+    print(await trio_fork.run_sync({call}))
+
+anyio.run(main, backend={backend!r})
+"""
+
+
+@pytest.mark.parametrize("call", ["negate, 3", "abs, Value(-3)"], ids=["function", "argument"])
+def test_a_module_that_starts_workers_when_imported(
+    tmp_path: Path, anyio_backend: str, call: str
+) -> None:
+    """Imported by name, not run as __main__: each worker loading a call's function or
+    argument would import it, and start workers again, without end."""
+    (tmp_path / "program.py").write_text(_IMPORTED.format(call=call, backend=anyio_backend))
+    result = subprocess.run(
+        [sys.executable, "-c", "import program"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "a worker was loading the function or the arguments of a call" in result.stderr
+    assert "under 'if __name__ == \"__main__\":'" in result.stderr

@@ -38,7 +38,8 @@ from ._template_workers import TemplateWorkers
 from ._transport import ProtocolError, unpack_strings
 from ._workers import Worker, WorkerDied, invoke_frame, start_worker, wait_reaped
 from .worker import _buffers, _wire
-from .worker._apply import become_worker, loading
+from .worker._apply import become_worker
+from .worker._rpc import loading
 from .worker._wire import RESULT
 
 if TYPE_CHECKING:
@@ -182,13 +183,18 @@ class WorkerContext(metaclass=NoPublicConstructor):
         """One call, in a worker taken from the idle ones or started for it; its result."""
         if self._closed:
             raise closed_error(run.backend, "this worker context is closed")
-        if loading.main:
-            # The program's top-level code is running in a template or a worker, which
-            # is loading it as its __mp_main__: going on would start workers without end.
+        if loading.main or loading.call == threading.get_ident():
+            # Code that runs when a module is loaded is running in a template or a
+            # worker, which is loading it: going on would start workers without end.
             raise RuntimeError(
                 "trio_fork workers were requested while a worker template was loading "
                 "this program's main module: put the code that runs the program under "
                 "'if __name__ == \"__main__\":'"
+                if loading.main
+                else "trio_fork workers were requested while a worker was loading the "
+                "function or the arguments of a call, whose module starts workers when "
+                "it is imported (each worker would import it again): start them from a "
+                "function, or under 'if __name__ == \"__main__\":'"
             )
         if self._over is not None:
             return await self._over.call(payload, buffers, kill_on_cancel)

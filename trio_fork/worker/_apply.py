@@ -12,10 +12,11 @@ result itself, so that one that cannot be pickled fails the call with a
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]
+import _thread
 import os
 import pickle
 import sys
-from types import CoroutineType, ModuleType, SimpleNamespace  # pickle imports types
+from types import CoroutineType, ModuleType  # pickle imports types
 
 from . import _buffers, _child, _rpc, _template
 
@@ -43,11 +44,14 @@ def apply(function: bytes, *args: Any) -> bytes | _buffers.Dumped:
     found = _functions.get(function)
     if found is None:
         try:
+            _rpc.loading.call = _thread.get_ident()
             found = pickle.loads(function)
         except Exception as exc:
             raise RuntimeError(
                 f"the worker could not load the function to call: {type(exc).__name__}: {exc}"
             ) from exc
+        finally:
+            _rpc.loading.call = 0
         if len(_functions) >= _MAX_FUNCTIONS:
             _functions.clear()
         _functions[function] = found
@@ -121,10 +125,6 @@ def become_worker(
         _child.print_exception(exc, None)
         code = 1
     _child.exit(code)
-
-
-# main: this process is loading the parent's main module (see adopt_main).
-loading = SimpleNamespace(main=False)
 
 
 def adopt_main(spec_name: str | None, path: str | None) -> None:
@@ -207,8 +207,8 @@ def _run_main(module: Any, spec_name: str | None, path: str | None) -> None:
         filename = path
     module.__file__ = filename
     module.__trio_fork_main__ = (spec_name, path)
-    loading.main = True
+    _rpc.loading.main = True
     try:
         exec(code, module.__dict__)
     finally:
-        loading.main = False
+        _rpc.loading.main = False

@@ -20,6 +20,7 @@ import pickle
 import signal
 import socket
 import sys
+from types import SimpleNamespace
 
 from . import _buffers, _child, _wire
 from ._child import is_async, resolve
@@ -49,6 +50,13 @@ WorkerSpec = collections.namedtuple(
 loop; ``retire``: called after each call of a sync function, exit when true;
 ``done``: called when the worker ends, as it was asked to, before it exits;
 ``buffers``: the threshold of out-of-band buffers (see ``_buffers``), None for none."""
+
+
+# What this process is loading, during which starting workers would start them
+# without end (the code that does it would run again in each): ``main``, the
+# parent's main module (see _apply.adopt_main); ``call``, the thread that loads a
+# call's function or arguments, whose unpickling may import their modules (0: none).
+loading = SimpleNamespace(main=False, call=0)
 
 
 def serve(sock: socket.socket, spec: WorkerSpec) -> None:
@@ -157,12 +165,15 @@ class Worker:
     ) -> list[_wire.Segment]:
         """Run one call; the frame that answers it. Only cancellation escapes."""
         try:
+            loading.call = _thread.get_ident()
             args = _buffers.loads(payload, buffers) if buffers else self.serializer.loads(payload)
+            loading.call = 0
             if type(args) is not tuple:
                 if not isinstance(args, list):
                     raise TypeError(f"the arguments arrived as {type(args).__name__}")
                 args = tuple(args)
         except BaseException as exc:
+            loading.call = 0
             return self.error(call_id, exc, "the worker could not deserialize the arguments")
         if self.spec.events:
             args = (_Emitter(self, call_id), *args)
