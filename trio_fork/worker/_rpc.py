@@ -103,7 +103,7 @@ class Worker:
     serve: Callable[[], None]
     serve_calls: Callable[[], Coroutine[Any, Any, None]]
     send: Callable[..., None]  # (segments, *, now=True): now, or with a batch
-    start: Callable[[Call], None]
+    start: Callable[[int, Any, Sequence[memoryview]], None]  # a call: id, payload, buffers
     cancel: Callable[[int], None]
 
     def __init__(self, sock: socket.socket, function: Callable[..., Any], spec: WorkerSpec):
@@ -112,6 +112,9 @@ class Worker:
         self.spec = spec
         self.serializer = spec.serializer
         self.buffers = spec.buffers  # frames carry descriptors only when this is set
+        self.events = spec.events
+        self.pickles = bool(spec.buffers) and isinstance(spec.serializer, PickleSerializer)
+        self.thread = _thread.get_ident()  # the one that serves calls
         self.reader = _wire.FrameReader()
         # Results sent out of band, freed once their reply is sent: after the caller
         # has it, not on its way.
@@ -144,14 +147,14 @@ class Worker:
         while (frame := self.reader.next_frame()) is not None:
             if frame.op == CALL:
                 if not (frame.fds or frame.fds_lost):
-                    self.start((frame.id, frame.payload, ()))
+                    self.start(frame.id, frame.payload, ())
                     continue
                 try:
                     if frame.fds_lost:  # or sent with buffers off: the kernel dropped them
                         raise OSError(
                             "descriptors were lost in transit (is RLIMIT_NOFILE too low?)"
                         )
-                    self.start((frame.id, *_buffers.receive(frame.payload, frame.fds)))
+                    self.start(frame.id, *_buffers.receive(frame.payload, frame.fds))
                 except (OSError, ValueError) as exc:
                     self.send(
                         self.error(frame.id, exc, "the worker could not receive the arguments")
@@ -165,17 +168,18 @@ class Worker:
     ) -> list[_wire.Segment]:
         """Run one call; the frame that answers it. Only cancellation escapes."""
         try:
-            loading.call = _thread.get_ident()
+            loading.call = self.thread
             args = _buffers.loads(payload, buffers) if buffers else self.serializer.loads(payload)
-            loading.call = 0
             if type(args) is not tuple:
                 if not isinstance(args, list):
                     raise TypeError(f"the arguments arrived as {type(args).__name__}")
                 args = tuple(args)
         except BaseException as exc:
-            loading.call = 0
             return self.error(call_id, exc, "the worker could not deserialize the arguments")
-        if self.spec.events:
+        finally:
+            loading.call = 0
+        events = self.events
+        if events:
             args = (_Emitter(self, call_id), *args)
         try:
             value = self.function(*args)
@@ -186,7 +190,7 @@ class Worker:
         except BaseException as exc:
             return self.error(call_id, exc)
         finally:
-            if self.spec.events:
+            if events:
                 args[0].finished = True
         try:
             payload, fds = self.dump(value)
@@ -200,7 +204,7 @@ class Worker:
         """``value`` serialized, and the descriptors of its out-of-band buffers."""
         if type(value) is _buffers.Dumped:  # pickled already, by run_sync's apply
             return value[0], value[1]
-        if self.buffers and isinstance(self.serializer, PickleSerializer):
+        if self.pickles:
             return _buffers.dumps(value, self.buffers)
         return self.serializer.dumps(value), ()
 
@@ -287,8 +291,8 @@ class _SyncWorker(Worker):
         except BlockingIOError:
             return True
 
-    def start(self, call: Call) -> None:
-        self.queue.append(call)
+    def start(self, call_id: int, payload: Any, buffers: Sequence[memoryview]) -> None:
+        self.queue.append((call_id, payload, buffers))
 
     def cancel(self, call_id: int) -> None:
         for index, (queued_id, _, _) in enumerate(self.queue):
@@ -400,9 +404,9 @@ class _AsyncWorker(Worker):
                 return
             await self.checkpoint()  # let the calls just started run first
 
-    def start(self, call: Call) -> None:
-        self.running[call[0]] = scope = self.scope()
-        self.start_soon(self.serve_call, scope, *call)
+    def start(self, call_id: int, payload: Any, buffers: Sequence[memoryview]) -> None:
+        self.running[call_id] = scope = self.scope()
+        self.start_soon(self.serve_call, scope, call_id, payload, buffers)
 
     def cancel(self, call_id: int) -> None:
         if call_id in self.running:
