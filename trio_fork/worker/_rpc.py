@@ -377,9 +377,10 @@ class _AsyncWorker(Worker):
         import asyncio
 
         tasks: set[Any] = set()
+        create_task = asyncio.get_running_loop().create_task
 
         def start_soon(function: Callable[..., Any], *args: Any) -> None:
-            task = asyncio.ensure_future(function(*args))
+            task = create_task(function(*args))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -398,11 +399,12 @@ class _AsyncWorker(Worker):
                 if not self.take_in():
                     return
             except BlockingIOError:
-                await self.wait_readable(self.sock)
-                continue
+                pass
             except OSError:
                 return
-            await self.checkpoint()  # let the calls just started run first
+            # Waiting lets the calls just started run first; more calls came meanwhile,
+            # or come later: a checkpoint and then an empty read cost more.
+            await self.wait_readable(self.sock)
 
     def start(self, call_id: int, payload: Any, buffers: Sequence[memoryview]) -> None:
         self.running[call_id] = scope = self.scope()
