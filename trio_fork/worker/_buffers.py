@@ -41,7 +41,7 @@ THRESHOLD = 1 << 20
 """Buffers of at least this many bytes go out of band, by default."""
 _HEAD = struct.Struct("<BI")  # 0, number of buffers
 _ENTRY = struct.Struct("<QQB")  # offset in the memfd, length, mode
-_PLAIN = frozenset((int, float, complex, str, bytes, bool, type(None)))
+PLAIN = frozenset((int, float, complex, str, bytes, bool, type(None)))  # hold no buffer
 FIXED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _FROZEN = FIXED | fcntl.F_SEAL_WRITE
 
@@ -53,11 +53,11 @@ def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]
     """
     # The small values of most calls surely hold no buffer: pickled the short way.
     kind = type(obj)
-    if threshold is None or kind in _PLAIN:
+    if threshold is None or kind in PLAIN:
         return pickle.dumps(obj, 5), []
     if kind is tuple and len(obj) <= 8:
         for item in obj:
-            if type(item) not in _PLAIN:
+            if type(item) not in PLAIN:
                 break
         else:
             return pickle.dumps(obj, 5), []

@@ -202,9 +202,10 @@ class Worker:
 
     def dump(self, value: Any) -> tuple[bytes, Sequence[int]]:
         """``value`` serialized, and the descriptors of its out-of-band buffers."""
-        if type(value) is _buffers.Dumped:  # pickled already, by run_sync's apply
+        kind = type(value)
+        if kind is _buffers.Dumped:  # pickled already, by run_sync's apply
             return value[0], value[1]
-        if self.pickles:
+        if self.pickles and kind not in _buffers.PLAIN:  # may hold big buffers
             return _buffers.dumps(value, self.buffers)
         return self.serializer.dumps(value), ()
 
