@@ -219,9 +219,10 @@ class _Pool:
         """A worker of this process is gone: with the last one, the pool goes."""
         with self.lock:
             self.users -= 1
-            if not self.users:
-                kept.drop()  # the mappings kept of what workers sent us
-            if not self.users and self.notify >= 0:
+            if self.users:
+                return
+            kept.drop()  # the mappings kept of what workers sent us
+            if self.notify >= 0:
                 self.drop(list(self.entries))
                 _close([self.notify])
                 self.notify = -1
