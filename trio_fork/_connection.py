@@ -350,9 +350,10 @@ class Connection:
     def _hand_out(self) -> int:
         """Dispatch every complete frame received; how many."""
         count = 0
+        next_frame, dispatch = self._transport.reader.next_frame, self._dispatch
         try:
-            while self.readable and (frame := self._transport.next_frame()) is not None:
-                self._dispatch(frame)
+            while self.readable and (frame := next_frame()) is not None:
+                dispatch(frame)
                 count += 1
             if self.readable:
                 self._check_pending()
@@ -399,9 +400,15 @@ class Connection:
         self._lose(self._broke_protocol)
 
     def _dispatch(self, frame: _wire.Frame) -> None:
+        kind = frame.op
+        if kind == RESULT and not (frame.fds or frame.fds_lost):  # most frames, the short way
+            request = self._requests.pop(frame.id, None)
+            if request is not None:
+                request.finish(RESULT, frame.payload)
+                self._finished(request)
+            return
         if frame.fds_lost and not self.buffers:
             raise ProtocolError("a frame with descriptors")
-        kind = frame.op
         value: Any = frame.payload
         if frame.fds or frame.fds_lost:
             if kind not in (RESULT, EVENT):

@@ -249,6 +249,9 @@ class _Emitter:
         return self.worker.emit(self.call_id, *self.worker.dump(event))
 
 
+_CANCELLED = object()  # in _AsyncWorker.running: a call cancelled before it started
+
+
 def _drive(coroutine: Coroutine[Any, Any, None]) -> None:
     """Run a coroutine that never suspends (a sync worker's ``main``) to its end."""
     try:
@@ -359,6 +362,14 @@ class _AsyncWorker(Worker):
             self.cancelled = asyncio.CancelledError
             self.checkpoint = functools.partial(asyncio.sleep, 0)
             self.wait_readable, self.wait_writable = anyio.wait_readable, anyio.wait_writable
+            try:
+                import sniffio
+            except ImportError:  # anyio does without it
+                pass
+            else:
+                # Said, as anyio.run says it: else anyio sniffs for every cancel scope,
+                # 0.4 us of a call's 10 (pipelined RPC: 5% more calls/s).
+                sniffio.current_async_library_cvar.set("asyncio")
             asyncio.run(self.main())
 
     async def main(self) -> None:
@@ -408,19 +419,22 @@ class _AsyncWorker(Worker):
             await self.wait_readable(self.sock)
 
     def start(self, call_id: int, payload: Any, buffers: Sequence[memoryview]) -> None:
-        self.running[call_id] = scope = self.scope()
-        self.start_soon(self.serve_call, scope, call_id, payload, buffers)
+        # Its cancel scope is made in its task: anyio's, on asyncio, needs one (and
+        # asking trio's whether it was cancelled costs more than this).
+        self.running[call_id] = None
+        self.start_soon(self.serve_call, call_id, payload, buffers)
 
     def cancel(self, call_id: int) -> None:
-        if call_id in self.running:
-            self.running[call_id].cancel()
+        scope = self.running.get(call_id, _CANCELLED)
+        if scope is None:  # not started yet: never will be
+            self.running[call_id] = _CANCELLED
+        elif scope is not _CANCELLED:
+            scope.cancel()
 
-    async def serve_call(
-        self, scope: Any, call_id: int, payload: Any, buffers: Sequence[memoryview]
-    ) -> None:
+    async def serve_call(self, call_id: int, payload: Any, buffers: Sequence[memoryview]) -> None:
         frame = None
-        with scope:
-            if not scope.cancel_called:  # cancelled before it started: never called
+        if self.running[call_id] is None:  # else cancelled before it started: never called
+            with self.scope() as self.running[call_id]:
                 frame = await self.outcome(call_id, payload, buffers)
         del self.running[call_id], payload, buffers  # let go of before the answer, as above
         self.send(frame or encode(CANCELLED, call_id), now=not self.running)
