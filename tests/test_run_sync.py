@@ -399,3 +399,22 @@ def test_a_module_that_starts_workers_when_imported(
     assert result.returncode == 1
     assert "a worker was loading the function or the arguments of a call" in result.stderr
     assert "under 'if __name__ == \"__main__\":'" in result.stderr
+
+
+def test_an_ended_asyncio_run_is_not_kept_alive() -> None:
+    """What run_sync keeps per event loop run goes with the loop (it kept each loop)."""
+    import asyncio
+    import gc
+    import weakref
+
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        assert await trio_fork.run_sync(operator.add, 1, 2) == 3
+        assert trio_fork.current_default_worker_limiter().total_tokens >= 1
+
+    for _ in range(2):
+        asyncio.run(main())
+    gc.collect()
+    assert [loop() for loop in loops] == [None, None]

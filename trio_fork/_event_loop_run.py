@@ -68,13 +68,14 @@ def _new_run(backend: str) -> Run:
             trio.lowlevel.wait_writable,
         )
     limiter = anyio.CapacityLimiter(tokens)
-    loop = asyncio.get_running_loop()
 
     async def wait_readable(sock: socket.socket) -> None:
         # anyio.wait_readable without its bookkeeping (a worker is one caller's alone),
         # and with the descriptor's number: asyncio formats an error message with the
-        # socket's repr (a getsockname() call) each time it registers one.
+        # socket's repr (a getsockname() call) each time it registers one. The loop is
+        # looked up, not kept: the run is kept only as long as its loop is.
         fd = sock.fileno()
+        loop = asyncio.get_running_loop()
         future = loop.create_future()
         loop.add_reader(fd, _wake, future)
         try:

@@ -34,7 +34,7 @@ from ._mappings import PRIVATE, UNTRACKED, descriptor, kept, map_received
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from typing import Any
 
 THRESHOLD = 1 << 20
@@ -51,16 +51,16 @@ def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]
 
     Returns the payload and the descriptors to send with it, which the caller owns.
     """
-    # The small values of most calls surely hold no buffer: pickled the short way.
-    kind = type(obj)
-    if threshold is None or kind in PLAIN:
+    if threshold is None:
         return pickle.dumps(obj, 5), []
-    if kind is tuple and len(obj) <= 8:
-        for item in obj:
-            if type(item) not in PLAIN:
-                break
-        else:
-            return pickle.dumps(obj, 5), []
+    # Most values hold no big buffer: pickled once, by a pickler that gives up at the
+    # first big one, then the full way from the start. As fast as checking for values
+    # of plain types was (0.4 us for a call's (1,)), and 0.2 us less than the full way
+    # for a dict or a small bytearray, which that check sent the full way.
+    try:
+        return pickle.dumps(obj, 5, buffer_callback=_in_band(threshold)), []
+    except _Big:
+        pass
     fds: list[int] = []
     table: list[bytes] = []
     copied: list[int] = []  # how many buffers were copied (into the pool, maybe)
@@ -89,6 +89,30 @@ def dumps(obj: Any, threshold: int | None = THRESHOLD) -> tuple[bytes, list[int]
     if not fds:
         return data, fds
     return b"".join([_HEAD.pack(0, len(fds)), *table, data]), fds
+
+
+class _Big(Exception):
+    """A buffer goes out of band: the pickler of small values gives up."""
+
+
+def _in_band(threshold: int) -> Callable[[pickle.PickleBuffer], bool]:
+    """The buffer callback that keeps buffers below ``threshold`` in band (cached)."""
+    check = _in_band_checks.get(threshold)
+    if check is None:
+
+        def check(buffer: pickle.PickleBuffer) -> bool:
+            with buffer.raw() as view:
+                if view.nbytes >= threshold:
+                    raise _Big
+            return True
+
+        if len(_in_band_checks) > 16:
+            _in_band_checks.clear()
+        _in_band_checks[threshold] = check
+    return check
+
+
+_in_band_checks: dict[int, Callable[[pickle.PickleBuffer], bool]] = {}
 
 
 class Dumped(tuple):  # type: ignore[type-arg]
