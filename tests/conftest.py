@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +15,14 @@ pytest_plugins = ["pytester", "tests.sshd"]
 
 # The harness of `make compat`, which runs the peers' suites in runs of their own.
 collect_ignore = ["compat"]
+
+# The suite checks that what it starts gets the signal state of a fresh program. Run
+# under nohup, SIGHUP would be ignored in all of it (an ignored signal stays ignored
+# across exec); a handler of our own keeps this process alive through a hangup, as
+# nohup wants, and every program started from here gets the default (a handler does
+# not survive exec).
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, lambda signum, frame: None)
 
 
 @pytest.fixture(params=["trio", "asyncio"])
